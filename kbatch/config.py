@@ -1,0 +1,342 @@
+"""Job configuration: typed dataclasses, YAML loading, ``--set`` overrides, validation.
+
+Everything here runs before any model is loaded. Errors raise :class:`ConfigError`, whose message names
+the key and shows the value (``kbatch`` maps it to exit code 2).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import yaml
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cuda", "cpu")
+FORMATS = ("files", "webdataset", "parquet")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+MODES = ("text2img", "img2img", "inpaint", "interpolate")
+DEFAULT_MODELS = {
+    "prior": "kandinsky-community/kandinsky-2-1-prior",
+    "decoder": "kandinsky-community/kandinsky-2-1",
+    "inpaint": "kandinsky-community/kandinsky-2-1-inpaint",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any model is loaded."""
+
+
+@dataclass
+class ModelsConfig:
+    prior: str = DEFAULT_MODELS["prior"]
+    decoder: str = DEFAULT_MODELS["decoder"]
+    inpaint: str = DEFAULT_MODELS["inpaint"]
+    dtype: str = "float16"
+    scheduler: str = "ddim"  # decoder scheduler, see kbatch.schedulers
+    prior_scheduler: str = "unclip"
+    offload: bool = False  # accelerate model CPU offload, for GPUs too small to hold a stage
+    compile: bool = False  # torch.compile the decoder UNet (warm-up once per shape)
+    channels_last: bool = True
+    revision: str | None = None
+
+
+@dataclass
+class OutputConfig:
+    path: str = "./out"
+    format: str = "files"
+    image_format: str = "png"
+    quality: int = 95  # jpeg / webp
+    rows_per_shard: int = 256
+    gallery: bool = True
+    gallery_max_images: int = 200
+
+
+@dataclass
+class StageResources:
+    replicas: int = 1
+    gpus: float = 1.0
+    cpus: float = 0.5
+    batch_size: int = 16  # images per forward pass (rows x num_images)
+    threads: int = 0  # torch threads on a CPU device; 0: round(cpus), at least 1
+
+
+@dataclass
+class ResourcesConfig:
+    prior: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
+    decoder: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
+    device: str = "auto"
+    io_cpus: float = 0.25  # CPU share of each image-loading / encoding / writing task
+    max_in_flight: int = 2  # batches queued per actor, keeps accelerators busy
+
+
+@dataclass
+class Defaults:
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    prior_num_inference_steps: int = 25
+    prior_guidance_scale: float = 4.0
+    strength: float = 0.3
+    num_images: int = 1
+    negative_prompt: str | None = None
+
+
+@dataclass
+class LimitsConfig:
+    max_pixels: int = 1024 * 1024  # height * width of an output image
+    max_num_images: int = 16
+    max_steps: int = 1000
+    max_image_bytes: int = 32 * 2**20  # encoded init images / masks
+    max_image_pixels: int = 4096 * 4096  # decoded init images / masks (decompression bombs)
+    max_mix_items: int = 16
+    # Where manifest URIs may be read from. Empty roots: only under the manifest's own folder.
+    allowed_roots: list[str] = field(default_factory=list)
+    allowed_protocols: list[str] = field(default_factory=lambda: ["file", "local", "s3", "gs", "gcs", "memory"])
+
+
+@dataclass
+class RetriesConfig:
+    max_attempts: int = 3  # tries of one row whose batch crashed its worker
+    max_actor_restarts: int = 8
+    max_failed_rows: int = 0  # tolerance for exit 0
+    max_failed_fraction: float = 0.0
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests and drills. Off unless set."""
+
+    crash_decoder_once_file: str | None = None  # decoder os._exit(1)s mid-batch if this file is absent
+    crash_on_prompt: str | None = None  # decoder os._exit(1)s on every batch holding this prompt
+    fail_write_shard: int | None = None  # writer raises after writing data of the Nth shard of a run
+
+
+@dataclass
+class JobConfig:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    manifest: str | None = None
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    defaults: Defaults = field(default_factory=Defaults)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    stage: str = "all"  # all | prior (write embeddings) | decoder (manifest is an embeddings dataset)
+    progress: str = "auto"  # auto | bar | log | off
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolved_output(self, now: _dt.datetime | None = None) -> str:
+        """The output path with ``{date}`` / ``{datetime}`` filled in (nightly renders)."""
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        return self.output.path.format(date=now.strftime("%Y-%m-%d"), datetime=now.strftime("%Y%m%dT%H%M%S"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building from dicts
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{path or '<root>'}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}' (value {value!r}); known keys: {sorted(known)}")
+        f = known[key]
+        sub = _dataclass_type(cls, f)
+        kwargs[key] = _build(sub, value, full) if sub is not None else _coerce(f, value, full, cls)
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls, f):
+    hints = {"ModelsConfig": ModelsConfig, "OutputConfig": OutputConfig, "StageResources": StageResources,
+             "ResourcesConfig": ResourcesConfig, "Defaults": Defaults, "LimitsConfig": LimitsConfig,
+             "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig}
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    return hints.get(t)
+
+
+def _coerce(f, value, path, cls):
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    optional = "None" in t
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{path}' must not be null")
+    base = t.replace(" | None", "").strip()
+    try:
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if math.isnan(v):
+                raise ValueError
+            return v
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if base.startswith("list"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{path}' must be {base}, got {value!r}") from None
+    return value
+
+
+def from_dict(data: Mapping | None) -> JobConfig:
+    cfg = _build(JobConfig, dict(data or {}), "")
+    validate_config(cfg)
+    return cfg
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set key {key!r} is malformed")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set key {key!r} conflicts with another --set")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | None = None, *, sets: list[str] | None = None, manifest: str | None = None,
+                output: str | None = None, overrides: Mapping | None = None) -> JobConfig:
+    """Load YAML (local path or fsspec URL), apply ``overrides`` dict, ``--set`` items, manifest/output."""
+    data: dict = {}
+    if path:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "r") as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path!r}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    if overrides:
+        data = deep_merge(data, overrides)
+    data = deep_merge(data, parse_set(sets))
+    if manifest is not None:
+        data["manifest"] = manifest
+    if output is not None:
+        data.setdefault("output", {})
+        if not isinstance(data["output"], dict):
+            raise ConfigError(f"config key 'output' must be a mapping, got {data['output']!r}")
+        data["output"]["path"] = output
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(cond: bool, key: str, value: Any, what: str):
+    if not cond:
+        raise ConfigError(f"config key '{key}' {what}, got {value!r}")
+
+
+def validate_config(cfg: JobConfig) -> None:
+    from .schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS
+
+    m = cfg.models
+    _check(m.dtype in DTYPES, "models.dtype", m.dtype, f"must be one of {list(DTYPES)}")
+    _check(m.scheduler in DECODER_SCHEDULERS, "models.scheduler", m.scheduler,
+           f"must be one of {sorted(DECODER_SCHEDULERS)}")
+    _check(m.prior_scheduler in PRIOR_SCHEDULERS, "models.prior_scheduler", m.prior_scheduler,
+           f"must be one of {sorted(PRIOR_SCHEDULERS)}")
+    for k in ("prior", "decoder", "inpaint"):
+        _check(bool(getattr(m, k)), f"models.{k}", getattr(m, k), "must name a hub id or model folder")
+    o = cfg.output
+    _check(bool(o.path), "output.path", o.path, "must be set (config or --output)")
+    try:
+        cfg.resolved_output()
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"config key 'output.path' has an unknown template field, got {o.path!r} "
+                          "(use {date} or {datetime})") from None
+    _check(o.format in FORMATS, "output.format", o.format, f"must be one of {list(FORMATS)}")
+    _check(o.image_format in IMAGE_FORMATS, "output.image_format", o.image_format,
+           f"must be one of {list(IMAGE_FORMATS)}")
+    _check(1 <= o.quality <= 100, "output.quality", o.quality, "must be in [1, 100]")
+    _check(o.rows_per_shard >= 1, "output.rows_per_shard", o.rows_per_shard, "must be >= 1")
+    r = cfg.resources
+    _check(r.device in DEVICES, "resources.device", r.device, f"must be one of {list(DEVICES)}")
+    for stage in ("prior", "decoder"):
+        s: StageResources = getattr(r, stage)
+        _check(s.replicas >= 1, f"resources.{stage}.replicas", s.replicas, "must be >= 1")
+        _check(s.batch_size >= 1, f"resources.{stage}.batch_size", s.batch_size, "must be >= 1")
+        _check(s.gpus >= 0 and (s.gpus <= 1 or float(s.gpus).is_integer()), f"resources.{stage}.gpus",
+               s.gpus, "must be a fraction in [0, 1] or a whole number of GPUs")
+        _check(s.cpus >= 0, f"resources.{stage}.cpus", s.cpus, "must be >= 0")
+        _check(s.threads >= 0, f"resources.{stage}.threads", s.threads, "must be >= 0")
+    _check(r.io_cpus > 0, "resources.io_cpus", r.io_cpus, "must be > 0")
+    _check(r.max_in_flight >= 1, "resources.max_in_flight", r.max_in_flight, "must be >= 1")
+    _check(cfg.stage in ("all", "prior", "decoder"), "stage", cfg.stage, "must be all | prior | decoder")
+    _check(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto|bar|log|off")
+    _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
+    rt = cfg.retries
+    _check(rt.max_attempts >= 1, "retries.max_attempts", rt.max_attempts, "must be >= 1")
+    _check(rt.max_actor_restarts >= 0, "retries.max_actor_restarts", rt.max_actor_restarts, "must be >= 0")
+    _check(rt.max_failed_rows >= 0, "retries.max_failed_rows", rt.max_failed_rows, "must be >= 0")
+    _check(0 <= rt.max_failed_fraction <= 1, "retries.max_failed_fraction", rt.max_failed_fraction,
+           "must be in [0, 1]")
+    lim = cfg.limits
+    for k in ("max_pixels", "max_num_images", "max_steps", "max_image_bytes", "max_image_pixels", "max_mix_items"):
+        _check(getattr(lim, k) >= 1, f"limits.{k}", getattr(lim, k), "must be >= 1")
+    # the job defaults are checked with the same rules as manifest rows
+    from .validate import check_params
+
+    problems = check_params(dataclasses.asdict(cfg.defaults), cfg.limits)
+    if problems:
+        field_, value, what = problems[0]
+        raise ConfigError(f"config key 'defaults.{field_}' {what}, got {value!r}")

@@ -1,0 +1,141 @@
+"""Data shapes shared by every stage: the validated request row and the output record schema."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Manifest columns and their arrow types (only id and prompt are required).
+MIX_TYPE = pa.list_(pa.struct([("prompt", pa.string()), ("image", pa.binary()), ("image_uri", pa.string()),
+                               ("weight", pa.float64())]))
+MANIFEST_COLUMNS = {
+    "id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "mode": pa.string(),
+    "seed": pa.int64(), "num_images": pa.int64(), "height": pa.int64(), "width": pa.int64(),
+    "num_inference_steps": pa.int64(), "guidance_scale": pa.float64(), "prior_num_inference_steps": pa.int64(),
+    "prior_guidance_scale": pa.float64(), "strength": pa.float64(), "init_image": None, "mask": None,
+    "mix": MIX_TYPE,
+}
+PARAM_FIELDS = ("num_images", "height", "width", "num_inference_steps", "guidance_scale",
+                "prior_num_inference_steps", "prior_guidance_scale", "strength")
+
+
+@dataclass
+class MixItem:
+    weight: float
+    prompt: str | None = None
+    image: bytes | None = None  # encoded bytes (inline) ...
+    image_uri: str | None = None  # ... or a URI, resolved and checked by kbatch.images
+
+
+@dataclass
+class Row:
+    """One validated render request with the job defaults applied."""
+
+    id: str
+    prompt: str
+    mode: str = "text2img"
+    negative_prompt: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    prior_num_inference_steps: int = 25
+    prior_guidance_scale: float = 4.0
+    strength: float | None = None  # img2img only
+    init_image: bytes | str | None = None  # bytes, or an absolute URI after resolution
+    mask: bytes | str | None = None
+    mix: list[MixItem] = field(default_factory=list)
+    row_hash: str = ""  # fingerprint of everything that decides the pixels (resume checks it)
+
+    def prior_key(self) -> tuple:
+        """Rows with equal keys can share one prior forward pass."""
+        if self.mode == "interpolate":
+            return ("interpolate", self.id)  # one row per call (diffusers' interpolate API)
+        return ("prior", self.negative_prompt is not None, self.num_images, self.prior_num_inference_steps,
+                self.prior_guidance_scale)
+
+    def decoder_key(self) -> tuple:
+        """Rows with equal keys can share one decoder forward pass."""
+        mode = "text2img" if self.mode == "interpolate" else self.mode
+        return (mode, self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                self.strength if mode == "img2img" else None)
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        d.pop("row_hash")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=_jsonable).encode()).hexdigest()[:16]
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PARAM_FIELDS}
+
+
+def _jsonable(v):
+    if isinstance(v, bytes):
+        return "sha256:" + hashlib.sha256(v).hexdigest()
+    return str(v)
+
+
+def input_ref(v: bytes | str | None) -> str | None:
+    """How an input image is named in metadata: its URI, or the sha256 of inline bytes."""
+    if v is None:
+        return None
+    return _jsonable(v) if isinstance(v, bytes) else v
+
+
+def derive_seed(job_seed: int, row_id: str) -> int:
+    """Stable default seed of a row: independent of row order, batch and worker."""
+    h = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") & (2**63 - 1)
+
+
+def record_key(row_id: str, image_index: int) -> str:
+    """Output key of one image: no dots (webdataset), injective (ids never contain '~')."""
+    return f"{row_id.replace('.', '~')}__{image_index}"
+
+
+# One metadata record per produced image, and one per failed row (image_index -1).
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image_index", pa.int32()),
+    ("status", pa.string()),  # ok | error
+    ("error", pa.string()),  # reason naming field and value; null when ok
+    ("mode", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("num_images", pa.int32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("num_inference_steps", pa.int32()),
+    ("guidance_scale", pa.float64()),
+    ("prior_num_inference_steps", pa.int32()),
+    ("prior_guidance_scale", pa.float64()),
+    ("strength", pa.float64()),
+    ("init_image", pa.string()),  # URI or sha256 of inline bytes
+    ("mask", pa.string()),
+    ("mix", pa.string()),  # JSON list of {prompt|image|image_uri, weight}
+    ("scheduler", pa.string()),
+    ("prior_scheduler", pa.string()),
+    ("dtype", pa.string()),
+    ("model_prior", pa.string()),
+    ("model_decoder", pa.string()),  # the inpaint model for inpaint rows
+    ("image_format", pa.string()),
+    ("sha256", pa.string()),  # of the encoded image
+    ("key", pa.string()),  # record_key(id, image_index)
+    ("path", pa.string()),  # where the image lives, relative to the output root
+    ("shard", pa.string()),
+    ("prior_worker", pa.string()),  # node:gpu ids
+    ("decoder_worker", pa.string()),
+    ("row_hash", pa.string()),
+    ("run_id", pa.string()),
+    ("seconds", pa.float64()),  # decoder seconds of the batch, per image
+])
+RECORD_FIELDS = RECORD_SCHEMA.names
