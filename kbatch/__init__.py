@@ -1,0 +1,29 @@
+"""kbatch: distributed batch rendering for Kandinsky 2.1 on Ray.
+
+    import kbatch
+    res = kbatch.render(df, "out/run1", config="configs/demo.yaml")   # connected or local Ray
+    res.df, res.image("row-1"), res.gallery()
+    kbatch.open_results("s3://bucket/renders/2026-11-26")
+"""
+from .config import ConfigError, JobConfig, load_config
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: importing kbatch does not import torch, ray or diffusers
+    if name in ("render", "submit", "JobHandle"):
+        from . import api
+
+        return getattr(api, name)
+    if name in ("open_results", "Results"):
+        from . import results
+
+        return getattr(results, name)
+    if name in ("run_job", "RunResult"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)
+
+
+__all__ = ["render", "submit", "open_results", "run_job", "load_config", "JobConfig", "ConfigError"]

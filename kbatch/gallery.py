@@ -1,0 +1,257 @@
+"""Static gallery of an output location (``gallery.html`` + ``contact_sheet.png``) and the inline Jupyter view.
+
+``gallery.html`` is self-contained for its thumbnails (JPEG data: URIs) and links each thumbnail to the
+full-size image: for the ``files`` format the image file itself (relative link), for ``webdataset`` and
+``parquet`` a full-size copy written under ``gallery/<key>.<ext>``. All user text is HTML-escaped.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import datetime as _dt
+import html
+import io
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from . import storage
+from .writer import EXTENSIONS
+
+_PAGE_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px;background:#fafafa;color:#222}
+h1{font-size:20px;margin:0 0 4px} .sub{color:#666;font-size:13px;margin-bottom:12px}
+.counts span{display:inline-block;margin-right:14px;font-size:14px}
+table.err{border-collapse:collapse;margin-top:8px;font-size:13px}
+table.err td,table.err th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+"""
+# scoped, so that the inline (Jupyter) view does not restyle the notebook
+_GRID_CSS = """
+.kbatch-gallery .grid{display:flex;flex-wrap:wrap;gap:10px}
+.kbatch-gallery .card{width:%(w)dpx;background:#fff;color:#222;border:1px solid #ddd;border-radius:6px;padding:6px;
+  font-size:11px;overflow-wrap:anywhere}
+.kbatch-gallery .card img{display:block;margin:0 auto 4px;max-width:100%%;height:auto}
+.kbatch-gallery .card .id{font-weight:600;font-size:12px} .kbatch-gallery .card .p{margin:2px 0;color:#333}
+.kbatch-gallery .card .k{color:#777}
+"""
+
+
+def _esc(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _isnull(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(v: Any) -> str:
+    if _isnull(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _thumbnail(data: bytes, thumb: int):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    full_size = img.size
+    img = img.convert("RGB")
+    img.thumbnail((thumb, thumb), Image.LANCZOS)
+    return img, full_size
+
+
+def _data_uri(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
+    w, h = (rec.get("width"), rec.get("height"))
+    if (_isnull(w) or _isnull(h)) and full_size:
+        w, h = full_size
+    prompt = rec.get("prompt")
+    neg = rec.get("negative_prompt")
+    parts = [f'<div class="id">{_esc(rec.get("id"))} <span class="k">#{_esc(_fmt(rec.get("image_index")))}</span></div>',
+             f'<div class="p" title="prompt">{_esc(_fmt(prompt))}</div>']
+    if not _isnull(neg):
+        parts.append(f'<div class="p k" title="negative prompt">neg: {_esc(neg)}</div>')
+    parts.append(
+        f'<div class="k">seed {_esc(_fmt(rec.get("seed")))} &middot; {_esc(_fmt(rec.get("mode")))} &middot; '
+        f'{_esc(_fmt(w))}&times;{_esc(_fmt(h))} &middot; steps {_esc(_fmt(rec.get("num_inference_steps")))} '
+        f'&middot; guidance {_esc(_fmt(rec.get("guidance_scale")))}</div>')
+    return "".join(parts)
+
+
+def _ok_records(df, max_images: int) -> list[dict]:
+    if df is None or not len(df):
+        return []
+    ok = df[df["status"] == "ok"]
+    return ok.head(max(0, int(max_images))).to_dict("records")
+
+
+def _error_records(df) -> list[dict]:
+    if df is None or not len(df):
+        return []
+    return df[df["status"] == "error"].to_dict("records")
+
+
+def _counts(df) -> dict:
+    if df is None or not len(df):
+        return {"rows": 0, "images": 0, "errors": 0, "shards": 0}
+    failed_ids = set(df.loc[df["status"] == "error", "id"])
+    return {"rows": int(df["id"].nunique()), "images": int((df["status"] == "ok").sum()),
+            "errors": len(failed_ids), "shards": int(df["shard"].nunique()) if "shard" in df else 0}
+
+
+@dataclass
+class _Item:
+    rec: dict
+    thumb: Any  # PIL image
+    full_size: tuple[int, int]
+    href: str | None
+
+
+def _load_items(results, recs: list[dict], thumb: int, copy_full: bool) -> list[_Item]:
+    """Thumbnails for ``recs``; for tar/parquet formats (``copy_full``) also full-size copies under gallery/."""
+    fs, root = results._fs
+
+    def one(rec: dict) -> _Item:
+        data = results._bytes_of(rec, verify=False)
+        img, size = _thumbnail(data, thumb)
+        rel = str(rec.get("path") or "")
+        href = None
+        if "#" not in rel and rel:
+            href = rel
+        elif copy_full:
+            ext = EXTENSIONS.get(str(rec.get("image_format")), "png")
+            href = f"gallery/{rec['key']}.{ext}"
+            storage.write_bytes_atomic(fs, storage.join(root, storage.check_relative(href)), data)
+        return _Item(rec, img, size, href)
+
+    if len(recs) > 1:
+        with cf.ThreadPoolExecutor(max_workers=min(8, len(recs))) as ex:
+            return list(ex.map(one, recs))
+    return [one(r) for r in recs]
+
+
+def _cards(items: list[_Item], thumb: int) -> str:
+    out = []
+    for it in items:
+        img = (f'<img src="{_esc(_data_uri(it.thumb))}" width="{it.thumb.size[0]}" height="{it.thumb.size[1]}" '
+               f'alt="{_esc(it.rec.get("id"))}" title="{_esc(it.rec.get("prompt"))}">')
+        if it.href:
+            img = f'<a href="{_esc(urllib.parse.quote(it.href, safe="/~-_."))}">{img}</a>'
+        out.append(f'<div class="card">{img}{_caption(it.rec, it.full_size)}</div>')
+    return '<div class="grid">' + "\n".join(out) + "</div>"
+
+
+def _error_table(errors: list[dict], limit: int = 1000) -> str:
+    if not errors:
+        return ""
+    rows = "\n".join(f"<tr><td>{_esc(e.get('id'))}</td><td>{_esc(_fmt(e.get('error')))}</td></tr>"
+                     for e in errors[:limit])
+    more = f"<p>... and {len(errors) - limit} more</p>" if len(errors) > limit else ""
+    return (f'<h2 id="errors">Failed rows ({len(errors)})</h2><table class="err"><tr><th>id</th><th>reason</th></tr>'
+            f"{rows}</table>{more}")
+
+
+def contact_sheet(thumbs: list, thumb: int = 128, labels: list[str] | None = None, columns: int | None = None):
+    """A grid image of thumbnails (a small blank image when there are none)."""
+    from PIL import Image, ImageDraw
+
+    n = len(thumbs)
+    cols = columns or max(1, min(10, n))
+    rows = max(1, -(-n // cols))
+    label_h = 14 if labels else 0
+    pad = 4
+    cell_w, cell_h = thumb + pad, thumb + pad + label_h
+    sheet = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    for i, t in enumerate(thumbs):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * cell_w, pad + r * cell_h
+        sheet.paste(t, (x0 + (thumb - t.size[0]) // 2, y0 + (thumb - t.size[1]) // 2))
+        if labels:
+            text = labels[i]
+            if len(text) > thumb // 6:
+                text = text[: max(1, thumb // 6 - 1)] + "~"
+            draw.text((x0, y0 + thumb + 1), text, fill=(220, 220, 220))
+    return sheet
+
+
+def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
+                  storage_options: dict | None = None) -> dict:
+    """Write ``gallery.html`` and ``contact_sheet.png`` at ``root`` (atomically); returns their paths.
+
+    ``df`` defaults to the metadata of the committed shards. At most ``max_images`` ok images are shown."""
+    from .results import Results
+
+    res = Results(root, storage_options=storage_options, df=df, job={})
+    df = res.df
+    fs, base = res._fs
+    recs = _ok_records(df, max_images)
+    items = _load_items(res, recs, thumb, copy_full=True)
+    counts = _counts(df)
+    errors = _error_records(df)
+    job = storage.read_json(root, "_job.json", storage_options) or {}
+    run = job.get("run_id")
+    title = f"kbatch gallery: {storage.display_path(fs, base)}"
+    head = (f"<h1>{_esc(title)}</h1><div class=\"sub\">"
+            + (f"run {_esc(run)} &middot; " if run else "")
+            + f"written {_esc(_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'))}</div>"
+            + '<div class="counts">'
+            + f"<span>rows: <b>{counts['rows']}</b></span><span>images: <b>{counts['images']}</b></span>"
+            + f"<span>failed rows: <b>{counts['errors']}</b></span><span>shards: <b>{counts['shards']}</b></span>"
+            + (f"<span>total rows: <b>{_esc(job['total_rows'])}</b></span>" if job.get("total_rows") is not None
+               else "")
+            + f"<span>shown: <b>{len(items)}</b> of {counts['images']} images</span></div>")
+    page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{_esc(title)}</title><style>{_PAGE_CSS}{_GRID_CSS % {'w': thumb + 12}}</style></head><body>\n"
+            f"{head}\n<div class=\"kbatch-gallery\">{_cards(items, thumb)}</div>\n{_error_table(errors)}\n"
+            '<p class="sub"><a href="contact_sheet.png">contact sheet</a></p>\n</body></html>\n')
+    html_path = storage.join(base, "gallery.html")
+    sheet_path = storage.join(base, "contact_sheet.png")
+    sheet = contact_sheet([it.thumb for it in items], thumb, labels=[str(it.rec.get("id")) for it in items])
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    storage.write_bytes_atomic(fs, sheet_path, buf.getvalue())
+    storage.write_bytes_atomic(fs, html_path, page.encode("utf-8"))
+    return {"html": storage.display_path(fs, html_path), "contact_sheet": storage.display_path(fs, sheet_path)}
+
+
+class InlineGallery:
+    """Thumbnails with prompt/seed for Jupyter (``_repr_html_``); images embedded as data: URIs."""
+
+    def __init__(self, html_text: str, n: int):
+        self.html = html_text
+        self.n = n
+
+    @classmethod
+    def from_results(cls, results, max_images: int = 50, thumb: int = 160) -> "InlineGallery":
+        recs = _ok_records(results.df, max_images)
+        items = _load_items(results, recs, thumb, copy_full=False)
+        for it in items:
+            it.href = None  # inline view: no links to files the notebook cannot serve
+        counts = _counts(results.df)
+        header = (f"<div><b>{_esc(results.root)}</b>: {counts['rows']} rows, {counts['images']} images, "
+                  f"{counts['errors']} failed rows; showing {len(items)}</div>")
+        style = _GRID_CSS % {"w": thumb + 12}
+        return cls(f"<div class=\"kbatch-gallery\"><style>{style}</style>{header}{_cards(items, thumb)}</div>",
+                   len(items))
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return f"InlineGallery({self.n} images)"

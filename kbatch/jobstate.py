@@ -1,0 +1,75 @@
+"""What an output location says about earlier runs: ``_job.json``, the completion marker, resume checks."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import secrets
+
+from .config import ConfigError, JobConfig
+from .schema import Row
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+
+
+class ResumeError(ConfigError):
+    """The output holds records of a job that meant something else (exit 2, before any model loads)."""
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def meaning(cfg: JobConfig) -> dict:
+    """The parts of a config that decide what a row's records are (resume refuses if they change)."""
+    d = cfg.to_dict()
+    return {"models": {k: d["models"][k] for k in ("prior", "decoder", "inpaint", "dtype", "scheduler",
+                                                  "prior_scheduler", "revision")},
+            "defaults": d["defaults"], "seed": d["seed"], "stage": d["stage"],
+            "output": {k: d["output"][k] for k in ("format", "image_format", "quality")}}
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    return hashlib.sha256(json.dumps(meaning(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("kbatch", "ray", "torch", "diffusers", "transformers", "pyarrow"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            out[name] = None
+    return out
+
+
+def check_resume(previous: dict | None, cfg: JobConfig, done_hashes: dict[str, str], rows: list[Row]) -> None:
+    """Refuse to mix records of a different job into this output."""
+    if previous and previous.get("fingerprint") and previous["fingerprint"] != fingerprint(cfg):
+        old, new = previous.get("meaning", {}), meaning(cfg)
+        changed = sorted(_diff(old, new)) or ["(fingerprint)"]
+        raise ResumeError(
+            f"output {previous.get('output')!r} holds records of a job with a different config "
+            f"(changed: {', '.join(changed)}); use a new output path, or --overwrite to start over")
+    changed_rows = [r.id for r in rows if r.id in done_hashes and done_hashes[r.id] not in (None, r.row_hash)]
+    if changed_rows:
+        raise ResumeError(
+            f"manifest rows changed since their records were written (ids: {changed_rows[:5]}"
+            f"{' ...' if len(changed_rows) > 5 else ''}); use a new output path, or --overwrite to start over")
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in set(old) | set(new):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [f"{prefix[:-1]}: {old!r} -> {new!r}"] if old != new else []

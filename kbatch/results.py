@@ -1,0 +1,211 @@
+"""Reading an output location in any format: ``kbatch.open_results(URI)``.
+
+>>> res = open_results("s3://bucket/renders/2026-11-26")
+>>> res.df                      # metadata records of committed shards (ok and error)
+>>> res.image("cat-1", 0)       # PIL.Image, read through fsspec whatever the format
+>>> res.gallery()               # inline thumbnails in Jupyter
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from typing import Any, Iterable
+
+from . import storage
+from .writer import list_committed_shards, read_records
+
+
+class Results:
+    """Metadata and images of the committed shards of one output location."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None, df=None, job: dict | None = None):
+        self.root = str(uri)
+        self.storage_options = dict(storage_options or {})
+        self.df = read_records(self.root, storage_options=self.storage_options) if df is None else df
+        self.job = storage.read_json(self.root, "_job.json", self.storage_options) if job is None else job
+        self._tar_index: dict[str, dict[str, tuple[int, int]]] = {}  # tar path -> member -> (offset, size)
+        self._pq_index: dict[str, dict[str, tuple[int, int]]] = {}  # parquet path -> key -> (group, row)
+        self._lookup: dict[tuple[str, int], int] | None = None
+
+    # -- pickling: the filesystem and caches are rebuilt on demand -------------------------------------
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_tar_index"], d["_pq_index"], d["_lookup"] = {}, {}, None
+        return d
+
+    @property
+    def _fs(self):
+        return storage.get_fs(self.root, self.storage_options)
+
+    # -- counts ------------------------------------------------------------------------------------------
+    def _count(self, status: str) -> int:
+        if len(self.df) == 0 or "status" not in self.df:
+            return 0
+        return int((self.df["status"] == status).sum())
+
+    @property
+    def n_images(self) -> int:
+        return self._count("ok")
+
+    @property
+    def n_errors(self) -> int:
+        return self._count("error")
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.df["id"].nunique()) if len(self.df) and "id" in self.df else 0
+
+    @property
+    def shards(self) -> list[str]:
+        if len(self.df) and "shard" in self.df:
+            return sorted(set(self.df["shard"].dropna()))
+        return []
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __repr__(self) -> str:
+        return (f"Results(root={self.root!r}, records={len(self)}, rows={self.n_rows}, images={self.n_images}, "
+                f"errors={self.n_errors}, shards={len(self.shards)})")
+
+    # -- lookup ----------------------------------------------------------------------------------------
+    def _record(self, id: str, image_index: int = 0) -> dict:
+        if self._lookup is None:
+            ids = self.df["id"].tolist() if len(self.df) else []
+            idx = self.df["image_index"].tolist() if len(self.df) else []
+            self._lookup = {}
+            for pos, (i, k) in enumerate(zip(ids, idx)):
+                self._lookup.setdefault((str(i), int(k)), pos)
+        pos = self._lookup.get((str(id), int(image_index)))
+        if pos is None:
+            errors = self.errors_of(id)
+            if errors:
+                raise KeyError(f"no image for id={id!r} image_index={image_index}: the row failed: {errors[0]}")
+            raise KeyError(f"no image for id={id!r} image_index={image_index} in {self.root}")
+        rec = self.df.iloc[pos].to_dict()
+        if rec.get("status") != "ok":
+            raise KeyError(f"no image for id={id!r} image_index={image_index}: status {rec.get('status')!r}, "
+                           f"error {rec.get('error')!r}")
+        return rec
+
+    def errors_of(self, id: str) -> list[str]:
+        if not len(self.df):
+            return []
+        m = (self.df["id"] == str(id)) & (self.df["status"] == "error")
+        return [str(e) for e in self.df.loc[m, "error"].tolist()]
+
+    def record(self, id: str, image_index: int = 0) -> dict:
+        """The metadata record of one image (KeyError if absent or failed)."""
+        return self._record(id, image_index)
+
+    # -- image bytes -------------------------------------------------------------------------------------
+    def _tar_member(self, fs, tar_path: str, member: str) -> bytes:
+        index = self._tar_index.get(tar_path)
+        if index is None:
+            index = {}
+            with fs.open(tar_path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+                for info in tar:
+                    if info.isfile():
+                        index[info.name] = (info.offset_data, info.size)
+            self._tar_index[tar_path] = index
+        if member not in index:
+            raise KeyError(f"{member!r} not found in {tar_path}")
+        off, size = index[member]
+        return fs.cat_file(tar_path, start=off, end=off + size)
+
+    def _parquet_image(self, fs, pq_path: str, key: str) -> bytes:
+        import pyarrow.parquet as pq
+
+        with fs.open(pq_path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            index = self._pq_index.get(pq_path)
+            if index is None:
+                index = {}
+                for g in range(pf.num_row_groups):
+                    keys = pf.read_row_group(g, columns=["key"]).column("key").to_pylist()
+                    for r, k in enumerate(keys):
+                        index.setdefault(k, (g, r))
+                self._pq_index[pq_path] = index
+            if key not in index:
+                raise KeyError(f"key {key!r} not found in {pq_path}")
+            g, r = index[key]
+            col = pf.read_row_group(g, columns=["image"]).column("image")
+            return col[r].as_py()
+
+    def image_bytes(self, id: str, image_index: int = 0, verify: bool = True) -> bytes:
+        """The encoded bytes of one image (checked against the record's sha256 when ``verify``)."""
+        rec = self._record(id, image_index)
+        return self._bytes_of(rec, verify)
+
+    def _bytes_of(self, rec: dict, verify: bool = True) -> bytes:
+        fs, root = self._fs
+        rel = rec.get("path")
+        if not rel:
+            raise KeyError(f"record id={rec.get('id')!r} image_index={rec.get('image_index')} has no path")
+        file_part, _, member = str(rel).partition("#")
+        full = storage.join(root, storage.check_relative(file_part))
+        if not member:
+            data = fs.cat_file(full)
+        elif file_part.endswith(".tar"):
+            data = self._tar_member(fs, full, member)
+        elif file_part.endswith(".parquet"):
+            data = self._parquet_image(fs, full, member)
+        else:
+            raise ValueError(f"cannot read image path {rel!r}")
+        sha = rec.get("sha256")
+        if verify and sha and hashlib.sha256(data).hexdigest() != sha:
+            raise ValueError(f"sha256 mismatch for id={rec.get('id')!r} image_index={rec.get('image_index')} "
+                             f"at {rel!r}: the stored file is corrupt")
+        return data
+
+    # -- images --------------------------------------------------------------------------------------------
+    def image(self, id: str, image_index: int = 0):
+        """One image as a ``PIL.Image.Image`` (KeyError naming id and index if absent or failed)."""
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.image_bytes(id, image_index)))
+        img.load()
+        return img
+
+    def ok_records(self, ids: Iterable[str] | None = None):
+        df = self.df
+        if not len(df):
+            return df
+        ok = df[df["status"] == "ok"]
+        if ids is not None:
+            wanted = [str(i) for i in ids]
+            ok = ok[ok["id"].isin(wanted)]
+            order = {v: n for n, v in enumerate(wanted)}
+            ok = ok.assign(_o=ok["id"].map(order)).sort_values(["_o", "image_index"], kind="stable").drop(
+                columns="_o")
+        return ok
+
+    def images(self, ids: Iterable[str] | None = None) -> list:
+        """All ok images (of ``ids``, in that order and image_index order; default: every image)."""
+        if isinstance(ids, str):
+            ids = [ids]
+        out = []
+        for rec in self.ok_records(ids).to_dict("records"):
+            out.append(self.image(rec["id"], int(rec["image_index"])))
+        return out
+
+    def gallery(self, max_images: int = 50, thumb: int = 160) -> Any:
+        """An object that Jupyter shows as a grid of thumbnails with prompt and seed."""
+        from .gallery import InlineGallery
+
+        return InlineGallery.from_results(self, max_images=max_images, thumb=thumb)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return (f"<div><b>kbatch results</b> {html.escape(self.root)}: {self.n_rows} rows, {self.n_images} images, "
+                f"{self.n_errors} errors, {len(self.shards)} shards</div>")
+
+
+def open_results(uri: str, storage_options: dict | None = None) -> Results:
+    """Open an output location (local path or fsspec URL) written by kbatch, in any format."""
+    return Results(uri, storage_options=storage_options)
+
+
+__all__ = ["Results", "open_results", "list_committed_shards"]

@@ -1,0 +1,449 @@
+"""The driver: plan, dispatch, retry, commit. See docs/architecture.md for the picture.
+
+Flow per row: validated in the driver -> (CPU task: decode its input images) -> prior actor -> decoder
+actor -> (CPU task: encode + write a shard). The driver holds only small things (rows, embeddings, status);
+images travel from decoder actors to writer tasks through the object store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from .config import ConfigError, JobConfig
+from .jobstate import JOB_FILE, SUCCESS_FILE, check_resume, fingerprint, meaning, new_run_id, now_iso, versions
+from .progress import Progress
+from .schema import Row, input_ref
+
+log = logging.getLogger("kbatch")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
+@dataclass
+class RunResult:
+    output: str
+    run_id: str
+    exit_code: int
+    complete: bool
+    rows_total: int
+    rows_skipped: int  # had records before this run (resume)
+    rows_ok: int
+    rows_failed: int
+    rows_missing: int
+    images: int
+    seconds: float
+    images_per_second: float
+    stage_seconds: dict = field(default_factory=dict)
+    failed_by_reason: dict = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed_by_reason.items()))
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        return (f"kbatch: {'complete' if self.complete else 'INCOMPLETE'} | rows {self.rows_total} "
+                f"(ok {self.rows_ok}, failed {self.rows_failed}, missing {self.rows_missing}, "
+                f"skipped {self.rows_skipped}) | images {self.images} | {self.images_per_second:.2f} img/s | "
+                f"{self.seconds:.1f}s | stages: {stages}" + (f" | failures: {reasons}" if reasons else ""))
+
+
+@dataclass
+class Unit:
+    rows: list[Row]
+    attempts: int = 0
+    inputs: list = field(default_factory=list)  # ObjectRefs of {id: inputs} maps
+    priors: list = field(default_factory=list)  # PriorOutputs (decoder units)
+
+
+def _images(rows) -> int:
+    return sum(r.num_images for r in rows)
+
+
+def chunk(rows: list[Row], key, max_images: int) -> list[list[Row]]:
+    """Consecutive runs of rows with equal ``key(row)``, each at most ``max_images`` images (>= 1 row)."""
+    out: list[list[Row]] = []
+    cur: list[Row] = []
+    for r in rows:
+        if cur and (key(cur[0]) != key(r) or _images(cur) + r.num_images > max_images):
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def sort_rows(rows: list[Row]) -> list[Row]:
+    """Group rows that can share forward passes: decoder key first (the expensive stage), then prior key."""
+    return sorted(rows, key=lambda r: (repr(r.decoder_key()), repr(r.prior_key())))
+
+
+def base_record(row: Row, cfg: JobConfig, run_id: str) -> dict:
+    m = cfg.models
+    return {
+        "id": row.id, "mode": row.mode, "prompt": row.prompt, "negative_prompt": row.negative_prompt,
+        "seed": row.seed, "num_images": row.num_images, "height": row.height, "width": row.width,
+        "num_inference_steps": row.num_inference_steps, "guidance_scale": row.guidance_scale,
+        "prior_num_inference_steps": row.prior_num_inference_steps,
+        "prior_guidance_scale": row.prior_guidance_scale, "strength": row.strength,
+        "init_image": input_ref(row.init_image), "mask": input_ref(row.mask),
+        "mix": json.dumps([{k: (input_ref(v) if k == "image" else v) for k, v in dataclasses.asdict(it).items()
+                            if v is not None} for it in row.mix]) if row.mix else None,
+        "scheduler": m.scheduler, "prior_scheduler": m.prior_scheduler, "dtype": m.dtype,
+        "model_prior": m.prior, "model_decoder": m.inpaint if row.mode == "inpaint" else m.decoder,
+        "row_hash": row.row_hash, "run_id": run_id,
+    }
+
+
+def error_record(base: dict, message: str) -> dict:
+    return {**base, "image_index": -1, "status": "error", "error": message}
+
+
+def _reason(message: str) -> str:
+    return message.split(":", 1)[0] if ":" in message else message
+
+
+class Runner:
+    """One run of a job on the connected Ray cluster."""
+
+    def __init__(self, cfg: JobConfig, *, overwrite: bool = False, progress: str | None = None, table=None):
+        self.cfg = cfg
+        self.table = table  # an in-memory manifest (kbatch.render of a DataFrame); URIs resolve from cwd
+        self.overwrite = overwrite
+        self.progress_mode = progress or cfg.progress
+        self.run_id = new_run_id()
+        self.output = cfg.resolved_output()
+
+    # ------------------------------------------------------------------------------------------ planning
+    def plan(self):
+        """Read + validate the manifest and the output's state. Loads no model. Raises ConfigError."""
+        from . import storage
+        from .manifest import read_manifest
+        from .validate import validate_table
+        from .writer import read_records
+
+        cfg = self.cfg
+        if self.table is not None:
+            table, base_uri = self.table, os.getcwd()
+        elif not cfg.manifest:
+            raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
+        else:
+            table, base_uri = read_manifest(cfg.manifest)
+        rows, row_errors = validate_table(table, cfg, base_uri)
+        self.total = len(rows) + len(row_errors)
+        if self.overwrite:
+            storage.remove_tree(self.output)
+        previous = storage.read_json(self.output, JOB_FILE)
+        done = read_records(self.output, columns=["id", "row_hash", "status"])
+        done_hashes = dict(zip(done["id"], done["row_hash"])) if len(done) else {}
+        check_resume(previous, cfg, done_hashes, rows)
+        self.skipped = len(set(done_hashes))
+        self.rows = [r for r in rows if r.id not in done_hashes]
+        raw = table.to_pylist() if row_errors else []
+        self.invalid = []
+        for e in row_errors:
+            if e.id in done_hashes:
+                continue
+            src = raw[e.index] if e.index < len(raw) else {}
+            base = {"id": e.id, "mode": _str(src.get("mode")), "prompt": _str(src.get("prompt")),
+                    "negative_prompt": _str(src.get("negative_prompt")), "run_id": self.run_id,
+                    "row_hash": None}
+            self.invalid.append(error_record(base, e.message))
+        self.previous = previous
+        return self
+
+    # ------------------------------------------------------------------------------------------ running
+    def run(self) -> RunResult:
+        import ray
+
+        from . import storage
+        from .writer import OutputSpec
+
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        storage.remove(self.output, SUCCESS_FILE)
+        job = {"output": self.output, "run_id": self.run_id, "status": "running", "started": now_iso(),
+               "fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "config": cfg.to_dict(),
+               "manifest": cfg.manifest, "total_rows": self.total, "versions": versions(),
+               "models": {"prior": cfg.models.prior, "decoder": cfg.models.decoder, "inpaint": cfg.models.inpaint},
+               "runs": (self.previous or {}).get("runs", []) + [self.run_id]}
+        storage.write_json_atomic(self.output, JOB_FILE, job)
+        self.spec = OutputSpec(root=self.output, format=cfg.output.format, image_format=cfg.output.image_format,
+                               quality=cfg.output.quality)
+        self.bases = {r.id: base_record(r, cfg, self.run_id) for r in self.rows}
+        self.stats = defaultdict(float)
+        self.failed_by_reason: dict[str, int] = defaultdict(int)
+        self.rows_ok = self.rows_failed = self.images = 0
+        self.progress = Progress(self.total, initial=self.skipped, mode=self.progress_mode)
+        interrupted = False
+        try:
+            if self.rows or self.invalid:
+                self._loop(ray)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
+        finally:
+            self.progress.close()
+        missing = self.total - self.skipped - self.rows_ok - self.rows_failed
+        complete = missing == 0 and not interrupted
+        seconds = time.perf_counter() - t_start
+        failed_total = self.rows_failed + self._previous_failures()
+        tolerance = max(cfg.retries.max_failed_rows, int(cfg.retries.max_failed_fraction * self.total))
+        code = EXIT_INCOMPLETE if not complete else (EXIT_FAILED if failed_total > tolerance else EXIT_OK)
+        result = RunResult(self.output, self.run_id, code, complete, self.total, self.skipped, self.rows_ok,
+                           self.rows_failed, missing, self.images, seconds,
+                           self.images / seconds if seconds else 0.0, dict(self.stats), dict(self.failed_by_reason))
+        job.update(status="complete" if complete else ("interrupted" if interrupted else "incomplete"),
+                   finished=now_iso(), result=dataclasses.asdict(result))
+        storage.write_json_atomic(self.output, JOB_FILE, job)
+        if complete:
+            if cfg.output.gallery:
+                try:
+                    from .gallery import write_gallery
+
+                    write_gallery(self.output, max_images=cfg.output.gallery_max_images)
+                except Exception as e:  # the gallery is a convenience, never a reason to fail a run
+                    log.warning("kbatch: gallery not written: %s", e)
+            storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
+                                                                  "rows": self.total})
+        return result
+
+    def _previous_failures(self) -> int:
+        if not self.skipped:
+            return 0
+        from .writer import read_records
+
+        df = read_records(self.output, columns=["id", "status", "run_id"])
+        df = df[df["run_id"] != self.run_id]
+        return int(df[df["status"] == "error"]["id"].nunique())
+
+    # the dispatch loop ---------------------------------------------------------------------------------
+    def _loop(self, ray):
+        from .workers import remote_classes
+
+        cfg, res = self.cfg, self.cfg.resources
+        gpus_in_cluster = ray.cluster_resources().get("GPU", 0)
+        if res.device == "cuda" and not gpus_in_cluster:
+            raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
+        prior_gpus = res.prior.gpus if gpus_in_cluster else 0
+        decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
+        PriorA, DecoderA, self.loader, self.writer = remote_classes(cfg, prior_gpus, decoder_gpus)
+        need_inpaint = any(r.mode == "inpaint" for r in self.rows)
+        rows = sort_rows(self.rows)
+        self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if rows else []
+        self.decoders = [DecoderA.remote(cfg, need_inpaint) for _ in range(res.decoder.replicas)] if rows else []
+        self.crashes: dict = defaultdict(int)
+        self.load_q: deque[Unit] = deque(Unit(c) for c in chunk(rows, Row.prior_key, res.prior.batch_size))
+        self.prior_q: deque[Unit] = deque()
+        self.decoder_q: deque[Unit] = deque()
+        self.waiting: dict[tuple, list] = defaultdict(list)  # decoder key -> [(row, prior_out, inputs refs)]
+        self.before_decoder = defaultdict(int)  # decoder key -> rows not yet through the prior
+        for r in rows:
+            self.before_decoder[r.decoder_key()] += 1
+        self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
+        self.load = {a: 0 for a in self.priors + self.decoders}
+        self.shard_ok: list = []  # (rows, payload ref)
+        self.shard_err: list[dict] = []
+        self.shard_rows = 0
+        self.shard_started = time.monotonic()
+        self.shard_seq = 0
+        for rec in self.invalid:
+            self._fail_record(rec)
+        while True:
+            self._dispatch()
+            if not self.inflight:
+                if self.shard_rows:
+                    self._flush()
+                    continue
+                break
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
+            for ref in ready:
+                self._complete(ray, ref)
+            if self.shard_rows and time.monotonic() - self.shard_started > 60:
+                self._flush()
+        for a in self.priors + self.decoders:
+            ray.kill(a)
+
+    def _free(self, pool):
+        live = [a for a in pool if self.crashes[a] <= self.cfg.retries.max_actor_restarts]
+        live = [a for a in live if self.load[a] < self.cfg.resources.max_in_flight]
+        return min(live, key=lambda a: self.load[a]) if live else None
+
+    def _dispatch(self):
+        cfg = self.cfg
+        while self.load_q:  # input decoding runs ahead on CPU tasks
+            unit = self.load_q.popleft()
+            needy = [r for r in unit.rows if r.init_image is not None or r.mask is not None
+                     or any(it.image is not None or it.image_uri is not None for it in r.mix)]
+            if needy:
+                err_ref, inputs_ref = self.loader.remote(needy, cfg.limits)
+                unit.inputs = [inputs_ref]
+                self.inflight[err_ref] = ("load", unit, None, None)
+            else:
+                self.prior_q.append(unit)
+        while self.prior_q and (actor := self._free(self.priors)):
+            unit = self.prior_q.popleft()
+            ref = actor.run.remote(unit.rows, *unit.inputs)
+            self._track(ref, "prior", unit, actor)
+        self._form_decoder_batches()
+        while self.decoder_q and (actor := self._free(self.decoders)):
+            unit = self.decoder_q.popleft()
+            status_ref, payload_ref = actor.run.remote(unit.rows, unit.priors, *unit.inputs)
+            self._track(status_ref, "decoder", unit, actor, payload_ref)
+
+    def _track(self, ref, kind, unit, actor, extra=None):
+        self.inflight[ref] = (kind, unit, actor, extra)
+        self.load[actor] += 1
+
+    def _form_decoder_batches(self):
+        limit = self.cfg.resources.decoder.batch_size
+        for key, items in list(self.waiting.items()):
+            while items and (_images([i[0] for i in items]) >= limit or self.before_decoder[key] == 0):
+                take = chunk([i[0] for i in items], Row.decoder_key, limit)[0]
+                batch, items[:] = items[:len(take)], items[len(take):]
+                unit = Unit([b[0] for b in batch])
+                unit.priors = [b[1] for b in batch]
+                unit.inputs = list({id(ref): ref for b in batch for ref in b[2]}.values())
+                self.decoder_q.append(unit)
+            if not items:
+                del self.waiting[key]
+
+    def _complete(self, ray, ref):
+        kind, unit, actor, extra = self.inflight.pop(ref)
+        if actor is not None:
+            self.load[actor] -= 1
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.crashes[actor] += 1
+            return self._retry(kind, unit, f"{kind} worker died: {type(e).__name__}", crash=True)
+        except ray.exceptions.RayTaskError as e:
+            return self._retry(kind, unit, f"{kind} failed: {_short(e)}", crash=False)
+        except ray.exceptions.RayError as e:  # object lost, worker crashed in a task, ...
+            return self._retry(kind, unit, f"{kind} failed: {type(e).__name__}", crash=True)
+        if kind == "load":
+            errors = value
+            for r in unit.rows:
+                if r.id in errors:
+                    self._fail(r, errors[r.id], before_decoder=True)
+            unit.rows = [r for r in unit.rows if r.id not in errors]
+            if unit.rows:
+                self.prior_q.append(unit)
+        elif kind == "prior":
+            outputs, seconds = value
+            self.stats["prior_seconds"] += seconds
+            for r, out in zip(unit.rows, outputs):
+                self.before_decoder[r.decoder_key()] -= 1
+                self.waiting[r.decoder_key()].append((r, out, unit.inputs))
+        elif kind == "decoder":
+            self.stats["decoder_seconds"] += value
+            self.shard_ok.append((unit.rows, extra))
+            self.shard_rows += len(unit.rows)
+            if self.shard_rows >= self.cfg.output.rows_per_shard:
+                self._flush()
+        elif kind == "write":
+            rows_ok, rows_err, n_images = extra
+            self.rows_ok += rows_ok
+            self.rows_failed += rows_err
+            self.images += n_images
+            self.stats["write_seconds"] += getattr(value, "seconds", 0.0)
+            self.progress.update(rows_ok + rows_err, self.images)
+
+    def _retry(self, kind, unit: Unit, message: str, crash: bool):
+        """Split a failing batch to find the guilty row; bound the attempts of a row that kills workers."""
+        if kind == "write":
+            log.error("kbatch: shard write failed (%s); its rows stay missing, rerun to retry", message)
+            return
+        if kind == "load":  # the loader task itself broke (not a bad image): fail its rows
+            for r in unit.rows:
+                self._fail(r, message, before_decoder=True)
+            return
+        queue = self.prior_q if kind == "prior" else self.decoder_q
+        alive = [a for a in (self.priors if kind == "prior" else self.decoders)
+                 if self.crashes[a] <= self.cfg.retries.max_actor_restarts]
+        if not alive:
+            log.error("kbatch: every %s worker is dead; %d rows stay missing", kind, len(unit.rows))
+            return
+        if len(unit.rows) == 1:
+            if crash and unit.attempts + 1 < self.cfg.retries.max_attempts:
+                unit.attempts += 1
+                queue.append(unit)
+                return
+            tries = f" after {unit.attempts + 1} attempts" if crash else ""
+            return self._fail(unit.rows[0], f"{message}{tries}", before_decoder=kind == "prior")
+        if crash and unit.attempts == 0:  # a worker dying once costs a retry of the batch, not a row
+            unit.attempts = 1
+            queue.append(unit)
+            return
+        half = len(unit.rows) // 2
+        for part in (unit.rows[:half], unit.rows[half:]):
+            ids = {r.id for r in part}
+            sub = Unit(part, unit.attempts, unit.inputs, [p for p in unit.priors if p.id in ids])
+            queue.append(sub)
+
+    def _fail(self, row: Row, message: str, before_decoder: bool = False):
+        if before_decoder:
+            self.before_decoder[row.decoder_key()] -= 1
+        self._fail_record(error_record(self.bases[row.id], message))
+
+    def _fail_record(self, rec: dict):
+        self.failed_by_reason[_reason(rec["error"])] += 1
+        self.shard_err.append(rec)
+        self.shard_rows += 1
+
+    def _flush(self):
+        if not self.shard_rows:
+            return
+        shard = f"{self.run_id}-{self.shard_seq:05d}"
+        fail = self.cfg.faults.fail_write_shard
+        spec = dataclasses.replace(self.spec, fail_after_data=fail is not None and fail == self.shard_seq)
+        self.shard_seq += 1
+        ok_rows = [r for rows, _ in self.shard_ok for r in rows]
+        bases = {r.id: self.bases[r.id] for r in ok_rows}
+        ref = self.writer.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
+        self.inflight[ref] = ("write", None, None, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
+        self.shard_ok, self.shard_err, self.shard_rows = [], [], 0
+        self.shard_started = time.monotonic()
+
+
+def _str(v):
+    return v if isinstance(v, str) else None
+
+
+def _short(e: Exception) -> str:
+    cause = getattr(e, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
+    return text[:500]
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def ensure_ray(num_cpus: int | None = None):
+    """Connect to RAY_ADDRESS if set, else start a local Ray. Returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_job(cfg: JobConfig, *, overwrite: bool = False, progress: str | None = None) -> RunResult:
+    """Plan (no models), then render on the connected Ray, or a local one started (and stopped) here."""
+    runner = Runner(cfg, overwrite=overwrite, progress=progress).plan()
+    started = ensure_ray()
+    try:
+        return runner.run()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,264 @@
+"""fsspec helpers for output locations: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``, ...
+
+Everything here is a plain function (picklable, usable inside Ray tasks) and keeps no global state of its own
+(fsspec's own instance cache aside). Paths returned by :func:`get_fs` are filesystem paths *without* the
+protocol; :func:`join` builds paths below them.
+
+Atomicity: on filesystems whose rename is atomic (the local filesystem) data is written to
+``<path>.tmp-<uuid>`` and renamed over the final name; on object stores a single PUT is atomic per object,
+so the object is written directly. Either way no reader ever sees a partially written file under a final name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+# Object stores (and fsspec's in-memory store): one put is atomic per object, there are no real directories.
+_OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "abfss", "adl", "oss", "r2"}
+
+
+def get_fs(uri: str, storage_options: dict | None = None):
+    """``(fs, root_path)`` for a local path or fsspec URL (``root_path`` has no protocol and no trailing '/')."""
+    if not uri:
+        raise ValueError("empty output URI")
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    if path != "/":
+        path = path.rstrip("/")
+    return fs, path
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with '/' (also for URLs); empty parts are skipped."""
+    out = root.rstrip("/") if root != "/" else root
+    for p in parts:
+        p = str(p).strip("/")
+        if not p:
+            continue
+        out = p if not out else (out + p if out.endswith("/") else f"{out}/{p}")
+    return out
+
+
+def check_relative(name: str) -> str:
+    """A relative name inside an output root: no absolute paths, no '..' components, no backslashes."""
+    n = str(name)
+    if not n or n.startswith("/") or "\\" in n or "://" in n:
+        raise ValueError(f"invalid relative name {name!r}")
+    parts = n.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid relative name {name!r}")
+    return n
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _protocols(fs) -> set[str]:
+    p = fs.protocol
+    return {p} if isinstance(p, str) else set(p)
+
+
+def renames_atomically(fs) -> bool:
+    """True where write-to-temp-then-rename is the atomic way to publish a file."""
+    return is_local(fs) or not (_protocols(fs) & _OBJECT_STORE_PROTOCOLS)
+
+
+def display_path(fs, path: str) -> str:
+    """What to show users: a plain path for the local filesystem, a URL otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def write_bytes_atomic(fs, path: str, data: bytes) -> int:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file. Returns bytes written."""
+    data = bytes(data)
+    if is_local(fs):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return len(data)
+    if not renames_atomically(fs):
+        fs.pipe_file(path, data)  # one PUT: atomic per object
+        return len(data)
+    # Other filesystems with directories and rename (sftp, hdfs, ...): temp name, then move.
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm_file(tmp)
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    return len(data)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to null, bytes to a short marker."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(bytes(obj)).hexdigest()
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return to_jsonable(item())
+        except (TypeError, ValueError):
+            pass
+    tolist = getattr(obj, "tolist", None)  # numpy arrays
+    if callable(tolist):
+        return to_jsonable(tolist())
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return str(obj)
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> bytes:
+    return json.dumps(to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=False).encode("utf-8")
+
+
+def write_json_atomic(uri_root: str, name: str, obj: Any, storage_options: dict | None = None) -> str:
+    """Write ``obj`` as JSON to ``<uri_root>/<name>`` atomically; returns the filesystem path written."""
+    fs, root = get_fs(uri_root, storage_options)
+    path = join(root, check_relative(name))
+    write_bytes_atomic(fs, path, dumps_json(obj))
+    return path
+
+
+def read_bytes(uri_root: str, name: str, storage_options: dict | None = None) -> bytes | None:
+    fs, root = get_fs(uri_root, storage_options)
+    try:
+        return fs.cat_file(join(root, check_relative(name)))
+    except FileNotFoundError:
+        return None
+
+
+def read_json(uri_root: str, name: str, storage_options: dict | None = None) -> dict | None:
+    """The JSON object stored at ``<uri_root>/<name>``, or None if there is none."""
+    data = read_bytes(uri_root, name, storage_options)
+    if data is None:
+        return None
+    return json.loads(data.decode("utf-8"))
+
+
+def exists(uri_root: str, name: str, storage_options: dict | None = None) -> bool:
+    fs, root = get_fs(uri_root, storage_options)
+    path = join(root, check_relative(name))
+    try:
+        fs.invalidate_cache(posixpath.dirname(path))
+    except Exception:  # noqa: BLE001
+        pass
+    return bool(fs.exists(path))
+
+
+def remove(uri_root: str, name: str, storage_options: dict | None = None) -> None:
+    """Delete ``<uri_root>/<name>``; no error if it is missing."""
+    fs, root = get_fs(uri_root, storage_options)
+    path = join(root, check_relative(name))
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    try:
+        fs.invalidate_cache(posixpath.dirname(path))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# What kbatch writes at an output root; remove_tree deletes only these (commit markers first), so pointing
+# --overwrite at a folder that holds other things never deletes them.
+OWNED_ENTRIES = ("_SUCCESS", "_commits", "_job.json", "meta", "stats", "images", "tars", "data", "gallery",
+                 "gallery.html", "contact_sheet.png")
+
+
+def remove_tree(uri_root: str, storage_options: dict | None = None) -> list[str]:
+    """Delete the kbatch outputs at ``uri_root`` (``--overwrite``); returns the entries removed.
+
+    Only kbatch's own entries are removed (:data:`OWNED_ENTRIES`): the completion marker and commit records
+    first, so that readers never see a committed shard with its data gone; other files are left alone.
+    """
+    fs, root = get_fs(uri_root, storage_options)
+    if root in ("", "/"):
+        raise ValueError(f"refusing to remove outputs at the filesystem root {uri_root!r}")
+    removed = []
+    for name in OWNED_ENTRIES:
+        path = join(root, name)
+        try:
+            fs.invalidate_cache(path)
+        except Exception:  # noqa: BLE001
+            pass
+        if not fs.exists(path):
+            continue
+        if fs.isdir(path):
+            fs.rm(path, recursive=True)
+        else:
+            fs.rm_file(path)
+        removed.append(name)
+    # temp files of an interrupted atomic write of a top-level entry (local disks only)
+    if is_local(fs) and os.path.isdir(root):
+        for name in os.listdir(root):
+            if TMP_MARK in name and name.split(TMP_MARK, 1)[0] in OWNED_ENTRIES:
+                os.unlink(os.path.join(root, name))
+    try:
+        fs.invalidate_cache(root)
+    except Exception:  # noqa: BLE001
+        pass
+    return removed
+
+
+def list_names(fs, dir_path: str, suffix: str = "", dirs: bool = False) -> list[str]:
+    """Base names of the entries directly under ``dir_path`` ending with ``suffix`` (files, or folders if
+    ``dirs``), skipping temp files; [] when the folder does not exist. Always a fresh listing."""
+    try:
+        fs.invalidate_cache(dir_path)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        entries = fs.ls(dir_path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for e in entries:
+        name = posixpath.basename(str(e["name"]).rstrip("/"))
+        kind = e.get("type")
+        if TMP_MARK in name or not name.endswith(suffix):
+            continue
+        if dirs and kind != "directory":
+            continue
+        if not dirs and kind == "directory":
+            continue
+        out.append(name[: len(name) - len(suffix)] if suffix else name)
+    return sorted(set(out))

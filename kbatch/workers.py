@@ -1,0 +1,111 @@
+"""Ray wrappers around the pure stage classes: GPU actors, and the CPU tasks that load inputs and write.
+
+Nothing here holds logic worth testing on its own: the predictors (``prior.py``, ``decoder.py``), the
+input checks (``images.py``) and the writer (``writer.py``) are plain Python, tested without a cluster.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+from .config import JobConfig
+from .decoder import DecoderFaults, DecoderOutput, DecoderPredictor
+from .prior import PriorOutput, PriorPredictor
+from .schema import Row, record_key
+
+
+def _merge(input_maps) -> dict:
+    out: dict = {}
+    for m in input_maps:
+        out.update(m or {})
+    return out
+
+
+def _threads(cfg: JobConfig, stage: str) -> int:
+    s = getattr(cfg.resources, stage)
+    return s.threads or max(1, round(s.cpus))
+
+
+class PriorWorker:
+    def __init__(self, cfg: JobConfig):
+        m = cfg.models
+        self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
+                                        scheduler=m.prior_scheduler, offload=m.offload,
+                                        threads=_threads(cfg, "prior"), revision=m.revision)
+
+    def worker(self) -> str:
+        return self.predictor.worker
+
+    def run(self, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float]:
+        t0 = time.perf_counter()
+        inputs = _merge(input_maps)
+        out = self.predictor(rows, [inputs.get(r.id) for r in rows])
+        return out, time.perf_counter() - t0
+
+
+class DecoderWorker:
+    def __init__(self, cfg: JobConfig, need_inpaint: bool):
+        m, f = cfg.models, cfg.faults
+        self.predictor = DecoderPredictor(
+            m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,
+            scheduler=m.scheduler, offload=m.offload, threads=_threads(cfg, "decoder"),
+            channels_last=m.channels_last, compile=m.compile, revision=m.revision,
+            faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt))
+
+    def worker(self) -> str:
+        return self.predictor.worker
+
+    @ray.method(num_returns=2)
+    def run(self, rows: list[Row], priors: list[PriorOutput], *input_maps):
+        """Returns (small status for the driver, images for the writer) as two objects."""
+        t0 = time.perf_counter()
+        inputs = _merge(input_maps)
+        out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
+        return time.perf_counter() - t0, out
+
+
+def load_inputs(rows: list[Row], limits) -> tuple[dict[str, str], dict[str, dict]]:
+    """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id)."""
+    from .images import load_row_inputs
+
+    errors, inputs = {}, {}
+    for r in rows:
+        try:
+            inputs[r.id] = load_row_inputs(r, limits)
+        except ValueError as e:
+            errors[r.id] = str(e)
+    return errors, inputs
+
+
+def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
+    """CPU task: flatten decoder outputs into one record per image, encode and commit one shard."""
+    from .writer import write_shard as _write
+
+    records, images = [], []
+    for payload in payloads:
+        for out in payload:  # DecoderOutput
+            base = ok_bases[out.id]
+            for i, img in enumerate(out.images):
+                records.append({**base, "image_index": i, "status": "ok", "error": None,
+                                "key": record_key(out.id, i), "prior_worker": out.prior_worker,
+                                "decoder_worker": out.decoder_worker, "seconds": out.seconds})
+                images.append(img)
+    for rec in error_records:
+        records.append(rec)
+        images.append(None)
+    return _write(spec, shard, records, images)
+
+
+def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
+    r, rt = cfg.resources, cfg.retries
+    # SPREAD: replicas land on different nodes where they can (multi-node clusters)
+    common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
+    prior = ray.remote(PriorWorker).options(num_cpus=r.prior.cpus, num_gpus=prior_gpus, **common)
+    decoder = ray.remote(DecoderWorker).options(num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, **common)
+    loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
+    writer = ray.remote(write_shard).options(num_cpus=r.io_cpus, max_retries=2, retry_exceptions=[OSError])
+    return prior, decoder, loader, writer
+
+
+__all__ = ["PriorWorker", "DecoderWorker", "DecoderOutput", "load_inputs", "write_shard", "remote_classes"]

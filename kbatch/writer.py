@@ -1,0 +1,415 @@
+"""One writer for every output format, with the shard commit protocol.
+
+Layout of an output root (all paths relative to it)::
+
+    images/<shard>/<key>.<ext>        format "files": one encoded image per ok record
+    tars/<shard>.tar                  format "webdataset": <key>.<ext> + <key>.json per ok record
+    data/<shard>.parquet              format "parquet": ok records, all record columns + binary "image"
+    meta/<shard>.parquet              every format: all records of the shard (ok and error), RECORD_SCHEMA
+    stats/<shard>.json                every format: ShardStats
+    _commits/<shard>.json             every format, written LAST: the shard is visible to readers
+
+Commit protocol: data objects first, then metadata and stats, then the commit record. Every object is written
+atomically (temp name + rename on local disks, one PUT on object stores), so no partially written file is
+ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.results`,
+:mod:`kbatch.status`) only trust shards that have a commit record. Rewriting a shard first removes its commit
+record, so a shard is never visible half old, half new.
+
+Keys are ``schema.record_key(id, image_index)``: no dots (webdataset convention) and no '/', so ids never
+become paths outside the output root.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .schema import RECORD_FIELDS, RECORD_SCHEMA, record_key
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+FORMATS = ("files", "webdataset", "parquet")
+SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_~-]{0,299}$")
+PARQUET_IMAGE_ROW_GROUP = 32  # rows per row group of data/<shard>.parquet: random access reads one group
+
+
+@dataclass
+class OutputSpec:
+    """Where and how a shard is written (picklable; built by the runner from ``config.output``)."""
+
+    root: str  # output URI (local path or fsspec URL)
+    format: str = "files"  # files | webdataset | parquet
+    image_format: str = "png"  # png | jpeg | webp
+    quality: int = 95  # jpeg / webp; webp at 100 is lossless
+    fail_after_data: bool = False  # fault injection: raise after the data objects, before metadata/commit
+    storage_options: dict | None = None  # fsspec options (endpoint, credentials from the job config only)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"output format must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.image_format not in EXTENSIONS:
+            raise ValueError(f"image_format must be one of {list(EXTENSIONS)}, got {self.image_format!r}")
+        if not 1 <= int(self.quality) <= 100:
+            raise ValueError(f"quality must be in [1, 100], got {self.quality!r}")
+
+    @property
+    def ext(self) -> str:
+        return EXTENSIONS[self.image_format]
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    rows: int  # distinct manifest ids in the shard
+    images: int  # ok records (encoded images)
+    errors: int  # error records (failed rows)
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of write_shard (encoding + writing)
+    bytes: int = 0  # bytes written (data, metadata, stats)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode_image(arr: Any, image_format: str, quality: int = 95) -> bytes:
+    """uint8 HxWx3 array (or a PIL image) -> encoded bytes. PNG is lossless; jpeg/webp use ``quality``
+    (webp at quality 100 is written lossless)."""
+    from PIL import Image
+
+    if isinstance(arr, Image.Image):
+        img = arr.convert("RGB") if arr.mode not in ("RGB", "L") else arr
+    else:
+        a = np.asarray(arr)
+        if a.dtype != np.uint8:
+            raise ValueError(f"image must be uint8, got dtype {a.dtype}")
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+            raise ValueError(f"image must be HxWx3 uint8, got shape {a.shape}")
+        img = Image.fromarray(np.ascontiguousarray(a))
+    buf = io.BytesIO()
+    fmt = image_format.lower()
+    q = int(quality)
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif fmt in ("jpeg", "jpg"):
+        img.save(buf, format="JPEG", quality=q, subsampling=0 if q >= 90 else 2, optimize=False)
+    elif fmt == "webp":
+        if q >= 100:
+            img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+        else:
+            img.save(buf, format="WEBP", quality=q, method=4)
+    else:
+        raise ValueError(f"image_format must be one of {list(EXTENSIONS)}, got {image_format!r}")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# records
+
+
+def reason_of(error: str | None) -> str:
+    """Group key of an error string: the text before the first ':' (the whole string if none)."""
+    if not error:
+        return "unknown"
+    return str(error).split(":", 1)[0].strip() or "unknown"
+
+
+def _coerce(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if pa.types.is_string(typ):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (dict, list, tuple)):
+            return json.dumps(storage.to_jsonable(value), sort_keys=True)
+        if isinstance(value, (bytes, bytearray)):
+            return "sha256:" + hashlib.sha256(bytes(value)).hexdigest()
+        return str(value)
+    if pa.types.is_integer(typ):
+        if isinstance(value, float) and value != value:  # NaN (pandas null)
+            return None
+        return int(value)
+    if pa.types.is_floating(typ):
+        return float(value)
+    return value
+
+
+def normalize_record(rec: dict) -> dict:
+    """A dict with exactly the RECORD_SCHEMA fields, values coerced to the column types (missing -> None)."""
+    return {f.name: _coerce(rec.get(f.name), f.type) for f in RECORD_SCHEMA}
+
+
+def records_table(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([normalize_record(r) for r in records], schema=RECORD_SCHEMA)
+
+
+def _parquet_bytes(table: pa.Table, **kw) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kw)
+    return buf.getvalue()
+
+
+def _check_shard(shard: str) -> str:
+    if not isinstance(shard, str) or not SHARD_RE.match(shard) or ".." in shard:
+        raise ValueError(f"invalid shard name {shard!r} (letters, digits, '.', '_', '-')")
+    return shard
+
+
+def _tar_bytes(members: Iterable[tuple[str, bytes]], mtime: float) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(mtime)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[Any]) -> ShardStats:
+    """Encode and write one shard in ``spec.format``, then its metadata, stats and (last) commit record.
+
+    ``records[i]`` holds RECORD_SCHEMA fields (missing ones become null); ``images[i]`` is the uint8 HxWx3
+    array of an ok record, or None for an error record (``status == "error"``). The record dicts are updated
+    in place with ``key``, ``sha256``, ``path``, ``shard``, ``image_format`` (and ``status`` if missing).
+    """
+    t0 = time.time()
+    _check_shard(shard)
+    if len(records) != len(images):
+        raise ValueError(f"shard {shard!r}: {len(records)} records but {len(images)} images")
+    fs, root = storage.get_fs(spec.root, spec.storage_options)
+    ext = spec.ext
+
+    # A rewrite (retry of a failed/lost write task) must not be visible half old, half new.
+    commit_path = storage.join(root, "_commits", f"{shard}.json")
+    try:
+        fs.rm_file(commit_path)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - stores that error on missing keys differently
+        if fs.exists(commit_path):
+            raise
+
+    # 1. validate and fill record fields
+    seen: set[str] = set()
+    ok_idx: list[int] = []
+    for i, (rec, img) in enumerate(zip(records, images)):
+        if rec.get("id") is None:
+            raise ValueError(f"shard {shard!r}: record {i} has no id")
+        status = rec.get("status") or ("ok" if img is not None else "error")
+        rec["status"] = status
+        if status == "ok":
+            if img is None:
+                raise ValueError(f"shard {shard!r}: record {i} (id {rec['id']!r}) is ok but has no image")
+            if rec.get("image_index") is None:
+                raise ValueError(f"shard {shard!r}: record {i} (id {rec['id']!r}) has no image_index")
+            ok_idx.append(i)
+        elif status == "error":
+            if img is not None:
+                raise ValueError(f"shard {shard!r}: error record {i} (id {rec['id']!r}) has an image")
+            if rec.get("image_index") is None:
+                rec["image_index"] = -1
+            rec["sha256"] = None
+            rec["path"] = None
+            rec["image_format"] = None
+        else:
+            raise ValueError(f"shard {shard!r}: record {i} has status {status!r} (ok | error)")
+        if not rec.get("key"):
+            rec["key"] = record_key(str(rec["id"]), int(rec["image_index"]))
+        key = rec["key"]
+        if not KEY_RE.match(key):
+            raise ValueError(f"shard {shard!r}: record key {key!r} is not a safe name (no dots or slashes)")
+        if key in seen:
+            raise ValueError(f"shard {shard!r}: duplicate record key {key!r}")
+        seen.add(key)
+        rec["shard"] = shard
+
+    # 2. encode (CPU); PNG/WebP encoders release the GIL, so threads help on multi-CPU tasks
+    def _enc(i: int) -> bytes:
+        return encode_image(images[i], spec.image_format, spec.quality)
+
+    if len(ok_idx) > 1:
+        with cf.ThreadPoolExecutor(max_workers=min(4, len(ok_idx))) as ex:
+            encoded = dict(zip(ok_idx, ex.map(_enc, ok_idx)))
+    else:
+        encoded = {i: _enc(i) for i in ok_idx}
+    for i in ok_idx:
+        rec = records[i]
+        rec["sha256"] = hashlib.sha256(encoded[i]).hexdigest()
+        rec["image_format"] = spec.image_format
+        if spec.format == "files":
+            rec["path"] = f"images/{shard}/{rec['key']}.{ext}"
+        elif spec.format == "webdataset":
+            rec["path"] = f"tars/{shard}.tar#{rec['key']}.{ext}"
+        else:
+            rec["path"] = f"data/{shard}.parquet#{rec['key']}"
+
+    # 3. data objects
+    files: list[str] = []
+    nbytes = 0
+    if spec.format == "files":
+        items = [(records[i]["path"], encoded[i]) for i in ok_idx]
+
+        def _put(item):
+            rel, data = item
+            return storage.write_bytes_atomic(fs, storage.join(root, rel), data)
+
+        if len(items) > 1 and not storage.is_local(fs):
+            with cf.ThreadPoolExecutor(max_workers=min(16, len(items))) as ex:
+                nbytes += sum(ex.map(_put, items))
+        else:
+            nbytes += sum(_put(it) for it in items)
+        files += [rel for rel, _ in items]
+    elif spec.format == "webdataset":
+        members = []
+        for i in ok_idx:
+            rec = normalize_record(records[i])
+            members.append((f"{rec['key']}.{ext}", encoded[i]))
+            members.append((f"{rec['key']}.json", storage.dumps_json(rec, indent=None)))
+        rel = f"tars/{shard}.tar"
+        nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), _tar_bytes(members, t0))
+        files.append(rel)
+    else:
+        table = records_table([records[i] for i in ok_idx])
+        table = table.append_column(pa.field("image", pa.binary()),
+                                    pa.array([encoded[i] for i in ok_idx], type=pa.binary()))
+        compression = {name: "zstd" for name in RECORD_FIELDS}
+        compression["image"] = "none"  # already compressed
+        rel = f"data/{shard}.parquet"
+        data = _parquet_bytes(table, compression=compression, row_group_size=PARQUET_IMAGE_ROW_GROUP,
+                              use_dictionary=[n for n in RECORD_FIELDS])
+        nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), data)
+        files.append(rel)
+
+    if spec.fail_after_data:
+        raise RuntimeError("injected write failure")
+
+    # 4. metadata (all records) and stats
+    by_reason: dict[str, int] = {}
+    for rec in records:
+        if rec["status"] == "error":
+            r = reason_of(rec.get("error"))
+            by_reason[r] = by_reason.get(r, 0) + 1
+    meta_rel = f"meta/{shard}.parquet"
+    nbytes += storage.write_bytes_atomic(fs, storage.join(root, meta_rel),
+                                         _parquet_bytes(records_table(records), compression="zstd"))
+    files.append(meta_rel)
+    n_err = len(records) - len(ok_idx)
+    stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=len(ok_idx), errors=n_err,
+                       errors_by_reason=by_reason, seconds=0.0, bytes=0)
+    stats_rel = f"stats/{shard}.json"
+    stats_blob = storage.dumps_json(stats.to_dict())  # size estimate for the bytes count
+    stats.bytes = nbytes + len(stats_blob)
+    stats.seconds = round(time.time() - t0, 6)
+    nbytes += storage.write_bytes_atomic(fs, storage.join(root, stats_rel), storage.dumps_json(stats.to_dict()))
+    files.append(stats_rel)
+
+    # 5. commit record, last
+    commit = {"shard": shard, "rows": stats.rows, "images": stats.images, "errors": stats.errors,
+              "files": files, "format": spec.format, "image_format": spec.image_format, "time": time.time()}
+    storage.write_bytes_atomic(fs, commit_path, storage.dumps_json(commit))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+def list_committed_shards(root: str, storage_options: dict | None = None) -> list[str]:
+    """Names of the shards with a commit record, sorted."""
+    fs, path = storage.get_fs(root, storage_options)
+    return storage.list_names(fs, storage.join(path, "_commits"), ".json")
+
+
+def read_commit(root: str, shard: str, storage_options: dict | None = None) -> dict | None:
+    return storage.read_json(root, f"_commits/{_check_shard(shard)}.json", storage_options)
+
+
+def pandas_types_mapper():
+    """Arrow -> pandas dtypes keeping integers exact when nulls are present (seeds are 63-bit)."""
+    import pandas as pd
+
+    mapping = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.int16(): pd.Int16Dtype(),
+               pa.int8(): pd.Int8Dtype()}
+    return mapping.get
+
+
+def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """Cast a metadata table to RECORD_SCHEMA (adding missing columns as nulls), optionally selecting."""
+    names = list(columns) if columns is not None else list(RECORD_FIELDS)
+    arrays, fields = [], []
+    for name in names:
+        target = RECORD_SCHEMA.field(name) if name in RECORD_FIELDS else None
+        if name in table.column_names:
+            col = table.column(name)
+            if target is not None and col.type != target.type:
+                col = col.cast(target.type)
+            arrays.append(col)
+            fields.append(pa.field(name, col.type))
+        elif target is not None:
+            arrays.append(pa.nulls(table.num_rows, type=target.type))
+            fields.append(target)
+        else:
+            raise KeyError(f"unknown metadata column {name!r}")
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def read_records_table(root: str, columns: list[str] | None = None, storage_options: dict | None = None,
+                       shards: list[str] | None = None) -> pa.Table:
+    """Arrow table of the metadata of committed shards (``shards`` narrows to those names)."""
+    fs, path = storage.get_fs(root, storage_options)
+    committed = list_committed_shards(root, storage_options) if shards is None else list(shards)
+    cols = list(columns) if columns is not None else None
+    if cols is not None:
+        unknown = [c for c in cols if c not in RECORD_FIELDS]
+        if unknown:
+            raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
+
+    def _read(shard: str) -> pa.Table:
+        data = fs.cat_file(storage.join(path, "meta", f"{shard}.parquet"))
+        pf = pq.ParquetFile(io.BytesIO(data))
+        present = set(pf.schema_arrow.names)
+        t = pf.read(columns=[c for c in cols if c in present] if cols is not None else None)
+        return _conform(t, cols)
+
+    if not committed:
+        return _conform(RECORD_SCHEMA.empty_table(), cols)
+    if len(committed) == 1:
+        tables = [_read(committed[0])]
+    else:
+        with cf.ThreadPoolExecutor(max_workers=min(16, len(committed))) as ex:
+            tables = list(ex.map(_read, committed))
+    return pa.concat_tables(tables)
+
+
+def read_records(root: str, columns: list[str] | None = None, storage_options: dict | None = None):
+    """pandas DataFrame of the metadata records (ok and error) of committed shards, in shard order.
+
+    Empty (with the schema's columns) when nothing is committed. Integer columns use pandas' nullable
+    integer dtypes so that 63-bit seeds stay exact."""
+    table = read_records_table(root, columns, storage_options)
+    return table.to_pandas(types_mapper=pandas_types_mapper())

@@ -1,0 +1,116 @@
+"""Issue 4: nothing lost. Worker crashes, a killed job, failing writes, resume checks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+import kbatch
+from kbatch.status import summarize
+
+from cli_helpers import env, kbatch as run_cli, write_job
+from conftest import tiny_config
+
+
+def _rows(n, prefix="r"):
+    return [{"id": f"{prefix}{i:03d}", "prompt": f"a picture of thing {i}"} for i in range(n)]
+
+
+def _once_each(df, ids):
+    ok = df[df.status == "ok"]
+    assert sorted(ok["id"]) == sorted(ids), "every row exactly once"
+    assert not ok.duplicated(["id", "image_index"]).any()
+
+
+def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path):
+    flag = tmp_path / "crashed"
+    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)})
+    res = kbatch.render(pd.DataFrame(_rows(10)), str(tmp_path / "out"), cfg)
+    assert flag.exists(), "the decoder really died once"
+    assert res.run.exit_code == 0 and res.run.complete
+    _once_each(res.df, [r["id"] for r in _rows(10)])
+
+
+def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path):
+    rows = _rows(6)
+    rows[3]["prompt"] = "CRASH"
+    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_on_prompt": "CRASH"},
+                      retries={"max_attempts": 2, "max_actor_restarts": 20})
+    res = kbatch.render(pd.DataFrame(rows), str(tmp_path / "out"), cfg)
+    df = res.df
+    assert res.run.complete and res.run.exit_code == 1  # failed rows above the tolerance of 0
+    bad = df[df.id == "r003"]
+    assert list(bad.status) == ["error"] and "decoder worker died" in bad.error.iloc[0]
+    assert "after 2 attempts" in bad.error.iloc[0]
+    _once_each(df, [r["id"] for r in rows if r["id"] != "r003"])
+
+
+def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, tmp_path):
+    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"fail_write_shard": 0})
+    path = write_job(tmp_path, cfg, _rows(6))
+    p = run_cli("run", path)
+    assert p.returncode == 3, p.stderr[-2000:]
+    s = summarize(str(tmp_path / "out"))
+    assert not s["complete"] and s["rows_missing"] > 0 and s["uncommitted_shards"] >= 1
+    assert all(".tmp-" not in f for _, _, fs in os.walk(tmp_path / "out") for f in fs)
+    done_before = set(kbatch.open_results(str(tmp_path / "out")).df["id"])
+    p = run_cli("run", path, "--set", "faults.fail_write_shard=null")
+    assert p.returncode == 0, p.stderr[-2000:]
+    df = kbatch.open_results(str(tmp_path / "out")).df
+    _once_each(df, [r["id"] for r in _rows(6)])
+    assert len(done_before) < 6
+
+
+def test_sigkill_whole_job_then_rerun(tiny_models, tmp_path):
+    n = 40
+    cfg = tiny_config(tiny_models, tmp_path / "out", output={"rows_per_shard": 2})
+    path = write_job(tmp_path, cfg, _rows(n))
+    proc = subprocess.Popen([sys.executable, "-m", "kbatch.cli", "run", path], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    commits = tmp_path / "out" / "_commits"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (commits.exists() and len(os.listdir(commits)) >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = summarize(str(tmp_path / "out"))
+    assert not s["complete"] and 0 < s["rows_done"] < n, s
+    p = run_cli("status", tmp_path / "out")
+    assert p.returncode == 3
+    p = run_cli("run", path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = kbatch.open_results(str(tmp_path / "out"))
+    _once_each(res.df, [r["id"] for r in _rows(n)])
+    assert res.df["run_id"].nunique() == 2  # the rerun rendered only what was missing
+    for rid in res.df["id"][:3]:
+        res.image(rid).load()
+    assert run_cli("status", tmp_path / "out").returncode == 0
+
+
+def test_resume_refuses_changed_config(tiny_models, tmp_path):
+    cfg = tiny_config(tiny_models, tmp_path / "out")
+    path = write_job(tmp_path, cfg, _rows(2))
+    assert run_cli("run", path).returncode == 0
+    p = run_cli("run", path, "--set", "seed=5")
+    assert p.returncode == 2 and "seed: 0 -> 5" in p.stderr, p.stderr
+    p = run_cli("run", path, "--set", "defaults.height=128")
+    assert p.returncode == 2 and "defaults.height" in p.stderr
+    p = run_cli("run", path, "--set", "seed=5", "--overwrite")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert set(kbatch.open_results(str(tmp_path / "out")).df["seed"]) != set()
+
+
+def test_config_errors_exit_2_before_models_load(tmp_path):
+    cfg = {"models": {"prior": str(tmp_path / "nope"), "decoder": str(tmp_path / "nope")},
+           "output": {"path": str(tmp_path / "out")}}
+    path = write_job(tmp_path, cfg, _rows(1))
+    for key, value, shown in [("models.dtype", "float8", "'float8'"), ("resources.decoder.batch_size", "0", "0"),
+                              ("defaults.height", "500", "500"), ("output.format", "zip", "'zip'"),
+                              ("defaults.guidance_scale", ".nan", "nan"), ("bogus.key", "1", "bogus")]:
+        p = run_cli("run", path, "--set", f"{key}={value}")
+        assert p.returncode == 2, (key, p.stderr)
+        assert key.split(".")[-1] in p.stderr and shown in p.stderr, p.stderr
+        assert not (tmp_path / "out").exists()
