@@ -48,17 +48,26 @@ def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, 
     _once_each(df, [r["id"] for r in rows if r["id"] != "r003"])
 
 
-def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, tmp_path):
+def cli(capsys, *args):
+    """``kbatch ARGS`` in this process (on the session's Ray): (exit code, stdout, stderr)."""
+    from kbatch.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, ray_session, tmp_path, capsys):
     cfg = tiny_config(tiny_models, tmp_path / "out", faults={"fail_write_shard": 0})
     path = write_job(tmp_path, cfg, _rows(6))
-    p = run_cli("run", path)
-    assert p.returncode == 3, p.stderr[-2000:]
+    code, _, err = cli(capsys, "run", path)
+    assert code == 3, err
     s = summarize(str(tmp_path / "out"))
     assert not s["complete"] and s["rows_missing"] > 0 and s["uncommitted_shards"] >= 1
     assert all(".tmp-" not in f for _, _, fs in os.walk(tmp_path / "out") for f in fs)
     done_before = set(kbatch.open_results(str(tmp_path / "out")).df["id"])
-    p = run_cli("run", path, "--set", "faults.fail_write_shard=null")
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, _, err = cli(capsys, "run", path, "--set", "faults.fail_write_shard=null")
+    assert code == 0, err
     df = kbatch.open_results(str(tmp_path / "out")).df
     _once_each(df, [r["id"] for r in _rows(6)])
     assert len(done_before) < 6
@@ -90,27 +99,34 @@ def test_sigkill_whole_job_then_rerun(tiny_models, tmp_path):
     assert run_cli("status", tmp_path / "out").returncode == 0
 
 
-def test_resume_refuses_changed_config(tiny_models, tmp_path):
+def test_resume_refuses_changed_config(tiny_models, ray_session, tmp_path, capsys):
     cfg = tiny_config(tiny_models, tmp_path / "out")
     path = write_job(tmp_path, cfg, _rows(2))
-    assert run_cli("run", path).returncode == 0
-    p = run_cli("run", path, "--set", "seed=5")
-    assert p.returncode == 2 and "seed: 0 -> 5" in p.stderr, p.stderr
-    p = run_cli("run", path, "--set", "defaults.height=128")
-    assert p.returncode == 2 and "defaults.height" in p.stderr
-    p = run_cli("run", path, "--set", "seed=5", "--overwrite")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert set(kbatch.open_results(str(tmp_path / "out")).df["seed"]) != set()
+    assert cli(capsys, "run", path)[0] == 0
+    seeds = set(kbatch.open_results(str(tmp_path / "out")).df["seed"])
+    code, _, err = cli(capsys, "run", path, "--set", "seed=5")
+    assert code == 2 and "seed: 0 -> 5" in err, err
+    code, _, err = cli(capsys, "run", path, "--set", "defaults.height=128")
+    assert code == 2 and "defaults.height" in err
+    changed = _rows(2)
+    changed[1]["prompt"] = "something else"
+    write_job(tmp_path, cfg, changed)
+    code, _, err = cli(capsys, "run", path)
+    assert code == 2 and "manifest rows changed" in err and "r001" in err, err
+    code, _, err = cli(capsys, "run", path, "--set", "seed=5", "--overwrite")
+    assert code == 0, err
+    df = kbatch.open_results(str(tmp_path / "out")).df
+    assert len(df) == 2 and set(df["seed"]).isdisjoint(seeds)
 
 
-def test_config_errors_exit_2_before_models_load(tmp_path):
+def test_config_errors_exit_2_before_models_load(tmp_path, capsys):
     cfg = {"models": {"prior": str(tmp_path / "nope"), "decoder": str(tmp_path / "nope")},
            "output": {"path": str(tmp_path / "out")}}
     path = write_job(tmp_path, cfg, _rows(1))
     for key, value, shown in [("models.dtype", "float8", "'float8'"), ("resources.decoder.batch_size", "0", "0"),
                               ("defaults.height", "500", "500"), ("output.format", "zip", "'zip'"),
                               ("defaults.guidance_scale", ".nan", "nan"), ("bogus.key", "1", "bogus")]:
-        p = run_cli("run", path, "--set", f"{key}={value}")
-        assert p.returncode == 2, (key, p.stderr)
-        assert key.split(".")[-1] in p.stderr and shown in p.stderr, p.stderr
+        code, _, err = cli(capsys, "run", path, "--set", f"{key}={value}")
+        assert code == 2, (key, err)
+        assert key.split(".")[-1] in err and shown in err, err
         assert not (tmp_path / "out").exists()

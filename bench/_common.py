@@ -1,0 +1,329 @@
+"""Shared pieces of the benchmarks: manifests, kbatch configs, the plain-diffusers baseline, RSS polling.
+
+Nothing here imports torch/diffusers at module level, so ``bench/cpu.py --help`` is instant.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # kbatch importable from the working tree (GPU machine: no pip install)
+    sys.path.insert(0, ROOT)
+
+SUBJECTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen, studio photo",
+            "an astronaut riding a horse", "a watercolor of a mountain lake", "a robot reading a book",
+            "a city street in the rain, neon", "a cat wearing a tiny hat", "sunflowers in a blue vase",
+            "a sailing ship on a stormy sea", "a cozy cabin in the woods", "a futuristic train station"]
+
+
+@dataclass
+class Workload:
+    rows: int = 256
+    height: int = 64
+    width: int = 64
+    steps: int = 10  # decoder
+    prior_steps: int = 5
+    guidance: float = 4.0
+    prior_guidance: float = 4.0
+    seed: int = 0
+
+    def defaults(self) -> dict:
+        return {"height": self.height, "width": self.width, "num_inference_steps": self.steps,
+                "guidance_scale": self.guidance, "prior_num_inference_steps": self.prior_steps,
+                "prior_guidance_scale": self.prior_guidance}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def prompts(n: int) -> list[str]:
+    return [f"{SUBJECTS[i % len(SUBJECTS)]}, variation {i}" for i in range(n)]
+
+
+def write_manifest(path: str, n: int) -> list[dict]:
+    """``n`` text2img rows (id, prompt) as Parquet; the job defaults carry size/steps/guidance."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [{"id": f"row-{i:06d}", "prompt": p} for i, p in enumerate(prompts(n))]
+    pq.write_table(pa.Table.from_pylist(recs), path)
+    return recs
+
+
+def row_seeds(recs: list[dict], job_seed: int) -> list[int]:
+    """The seeds kbatch derives for these rows (so the baseline renders the very same images)."""
+    from kbatch.schema import derive_seed
+
+    return [derive_seed(job_seed, r["id"]) for r in recs]
+
+
+def kbatch_config(models: dict, manifest: str, output: str, wl: Workload, *, dtype: str = "float32",
+                  device: str = "cpu", prior: dict | None = None, decoder: dict | None = None,
+                  io_cpus: float = 0.25, rows_per_shard: int = 64, max_in_flight: int = 2,
+                  gallery: bool = False, extra: dict | None = None) -> dict:
+    cfg = {
+        "models": {"prior": models["prior"], "decoder": models["decoder"], "inpaint": models["inpaint"],
+                   "dtype": dtype},
+        "manifest": manifest,
+        "output": {"path": output, "rows_per_shard": rows_per_shard, "gallery": gallery},
+        "seed": wl.seed,
+        "resources": {"prior": prior or {}, "decoder": decoder or {}, "device": device, "io_cpus": io_cpus,
+                      "max_in_flight": max_in_flight},
+        "defaults": wl.defaults(),
+        "progress": "off",
+    }
+    if extra:
+        from kbatch.config import deep_merge
+
+        cfg = deep_merge(cfg, extra)
+    return cfg
+
+
+def write_yaml(path: str, data: dict) -> str:
+    import yaml
+
+    with open(path, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return path
+
+
+def ray_env(tmp: str) -> dict:
+    """Environment for a ``kbatch run`` subprocess: no token auth, Ray files in ``tmp``, no usage stats."""
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ RSS
+
+
+def _group(title: str, name: str, pid: int, root_pid: int) -> str:
+    """Group label of a process: Ray's process title (``ray::PriorWorker.run`` -> ``ray::PriorWorker``)."""
+    if pid == root_pid:
+        return "driver (kbatch run)"
+    if title.startswith("ray::"):
+        t = title.split()[0]
+        head, _, method = t.partition(".")
+        return head
+    for key in ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor.py", "runtime_env", "agent"):
+        if key in title or key in name:
+            return key
+    return name or title[:40]
+
+
+@dataclass
+class ProcPeak:
+    group: str
+    peak_rss: int = 0
+    titles: set = field(default_factory=set)
+
+
+class RssPoller:
+    """Polls the RSS of a process tree every ``interval`` s; keeps each pid's peak and its Ray role.
+
+    A Ray worker's title changes with what it runs (``ray::IDLE`` -> ``ray::write_shard`` -> ``ray::IDLE``);
+    a pid is labelled by the first non-IDLE role seen. RSS counts shared pages (torch libs, object-store
+    mmap) in every process that touched them, so the sum over processes overstates the machine's use.
+    """
+
+    def __init__(self, root_pid: int, interval: float = 0.2):
+        import psutil
+
+        self.psutil = psutil
+        self.root_pid = root_pid
+        self.interval = interval
+        self.procs: dict[int, ProcPeak] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        ps = self.psutil
+        try:
+            root = ps.Process(self.root_pid)
+            tree = [root] + root.children(recursive=True)
+        except ps.Error:
+            return
+        for p in tree:
+            try:
+                with p.oneshot():
+                    rss = p.memory_info().rss
+                    cmd = p.cmdline()
+                    name = p.name()
+            except ps.Error:
+                continue
+            title = " ".join(cmd) if cmd else name
+            g = _group(title, name, p.pid, self.root_pid)
+            pp = self.procs.setdefault(p.pid, ProcPeak(g))
+            if pp.group in ("ray::IDLE",) and g != "ray::IDLE":
+                pp.group = g
+            if g.startswith("ray::"):
+                pp.titles.add(g)
+            pp.peak_rss = max(pp.peak_rss, rss)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def by_group(self) -> dict[str, tuple[int, int]]:
+        """group -> (process count, max peak RSS bytes over its processes)."""
+        out: dict[str, tuple[int, int]] = {}
+        for pp in self.procs.values():
+            n, m = out.get(pp.group, (0, 0))
+            out[pp.group] = (n + 1, max(m, pp.peak_rss))
+        return out
+
+
+def self_peak_rss() -> int:
+    """Peak RSS of this process in bytes (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Timed:
+    name: str
+    seconds: float
+    images: int
+    load_before: float = 0.0
+    load_after: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ips(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | None = None, poll: bool = True,
+               timeout: float = 900, log_path: str | None = None) -> tuple[float, int, "RssPoller | None", str]:
+    """``kbatch run CONFIG --output OUT --progress off`` as a subprocess, timed wall-clock (Python start,
+    imports, Ray start, model load, render, write, Ray shutdown). Returns (seconds, exit code, poller, log)."""
+    cmd = [sys.executable, "-m", "kbatch.cli", "run", config_path, "--output", output, "--progress", "off"]
+    for s in sets or []:
+        cmd += ["--set", s]
+    env = ray_env(tmp)
+    t0 = time.perf_counter()
+    with open(log_path or os.devnull, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+        poller = RssPoller(proc.pid) if poll else None
+        if poller:
+            poller.__enter__()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        finally:
+            if poller:
+                poller.__exit__(None, None, None)
+    seconds = time.perf_counter() - t0
+    text = open(log_path).read() if log_path else ""
+    return seconds, rc, poller, text
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "diffusers", "transformers", "ray"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = "missing"
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu})"
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def load_pipelines(models: dict, device: str = "cpu", dtype=None):
+    """Plain diffusers: ``KandinskyPriorPipeline`` + ``KandinskyPipeline`` from the model folders."""
+    import torch
+    from diffusers import KandinskyPipeline, KandinskyPriorPipeline
+
+    dtype = dtype or torch.float32
+    prior = KandinskyPriorPipeline.from_pretrained(models["prior"], torch_dtype=dtype, use_safetensors=True)
+    decoder = KandinskyPipeline.from_pretrained(models["decoder"], torch_dtype=dtype, use_safetensors=True)
+    prior.set_progress_bar_config(disable=True)
+    decoder.set_progress_bar_config(disable=True)
+    return prior.to(device), decoder.to(device)
+
+
+def diffusers_batches(prior, decoder, texts: list[str], seeds: list[int], wl: Workload, batch: int,
+                      out_dir: str | None, sync=None) -> int:
+    """The plain loop: per batch one prior call and one decoder call with one generator per row (the
+    same per-row generator handed from prior to decoder, as KandinskyCombinedPipeline does), PIL out,
+    PNGs saved to ``out_dir``. Returns the number of images."""
+    import torch
+
+    n = 0
+    for s in range(0, len(texts), batch):
+        p, sd = texts[s:s + batch], seeds[s:s + batch]
+        gens = [torch.Generator("cpu").manual_seed(x) for x in sd]
+        with torch.inference_mode():
+            pr = prior(prompt=p, num_inference_steps=wl.prior_steps, guidance_scale=wl.prior_guidance,
+                       generator=gens, output_type="pt")
+            images = decoder(prompt=p, image_embeds=pr.image_embeds,
+                             negative_image_embeds=pr.negative_image_embeds, height=wl.height, width=wl.width,
+                             num_inference_steps=wl.steps, guidance_scale=wl.guidance, generator=gens,
+                             output_type="pil").images
+        if sync:
+            sync()
+        if out_dir:
+            for k, img in enumerate(images):
+                img.save(os.path.join(out_dir, f"{s + k:06d}.png"))
+        n += len(images)
+    return n
+
+
+def quiet_libs():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
