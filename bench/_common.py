@@ -281,8 +281,8 @@ def load_pipelines(models: dict, device: str = "cpu", dtype=None):
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
 
     dtype = dtype or torch.float32
-    prior = KandinskyPriorPipeline.from_pretrained(models["prior"], torch_dtype=dtype, use_safetensors=True)
-    decoder = KandinskyPipeline.from_pretrained(models["decoder"], torch_dtype=dtype, use_safetensors=True)
+    prior = KandinskyPriorPipeline.from_pretrained(models["prior"], dtype=dtype, use_safetensors=True)
+    decoder = KandinskyPipeline.from_pretrained(models["decoder"], dtype=dtype, use_safetensors=True)
     prior.set_progress_bar_config(disable=True)
     decoder.set_progress_bar_config(disable=True)
     return prior.to(device), decoder.to(device)

@@ -44,6 +44,22 @@ class DecoderFaults:
             os._exit(1)
 
 
+class _HeightWidthFix:
+    """diffusers' KandinskyImg2ImgPipeline calls ``image_processor.preprocess(image, width, height)`` against
+    the signature ``(image, height, width)``: square sizes are unaffected, other sizes fail with a latents
+    shape error. This passes the two back in the right order, so img2img works at any size and equals
+    diffusers wherever diffusers works."""
+
+    def __init__(self, processor):
+        self._processor = processor
+
+    def preprocess(self, image, width, height, **kw):
+        return self._processor.preprocess(image, height=height, width=width, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+
 class DecoderPredictor:
     def __init__(self, model: str, inpaint_model: str | None = None, *, device: str = "auto",
                  dtype: str = "float32", scheduler: str = "ddim", offload: bool = False, threads: int = 0,
@@ -67,6 +83,7 @@ class DecoderPredictor:
             from diffusers import KandinskyImg2ImgPipeline
 
             self._img2img = KandinskyImg2ImgPipeline(**self.pipe.components)
+            self._img2img.image_processor = _HeightWidthFix(self._img2img.image_processor)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 

@@ -94,6 +94,18 @@ def _string_like(t: pa.DataType) -> bool:
         hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
 
 
+def _split_image_columns(tables: list[pa.Table]) -> list[pa.Table]:
+    """Files may hold ``init_image`` / ``mask`` as bytes in one and URIs in another; Arrow would turn the
+    URIs into bytes when joining them. String columns then move to ``init_image_uri`` / ``mask_uri``."""
+    for col in ("init_image", "mask"):
+        types = {t.schema.field(col).type for t in tables if col in t.column_names}
+        if len(types) > 1:
+            tables = [t.rename_columns([f"{c}_uri" if c == col and (pa.types.is_string(t.schema.field(c).type)
+                                        or pa.types.is_large_string(t.schema.field(c).type)) else c
+                                        for c in t.column_names]) for t in tables]
+    return tables
+
+
 def read_manifest(uri: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
     """Read a manifest: returns ``(table, base_uri)``.
 
@@ -115,6 +127,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> tuple[pa.Tab
             raise ManifestError(f"manifest file {shown!r} not found") from None
         except (pa.ArrowException, OSError, ValueError) as e:
             raise ManifestError(f"manifest file {shown!r} is not a valid Parquet file: {e}") from None
+    tables = _split_image_columns(tables)
     try:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowException, TypeError, ValueError) as e:

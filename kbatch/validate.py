@@ -281,13 +281,13 @@ def _validate_row(r: dict, index: int, cfg, base_uri: str, seen: dict[str, int],
     init_image = mask = None
     mix: list[MixItem] = []
     if mode in ("img2img", "inpaint"):
-        v = r.get("init_image")
+        v = _cell(r, "init_image")
         if v is None:
             probs.add("init_image", v, f"is required for mode {mode!r}")
         else:
             init_image = _image_ref(v, "init_image", base_uri, limits, probs)
     if mode == "inpaint":
-        v = r.get("mask")
+        v = _cell(r, "mask")
         if v is None:
             probs.add("mask", v, "is required for mode 'inpaint' (white = repaint, black = keep)")
         else:
@@ -346,6 +346,12 @@ def validate_indexed(table: pa.Table, cfg: "JobConfig", base_uri: str,
                 errors.append(err)
             index += 1
     return rows, errors
+
+
+def _cell(r: dict, col: str):
+    """An image cell: ``col`` (bytes or URI), else ``col_uri`` (a URI column beside a bytes column)."""
+    v = r.get(col)
+    return v if v is not None else r.get(f"{col}_uri")
 
 
 def validate_table(table: pa.Table, cfg: "JobConfig", base_uri: str) -> tuple[list[Row], list[RowError]]:

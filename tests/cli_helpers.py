@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tempfile
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -27,7 +28,7 @@ def write_job(folder, cfg: dict, rows: list[dict]):
     """Write manifest.parquet and job.yaml into folder; return the config path."""
     os.makedirs(folder, exist_ok=True)
     manifest = os.path.join(folder, "manifest.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), manifest)
     cfg = {**cfg, "manifest": manifest}
     path = os.path.join(folder, "job.yaml")
     with open(path, "w") as fh:

@@ -32,12 +32,12 @@ def ray_session():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tiny_config(models, out_path, **over):
+def tiny_config(model_dirs, out_path, **over):
     """A job config for the tiny models: 64x64, few steps, CPU-sized resources."""
     from kbatch.config import deep_merge
 
     base = {
-        "models": {**models, "dtype": "float32"},
+        "models": {**model_dirs, "dtype": "float32"},
         "output": {"path": str(out_path), "rows_per_shard": 4, "gallery": False},
         "seed": 0,
         "resources": {"prior": {"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 4},
