@@ -222,7 +222,11 @@ def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | Non
                timeout: float = 900, log_path: str | None = None) -> tuple[float, int, "RssPoller | None", str]:
     """``kbatch run CONFIG --output OUT --progress off`` as a subprocess, timed wall-clock (Python start,
     imports, Ray start, model load, render, write, Ray shutdown). Returns (seconds, exit code, poller, log)."""
-    cmd = [sys.executable, "-m", "kbatch.cli", "run", config_path, "--output", output, "--progress", "off"]
+    import shutil
+
+    exe = shutil.which("kbatch")  # the console script, as a user runs it; else the module (GPU machine)
+    cmd = ([exe] if exe else [sys.executable, "-m", "kbatch.cli"]) + [
+        "run", config_path, "--output", output, "--progress", "off"]
     for s in sets or []:
         cmd += ["--set", s]
     env = ray_env(tmp)
