@@ -122,17 +122,35 @@ class Runner:
         """Read + validate the manifest and the output's state. Loads no model. Raises ConfigError."""
         from . import storage
         from .manifest import read_manifest
-        from .validate import validate_table
+        from .validate import validate_indexed
         from .writer import read_records
 
         cfg = self.cfg
+        self.stored_priors = {}
         if self.table is not None:
             table, base_uri = self.table, os.getcwd()
         elif not cfg.manifest:
             raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
+        elif cfg.stage == "decoder":
+            table, base_uri = self._embeddings_manifest()
         else:
             table, base_uri = read_manifest(cfg.manifest)
-        rows, row_errors = validate_table(table, cfg, base_uri)
+        self.base_uri = base_uri
+        indexed, row_errors = validate_indexed(table, cfg, base_uri)
+        rows = [r for _, r in indexed]
+        if cfg.stage == "decoder":
+            for r in rows:
+                if r.id in self.interpolated:
+                    r.mode = "interpolate"
+                    r.row_hash = r.fingerprint()
+        self.raw = {}
+        if cfg.stage == "prior":
+            from .embeddings import cells
+
+            names = [n for n in table.column_names if n in ("height", "width", "num_inference_steps",
+                                                             "guidance_scale", "strength")]
+            sub = table.select(names).to_pylist() if names else [{}] * table.num_rows
+            self.raw = {r.id: cells(r, sub[i]) for i, r in indexed}
         self.total = len(rows) + len(row_errors)
         if self.overwrite:
             storage.remove_tree(self.output)
@@ -155,6 +173,23 @@ class Runner:
         self.previous = previous
         return self
 
+    def _embeddings_manifest(self):
+        """stage: decoder reads the embeddings a stage: prior job wrote (its manifest's base for URIs)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from . import storage
+        from .embeddings import read_embeddings
+
+        table, self.stored_priors = read_embeddings(self.cfg.manifest)
+        prior_job = storage.read_json(self.cfg.manifest, JOB_FILE) or {}
+        mode = table.column("mode")
+        self.interpolated = set(table.filter(pc.equal(mode, "interpolate")).column("id").to_pylist())
+        # interpolate rows decode like text2img (their mix was used up by the prior)
+        table = table.set_column(table.schema.get_field_index("mode"), "mode",
+                                 pc.if_else(pc.equal(mode, "interpolate"), pa.scalar("text2img"), mode))
+        return table, prior_job.get("manifest_base") or self.cfg.manifest
+
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> RunResult:
         import ray
@@ -167,12 +202,12 @@ class Runner:
         storage.remove(self.output, SUCCESS_FILE)
         job = {"output": self.output, "run_id": self.run_id, "status": "running", "started": now_iso(),
                "fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "config": cfg.to_dict(),
-               "manifest": cfg.manifest, "total_rows": self.total, "versions": versions(),
+               "manifest": cfg.manifest, "manifest_base": self.base_uri, "total_rows": self.total, "versions": versions(),
                "models": {"prior": cfg.models.prior, "decoder": cfg.models.decoder, "inpaint": cfg.models.inpaint},
                "runs": (self.previous or {}).get("runs", []) + [self.run_id]}
         storage.write_json_atomic(self.output, JOB_FILE, job)
-        self.spec = OutputSpec(root=self.output, format=cfg.output.format, image_format=cfg.output.image_format,
-                               quality=cfg.output.quality)
+        self.spec = OutputSpec(root=self.output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
+                               image_format=cfg.output.image_format, quality=cfg.output.quality)
         self.bases = {r.id: base_record(r, cfg, self.run_id) for r in self.rows}
         self.stats = defaultdict(float)
         self.failed_by_reason: dict[str, int] = defaultdict(int)
@@ -200,7 +235,7 @@ class Runner:
                    finished=now_iso(), result=dataclasses.asdict(result))
         storage.write_json_atomic(self.output, JOB_FILE, job)
         if complete:
-            if cfg.output.gallery:
+            if cfg.output.gallery and cfg.stage != "prior":
                 try:
                     from .gallery import write_gallery
 
@@ -233,16 +268,31 @@ class Runner:
         PriorA, DecoderA, self.loader, self.writer = remote_classes(cfg, prior_gpus, decoder_gpus)
         need_inpaint = any(r.mode == "inpaint" for r in self.rows)
         rows = sort_rows(self.rows)
-        self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if rows else []
-        self.decoders = [DecoderA.remote(cfg, need_inpaint) for _ in range(res.decoder.replicas)] if rows else []
+        run_prior = bool(rows) and cfg.stage != "decoder"
+        run_decoder = bool(rows) and cfg.stage != "prior"
+        self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
+        self.decoders = [DecoderA.remote(cfg, need_inpaint) for _ in range(res.decoder.replicas)] if run_decoder else []
+        self.embedding_writer = None
+        if cfg.stage == "prior":
+            from .embeddings import write_embeddings_shard
+
+            self.embedding_writer = ray.remote(write_embeddings_shard).options(num_cpus=res.io_cpus, max_retries=2)
         self.crashes: dict = defaultdict(int)
-        self.load_q: deque[Unit] = deque(Unit(c) for c in chunk(rows, Row.prior_key, res.prior.batch_size))
+        self.load_q: deque[Unit] = deque()
+        if cfg.stage != "decoder":
+            self.load_q.extend(Unit(c) for c in chunk(rows, Row.prior_key, res.prior.batch_size))
         self.prior_q: deque[Unit] = deque()
         self.decoder_q: deque[Unit] = deque()
         self.waiting: dict[tuple, list] = defaultdict(list)  # decoder key -> [(row, prior_out, inputs refs)]
         self.before_decoder = defaultdict(int)  # decoder key -> rows not yet through the prior
         for r in rows:
             self.before_decoder[r.decoder_key()] += 1
+        self.shard_prior: list = []  # stage prior: PriorOutputs waiting for an embeddings shard
+        if cfg.stage == "decoder":  # the prior ran in an earlier job
+            self.load_q.extend(Unit(c) for c in chunk(rows, Row.decoder_key, res.decoder.batch_size)
+                               if any(_needs_inputs(r) for r in c))
+            loading = {r.id for u in self.load_q for r in u.rows}
+            self._prior_done([r for r in rows if r.id not in loading], [], stored=True)
         self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
         self.load = {a: 0 for a in self.priors + self.decoders}
         self.shard_ok: list = []  # (rows, payload ref)
@@ -276,8 +326,7 @@ class Runner:
         cfg = self.cfg
         while self.load_q:  # input decoding runs ahead on CPU tasks
             unit = self.load_q.popleft()
-            needy = [r for r in unit.rows if r.init_image is not None or r.mask is not None
-                     or any(it.image is not None or it.image_uri is not None for it in r.mix)]
+            needy = [r for r in unit.rows if _needs_inputs(r)]
             if needy:
                 err_ref, inputs_ref = self.loader.remote(needy, cfg.limits)
                 unit.inputs = [inputs_ref]
@@ -330,14 +379,14 @@ class Runner:
                 if r.id in errors:
                     self._fail(r, errors[r.id], before_decoder=True)
             unit.rows = [r for r in unit.rows if r.id not in errors]
-            if unit.rows:
+            if unit.rows and self.cfg.stage == "decoder":
+                self._prior_done(unit.rows, unit.inputs, stored=True)
+            elif unit.rows:
                 self.prior_q.append(unit)
         elif kind == "prior":
             outputs, seconds = value
             self.stats["prior_seconds"] += seconds
-            for r, out in zip(unit.rows, outputs):
-                self.before_decoder[r.decoder_key()] -= 1
-                self.waiting[r.decoder_key()].append((r, out, unit.inputs))
+            self._prior_done(unit.rows, unit.inputs, outputs)
         elif kind == "decoder":
             self.stats["decoder_seconds"] += value
             self.shard_ok.append((unit.rows, extra))
@@ -351,6 +400,19 @@ class Runner:
             self.images += n_images
             self.stats["write_seconds"] += getattr(value, "seconds", 0.0)
             self.progress.update(rows_ok + rows_err, self.images)
+
+    def _prior_done(self, rows, inputs, outputs=None, stored=False):
+        if stored:
+            outputs = [self.stored_priors[r.id] for r in rows]
+        if self.cfg.stage == "prior":
+            self.shard_prior += list(zip(rows, outputs))
+            self.shard_rows += len(rows)
+            if self.shard_rows >= self.cfg.output.rows_per_shard:
+                self._flush()
+            return
+        for r, out in zip(rows, outputs):
+            self.before_decoder[r.decoder_key()] -= 1
+            self.waiting[r.decoder_key()].append((r, out, inputs))
 
     def _retry(self, kind, unit: Unit, message: str, crash: bool):
         """Split a failing batch to find the guilty row; bound the attempts of a row that kills workers."""
@@ -401,12 +463,23 @@ class Runner:
         fail = self.cfg.faults.fail_write_shard
         spec = dataclasses.replace(self.spec, fail_after_data=fail is not None and fail == self.shard_seq)
         self.shard_seq += 1
-        ok_rows = [r for rows, _ in self.shard_ok for r in rows]
-        bases = {r.id: self.bases[r.id] for r in ok_rows}
-        ref = self.writer.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
+        if self.cfg.stage == "prior":
+            ok_rows = [r for r, _ in self.shard_prior]
+            ref = self.embedding_writer.remote(spec, shard, {r.id: self.bases[r.id] for r in ok_rows},
+                                               {r.id: self.raw[r.id] for r in ok_rows},
+                                               [o for _, o in self.shard_prior], self.shard_err)
+        else:
+            ok_rows = [r for rows, _ in self.shard_ok for r in rows]
+            bases = {r.id: self.bases[r.id] for r in ok_rows}
+            ref = self.writer.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
         self.inflight[ref] = ("write", None, None, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
-        self.shard_ok, self.shard_err, self.shard_rows = [], [], 0
+        self.shard_ok, self.shard_err, self.shard_prior, self.shard_rows = [], [], [], 0
         self.shard_started = time.monotonic()
+
+
+def _needs_inputs(r: Row) -> bool:
+    return (r.init_image is not None or r.mask is not None
+            or any(it.image is not None or it.image_uri is not None for it in r.mix))
 
 
 def _str(v):

@@ -39,7 +39,7 @@ from . import storage
 from .schema import RECORD_FIELDS, RECORD_SCHEMA, record_key
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-FORMATS = ("files", "webdataset", "parquet")
+FORMATS = ("files", "webdataset", "parquet", "embeddings")  # embeddings: stage prior
 SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_~-]{0,299}$")
 PARQUET_IMAGE_ROW_GROUP = 32  # rows per row group of data/<shard>.parquet: random access reads one group
@@ -308,6 +308,14 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     if spec.fail_after_data:
         raise RuntimeError("injected write failure")
 
+    return commit_shard(spec, shard, records, files, nbytes, t0, n_ok=len(ok_idx))
+
+def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[str], nbytes: int, t0: float,
+                 n_ok: int) -> ShardStats:
+    """After a shard's data objects: its metadata (all records), stats and, last, the commit record."""
+    fs, root = storage.get_fs(spec.root, spec.storage_options)
+    commit_path = storage.join(root, "_commits", f"{shard}.json")
+    files = list(files)
     # 4. metadata (all records) and stats
     by_reason: dict[str, int] = {}
     for rec in records:
@@ -318,8 +326,8 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     nbytes += storage.write_bytes_atomic(fs, storage.join(root, meta_rel),
                                          _parquet_bytes(records_table(records), compression="zstd"))
     files.append(meta_rel)
-    n_err = len(records) - len(ok_idx)
-    stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=len(ok_idx), errors=n_err,
+    n_err = len(records) - n_ok
+    stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=n_ok, errors=n_err,
                        errors_by_reason=by_reason, seconds=0.0, bytes=0)
     stats_rel = f"stats/{shard}.json"
     stats_blob = storage.dumps_json(stats.to_dict())  # size estimate for the bytes count

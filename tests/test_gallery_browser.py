@@ -43,7 +43,8 @@ CHECK_SCRIPT = """
 <script id="kbatch-check">
 window.addEventListener('load', async () => {
   const imgs = [...document.querySelectorAll('.kbatch-gallery img')].map(i => (
-    {alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}));
+    {alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight, src: i.src,
+     rect: (r => [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height])(i.getBoundingClientRect())}));
   const links = await Promise.all([...document.querySelectorAll('a[href]')].map(a => new Promise(done => {
     const im = new Image();
     im.onload = () => done({href: a.getAttribute('href'), url: a.href, ok: true, w: im.naturalWidth});
@@ -111,19 +112,30 @@ def gallery(request, tmp_path_factory):
     return root, out["html"]
 
 
-def test_page_loads_thumbnails_decode_and_links_resolve(gallery, tmp_path):
+WINDOW = ["--window-size=1000,700", "--force-device-scale-factor=1"]
+
+
+@pytest.fixture(scope="module")
+def browser(gallery, tmp_path_factory):
+    """What the page looks like to Chromium: the check script's JSON from the dumped DOM."""
     root, page = gallery
+    tmp = tmp_path_factory.mktemp("chromium")
     text = open(page, encoding="utf-8").read()
     assert "</body>" in text
     check = root / "_browser_check.html"  # same folder: the same relative links
     check.write_text(text.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
     try:
-        p = _run_chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", check.as_uri())
+        p = _run_chromium(tmp, *WINDOW, "--virtual-time-budget=10000", "--dump-dom", check.as_uri())
     finally:
         check.unlink()
     m = re.search(r'<pre id="kbatch-result">(.*?)</pre>', p.stdout, re.S)
     assert m, f"the check script did not run; dom:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-2000:]}"
-    got = json.loads(html.unescape(m.group(1)))
+    return json.loads(html.unescape(m.group(1)))
+
+
+def test_page_loads_thumbnails_decode_and_links_resolve(gallery, browser):
+    root, _ = gallery
+    got = browser
     # loads, and user text stayed text: no injected script ran or was added
     assert got["title"].startswith("kbatch gallery:") and "pwned" not in got["title"]
     assert got["scripts"] == 1, "only the check script: the page has none, the prompts added none"
@@ -154,16 +166,30 @@ def test_links_are_files_in_the_output(gallery):
         Image.open(path).verify()
 
 
-def test_screenshot_shows_thumbnails(gallery, tmp_path):
+def _data_uri_image(src):
+    import base64
+    import io
+
+    head, _, data = src.partition(",")
+    assert head == "data:image/jpeg;base64", head[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=np.int16)
+
+
+def test_screenshot_shows_thumbnails(gallery, browser, tmp_path):
+    """A screenshot of the page itself shows each thumbnail where the browser laid it out."""
     _, page = gallery
     shot = tmp_path / "shot.png"
-    _run_chromium(tmp_path, "--window-size=1000,700", "--virtual-time-budget=5000", f"--screenshot={shot}",
+    _run_chromium(tmp_path, *WINDOW, "--virtual-time-budget=5000", f"--screenshot={shot}",
                   "file://" + urllib.parse.quote(page))
-    img = np.asarray(Image.open(shot).convert("RGB"))
+    img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert img.shape[:2] == (700, 1000)
-    # The page is text on a light background; the thumbnails are random noise: many distinct colours and a
-    # good number of dark/saturated pixels only if they were painted.
-    colours = len(np.unique(img.reshape(-1, 3), axis=0))
-    spread = img.max(axis=2).astype(int) - img.min(axis=2)
-    assert colours > 3000, f"only {colours} colours: thumbnails not painted"
-    assert (spread > 80).sum() > 4 * 64 * 64 * 0.3, "too few saturated pixels: thumbnails not painted"
+    thumbs = [_data_uri_image(i["src"]) for i in browser["imgs"]]
+    for k, (info, thumb) in enumerate(zip(browser["imgs"], thumbs)):
+        x, y, w, h = (int(round(v)) for v in info["rect"])
+        assert (w, h) == (thumb.shape[1], thumb.shape[0]), info["rect"]
+        assert y + h <= img.shape[0] and x + w <= img.shape[1], "thumbnail below the fold"
+        crop = img[y:y + h, x:x + w]
+        d = np.abs(crop - thumb).mean()
+        other = np.abs(crop - thumbs[(k + 1) % len(thumbs)]).mean()
+        assert d < 8, f"thumbnail {info['alt']!r}: the screenshot differs by {d:.1f} on average"
+        assert other > 4 * d + 10, "the comparison tells thumbnails apart"

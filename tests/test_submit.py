@@ -122,6 +122,71 @@ def test_submit_config_error_raises_before_submitting():
         kbatch.submit({"output": {"path": "/tmp/x", "format": "zip"}}, address="http://127.0.0.1:9")
 
 
+class _FakeClient:
+    """Stands in for JobSubmissionClient: records what submit() sends."""
+
+    submitted: list = []
+
+    def __init__(self, address=None):
+        self.address = address
+
+    def submit_job(self, **kw):
+        _FakeClient.submitted.append({"address": self.address, **kw})
+        return "raysubmit_fake"
+
+
+def _decoded_config(entrypoint):
+    import base64
+
+    import yaml
+
+    blob = entrypoint.split("--config-b64 ", 1)[1].split()[0]
+    return yaml.safe_load(base64.b64decode(blob))
+
+
+def test_submit_builds_the_job(tiny_models, tmp_path, monkeypatch):
+    """What travels to the cluster: the resolved config inline, local paths absolute, the project folder as
+    working_dir without outputs and junk; an installed package ships as py_modules instead."""
+    import ray.job_submission
+
+    import kbatch.api as api
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    monkeypatch.chdir(tmp_path)
+    _FakeClient.submitted.clear()
+    cfg = tiny_config(tiny_models, "out/x")
+    h = kbatch.submit(cfg, manifest="in/*.parquet", sets=["defaults.height=128"], env_vars={"HF_HOME": "/cache"})
+    sent = _FakeClient.submitted[-1]
+    assert sent["address"] == "http://10.0.0.1:8265" and h.job_id == "raysubmit_fake"
+    assert sent["entrypoint"].startswith("python jobs/render.py --config-b64 ")
+    data = _decoded_config(sent["entrypoint"])
+    assert data["output"]["path"] == str(tmp_path / "out" / "x") == h.output
+    assert data["manifest"] == str(tmp_path / "in" / "*.parquet")
+    assert data["defaults"]["height"] == 128 and data["models"]["prior"] == tiny_models["prior"]
+    env = sent["runtime_env"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(api.__file__)))
+    assert env["working_dir"] == root and os.path.isfile(os.path.join(root, "jobs", "render.py"))
+    assert {".git", "out", "*.egg-info", "__pycache__"} <= set(env["excludes"])
+    assert env["env_vars"] == {"HF_HOME": "/cache"}
+    # an output folder inside the project is not uploaded with it
+    kbatch.submit(cfg, address="http://h:8265", output=os.path.join(root, "renders", "nightly"))
+    assert "/renders/nightly" in _FakeClient.submitted[-1]["runtime_env"]["excludes"]
+    # object-store URIs and hub ids are left alone
+    kbatch.submit(cfg, address="http://h:8265", output="s3://b/renders", manifest="s3://b/m.parquet",
+                  models={"decoder": "kandinsky-community/kandinsky-2-1"})
+    data = _decoded_config(_FakeClient.submitted[-1]["entrypoint"])
+    assert data["output"]["path"] == "s3://b/renders" and data["manifest"] == "s3://b/m.parquet"
+    assert data["models"]["decoder"] == "kandinsky-community/kandinsky-2-1"
+    # an installed (non-checkout) kbatch ships the package and runs the module
+    monkeypatch.setattr(api, "_project_root", lambda: None)
+    kbatch.submit(cfg, address="http://h:8265")
+    sent = _FakeClient.submitted[-1]
+    assert sent["entrypoint"].startswith("python -m kbatch.cli job --config-b64 ")
+    assert sent["runtime_env"]["py_modules"] == [os.path.dirname(os.path.abspath(api.__file__))]
+    assert "working_dir" not in sent["runtime_env"]
+
+
 def test_submit_runs_on_the_cluster(ray_head, tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

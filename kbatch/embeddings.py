@@ -1,0 +1,101 @@
+"""Prior embeddings as data: a ``stage: prior`` job writes them, a ``stage: decoder`` job renders from them.
+
+An embeddings output is a normal kbatch output location (commit records, ``meta/``, ``_job.json``) whose
+data objects are ``embeddings/<shard>.parquet``: per row, the request as the prior saw it (seed, num_images,
+negative prompt and prior parameters resolved; decoder parameters as the manifest gave them, null = the
+decoding job's defaults), the embedding pairs, and the generator state after the prior. Decoding them gives
+the same pixels as one job doing both stages, with any decoder settings the decoding job chooses.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .prior import PriorOutput
+from .schema import Row, record_key
+
+CELL_FIELDS = [("id", pa.string()), ("prompt", pa.string()), ("mode", pa.string()),
+               ("negative_prompt", pa.string()), ("seed", pa.int64()), ("num_images", pa.int64()),
+               ("prior_num_inference_steps", pa.int64()), ("prior_guidance_scale", pa.float64()),
+               ("height", pa.int64()), ("width", pa.int64()), ("num_inference_steps", pa.int64()),
+               ("guidance_scale", pa.float64()), ("strength", pa.float64()),
+               ("init_image", pa.binary()), ("init_image_uri", pa.string()),
+               ("mask", pa.binary()), ("mask_uri", pa.string())]
+EMBED_SCHEMA = pa.schema(CELL_FIELDS + [
+    ("image_embeds", pa.list_(pa.float32())), ("negative_image_embeds", pa.list_(pa.float32())),
+    ("embed_dim", pa.int32()), ("generator_state", pa.binary()), ("prior_worker", pa.string())])
+DECODER_CELLS = ("height", "width", "num_inference_steps", "guidance_scale", "strength")
+
+
+def cells(row: Row, raw: dict) -> dict:
+    """The row as the decoding job will see it: prior side resolved, decoder side as in the manifest."""
+    out = {"id": row.id, "prompt": row.prompt, "mode": row.mode, "negative_prompt": row.negative_prompt,
+           "seed": row.seed, "num_images": row.num_images,
+           "prior_num_inference_steps": row.prior_num_inference_steps,
+           "prior_guidance_scale": row.prior_guidance_scale}
+    for k in DECODER_CELLS:
+        v = raw.get(k)
+        out[k] = None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+    for k in ("init_image", "mask"):
+        v = getattr(row, k)
+        out[k] = v if isinstance(v, bytes) else None
+        out[f"{k}_uri"] = v if isinstance(v, str) else None
+    return out
+
+
+def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: dict[str, dict],
+                           outputs: list[PriorOutput], error_records: list[dict]):
+    """CPU task: ``embeddings/<shard>.parquet``, then metadata, stats and the commit record."""
+    from .writer import commit_shard
+
+    t0 = time.time()
+    fs, root = storage.get_fs(spec.root, spec.storage_options)
+    data = [{**row_cells[o.id], "image_embeds": o.image_embeds.reshape(-1).tolist(),
+             "negative_image_embeds": o.negative_image_embeds.reshape(-1).tolist(),
+             "embed_dim": int(o.image_embeds.shape[-1]), "generator_state": o.generator_state,
+             "prior_worker": o.prior_worker} for o in outputs]
+    rel = f"embeddings/{shard}.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(data, schema=EMBED_SCHEMA), buf, compression="zstd")
+    nbytes = storage.write_bytes_atomic(fs, storage.join(root, rel), buf.getvalue())
+    records = []
+    for o in outputs:
+        for i in range(o.image_embeds.shape[0]):
+            records.append({**bases[o.id], "image_index": i, "status": "ok", "error": None,
+                            "key": record_key(o.id, i), "path": f"{rel}#{o.id}", "shard": shard,
+                            "image_format": "embeddings", "prior_worker": o.prior_worker})
+    for rec in error_records:
+        records.append({**rec, "shard": shard, "key": record_key(rec["id"], -1)})
+    if spec.fail_after_data:
+        raise RuntimeError("injected write failure")
+    return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records))
+
+
+def read_embeddings(uri: str) -> tuple[pa.Table, dict[str, PriorOutput]]:
+    """The committed rows of an embeddings output: (cells table for validation, prior outputs by id)."""
+    from .writer import list_committed_shards
+
+    fs, root = storage.get_fs(uri)
+    shards = list_committed_shards(uri)
+    tables = []
+    for shard in shards:
+        path = storage.join(root, "embeddings", f"{shard}.parquet")
+        if fs.exists(path):
+            with fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
+    if not tables:
+        raise ValueError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")
+    table = pa.concat_tables(tables)
+    outputs = {}
+    for r in table.select(["id", "num_images", "image_embeds", "negative_image_embeds", "embed_dim",
+                           "generator_state", "prior_worker"]).to_pylist():
+        shape = (r["num_images"], r["embed_dim"])
+        outputs[r["id"]] = PriorOutput(r["id"], np.asarray(r["image_embeds"], np.float32).reshape(shape),
+                                       np.asarray(r["negative_image_embeds"], np.float32).reshape(shape),
+                                       r["generator_state"], r["prior_worker"])
+    return table.select([name for name, _ in CELL_FIELDS]), outputs
