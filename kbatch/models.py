@@ -6,6 +6,7 @@ real ``kandinsky-community`` weights and for the tiny offline folders of ``kbatc
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ def quiet():
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # diffusers' rename notice, per load
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     tlog.disable_progress_bar()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
