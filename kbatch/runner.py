@@ -294,6 +294,9 @@ class Runner:
             loading = {r.id for u in self.load_q for r in u.rows}
             self._prior_done([r for r in rows if r.id not in loading], [], stored=True)
         self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
+        self.on_actor: dict = defaultdict(dict)  # actor -> {ref: submission number}, FIFO per actor
+        self.collateral: set = set()  # refs queued behind a batch that killed their actor
+        self.seq = 0
         self.load = {a: 0 for a in self.priors + self.decoders}
         self.shard_ok: list = []  # (rows, payload ref)
         self.shard_err: list[dict] = []
@@ -346,6 +349,8 @@ class Runner:
     def _track(self, ref, kind, unit, actor, extra=None):
         self.inflight[ref] = (kind, unit, actor, extra)
         self.load[actor] += 1
+        self.seq += 1
+        self.on_actor[actor][ref] = self.seq
 
     def _form_decoder_batches(self):
         limit = self.cfg.resources.decoder.batch_size
@@ -362,12 +367,21 @@ class Runner:
 
     def _complete(self, ray, ref):
         kind, unit, actor, extra = self.inflight.pop(ref)
+        queued = self.on_actor[actor] if actor is not None else {}
+        oldest = min(queued.values()) if queued else None
+        seq = queued.pop(ref, None)
         if actor is not None:
             self.load[actor] -= 1
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as e:
+            # An actor runs its batches in order: the oldest one in flight killed it; the ones queued
+            # behind it die with it and are resubmitted without counting an attempt.
+            if ref in self.collateral or (seq is not None and seq != oldest):
+                self.collateral.discard(ref)
+                return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)
             self.crashes[actor] += 1
+            self.collateral.update(queued)
             return self._retry(kind, unit, f"{kind} worker died: {type(e).__name__}", crash=True)
         except ray.exceptions.RayTaskError as e:
             return self._retry(kind, unit, f"{kind} failed: {_short(e)}", crash=False)

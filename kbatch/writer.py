@@ -41,7 +41,7 @@ from .schema import RECORD_FIELDS, RECORD_SCHEMA, record_key
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMATS = ("files", "webdataset", "parquet", "embeddings")  # embeddings: stage prior
 SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_~-]{0,299}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_~-]{0,299}$")  # "_rowN": rows whose id was invalid
 PARQUET_IMAGE_ROW_GROUP = 32  # rows per row group of data/<shard>.parquet: random access reads one group
 
 

@@ -1,9 +1,11 @@
 """Issue "Outputs and the people who use them": whole jobs in every output format / image encoding.
 
-The same manifest is rendered as files+png (the reference), webdataset+png, webdataset+webp and
-parquet+jpeg. ``open_results`` reads each back: the same pixels for png (exactly), close for the lossy
-encodings; webdataset tars hold ``KEY.<ext>`` + ``KEY.json`` with dot-free keys; every committed shard has
-``stats/<shard>.json`` whose counts add up to the records.
+The same manifest is rendered as files+png (the reference), webdataset+png and parquet+jpeg (three jobs
+keep the file near 40 s on 2 CPUs; each job's cost is mostly starting its two actors). ``open_results``
+reads each back: the same pixels for png (exactly), close for jpeg; webdataset tars hold ``KEY.png`` +
+``KEY.json`` with dot-free keys; every committed shard has ``stats/<shard>.json`` whose counts add up to the
+records. WebP (lossy and lossless) round trips are covered without Ray in test_writer.py and, through the
+gallery, in test_gallery_browser.py.
 """
 import io
 import json
@@ -30,7 +32,7 @@ ROWS = [
 IDS_OK = ["fox", "v1.2", "ramen", "ship"]
 N_IMAGES = 5
 EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-CASES = [("webdataset", "png"), ("webdataset", "webp"), ("parquet", "jpeg")]
+CASES = [("webdataset", "png"), ("parquet", "jpeg")]
 
 
 def _frame():
@@ -108,8 +110,8 @@ def test_same_pixels_as_files_png(runs, case):
             if lossless:
                 assert np.array_equal(a, b), f"{what}: png must be bit-exact"
                 continue
-            # The tiny models' images are pixel noise, the worst case for lossy codecs: lossy WebP always
-            # subsamples chroma (4:2:0), so compare luma there; jpeg (4:4:4 at quality >= 90) every channel.
+            # The tiny models' images are pixel noise, the worst case for lossy codecs (lossy WebP, were it
+            # here, subsamples chroma 4:2:0 and would only compare in luma); jpeg at quality >= 90 is 4:4:4.
             dy = np.abs(_luma(a) - _luma(b))
             assert dy.mean() < 8, f"{what}: luma mean diff {dy.mean():.2f}"
             assert dy.mean() < np.abs(_luma(a) - _luma(_pixels(ref, "ship" if rid == "fox" else "fox", 0))).mean() / 3
@@ -124,7 +126,7 @@ def test_same_pixels_as_files_png(runs, case):
     assert (m.sha256_a == m.sha256_b).all() == lossless
 
 
-@pytest.mark.parametrize("enc", ["png", "webp"])
+@pytest.mark.parametrize("enc", ["png"])
 def test_webdataset_members(runs, enc):
     res = runs[("webdataset", enc)]
     ok = res.df[res.df.status == "ok"]

@@ -9,6 +9,7 @@ copied into the outputs. ``open_results``, ``kbatch.status.summarize`` and ``kba
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,13 +90,18 @@ def s3():
                 os.environ[k] = v
 
 
-def _job_env(endpoint):
+def _kbatch(endpoint, *args, timeout=300):
+    """``kbatch ARGS`` in a subprocess with its own Ray temp dir and the S3 settings in its environment."""
     e = cli_env()
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         e.pop(k, None)
     e.update(AWS_ENV)
     e["AWS_ENDPOINT_URL"] = endpoint
-    return e
+    try:
+        return subprocess.run([sys.executable, "-m", "kbatch.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env=e)
+    finally:
+        shutil.rmtree(e["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +122,9 @@ def job(s3, tiny_models, tmp_path_factory):
     cfg["manifest"] = MANIFEST
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    p = subprocess.run([sys.executable, "-m", "kbatch.cli", "run", str(path)], capture_output=True, text=True,
-                       timeout=300, env=_job_env(s3["endpoint"]))
+    p = _kbatch(s3["endpoint"], "run", path)
     s3fs.S3FileSystem.clear_instance_cache()
+    p.config_path = path
     return p
 
 
@@ -159,12 +165,10 @@ def test_status_reads_back(job, s3):
     s = summarize(OUT)
     assert s["complete"] and s["rows_total"] == 4 and s["rows_ok"] == 3 and s["rows_failed"] == 1
     assert s["rows_missing"] == 0 and s["images"] == 4 and s["uncommitted_shards"] == 0
-    p = subprocess.run([sys.executable, "-m", "kbatch.cli", "status", OUT], capture_output=True, text=True,
-                       timeout=120, env=_job_env(s3["endpoint"]))
+    p = _kbatch(s3["endpoint"], "status", OUT, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "COMPLETE" in p.stdout and "missing: 0" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "kbatch.cli", "status", "--json", OUT], capture_output=True,
-                       text=True, timeout=120, env=_job_env(s3["endpoint"]))
+    p = _kbatch(s3["endpoint"], "status", "--json", OUT, timeout=120)
     assert p.returncode == 0 and json.loads(p.stdout)["rows_ok"] == 3
 
 
@@ -178,11 +182,10 @@ def test_credentials_not_stored(job, s3):
     assert job_json["manifest"] == MANIFEST and job_json["status"] == "complete"
 
 
-def test_rerun_is_a_no_op(job, s3):
-    """Rerunning the same command on the same S3 output renders nothing and exits 0."""
-    before = sorted(s3["fs"].find(f"{BUCKET}/out/run1/_commits"))
-    p = subprocess.run(job.args, capture_output=True, text=True, timeout=300, env=_job_env(s3["endpoint"]))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "skipped 4" in p.stdout
-    s3fs.S3FileSystem.clear_instance_cache()
-    assert sorted(s3["fs"].find(f"{BUCKET}/out/run1/_commits")) == before
+def test_validate_reads_s3(job, s3):
+    """``kbatch validate`` reads the manifest and decodes the init image from S3 (no models): the row with a
+    URI outside the manifest's folder is the one problem."""
+    p = _kbatch(s3["endpoint"], "validate", job.config_path, timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "4 rows, 3 valid, 1 with problems" in p.stdout
+    assert "escape" in p.stdout and "allowed roots" in p.stdout
