@@ -80,7 +80,7 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config, sets=args.sets, manifest=args.manifest)
     if not cfg.manifest:
         raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
-    table, base = read_manifest(cfg.manifest)
+    table, base = read_manifest(cfg.manifest, dict(cfg.storage_options) or None)
     rows, errors = validate_manifest(table, cfg, base, check_images=not args.no_images)
     print(f"config ok; manifest {cfg.manifest}: {table.num_rows} rows, {len(rows)} valid, "
           f"{len(errors)} with problems")

@@ -128,10 +128,19 @@ class JobConfig:
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     stage: str = "all"  # all | prior (write embeddings) | decoder (manifest is an embeddings dataset)
+    # fsspec options for manifest, inputs and output (endpoint_url, key, secret, ...). Never written to
+    # _job.json or records; credentials may also come from the environment (AWS_*, GOOGLE_*).
+    storage_options: dict = field(default_factory=dict)
     progress: str = "auto"  # auto | bar | log | off
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict:
+        """``to_dict`` without secrets: storage option values are masked."""
+        d = self.to_dict()
+        d["storage_options"] = {k: "***" for k in d["storage_options"]}
+        return d
 
     def resolved_output(self, now: _dt.datetime | None = None) -> str:
         """The output path with ``{date}`` / ``{datetime}`` filled in (nightly renders)."""
@@ -198,6 +207,10 @@ def _coerce(f, value, path, cls):
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if base.startswith("list"):
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]

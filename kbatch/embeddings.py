@@ -76,12 +76,12 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
     return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records))
 
 
-def read_embeddings(uri: str) -> tuple[pa.Table, dict[str, PriorOutput]]:
+def read_embeddings(uri: str, storage_options: dict | None = None) -> tuple[pa.Table, dict[str, PriorOutput]]:
     """The committed rows of an embeddings output: (cells table for validation, prior outputs by id)."""
     from .writer import list_committed_shards
 
-    fs, root = storage.get_fs(uri)
-    shards = list_committed_shards(uri)
+    fs, root = storage.get_fs(uri, storage_options)
+    shards = list_committed_shards(uri, storage_options)
     tables = []
     for shard in shards:
         path = storage.join(root, "embeddings", f"{shard}.parquet")

@@ -116,6 +116,7 @@ class Runner:
         self.progress_mode = progress or cfg.progress
         self.run_id = new_run_id()
         self.output = cfg.resolved_output()
+        self.so = dict(cfg.storage_options) or None  # fsspec options (endpoint, credentials): config only
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self):
@@ -134,7 +135,7 @@ class Runner:
         elif cfg.stage == "decoder":
             table, base_uri = self._embeddings_manifest()
         else:
-            table, base_uri = read_manifest(cfg.manifest)
+            table, base_uri = read_manifest(cfg.manifest, self.so)
         self.base_uri = base_uri
         indexed, row_errors = validate_indexed(table, cfg, base_uri)
         rows = [r for _, r in indexed]
@@ -153,9 +154,9 @@ class Runner:
             self.raw = {r.id: cells(r, sub[i]) for i, r in indexed}
         self.total = len(rows) + len(row_errors)
         if self.overwrite:
-            storage.remove_tree(self.output)
-        previous = storage.read_json(self.output, JOB_FILE)
-        done = read_records(self.output, columns=["id", "row_hash", "status"])
+            storage.remove_tree(self.output, self.so)
+        previous = storage.read_json(self.output, JOB_FILE, self.so)
+        done = read_records(self.output, columns=["id", "row_hash", "status"], storage_options=self.so)
         done_hashes = dict(zip(done["id"], done["row_hash"])) if len(done) else {}
         check_resume(previous, cfg, done_hashes, rows)
         self.skipped = len(set(done_hashes))
@@ -181,8 +182,8 @@ class Runner:
         from . import storage
         from .embeddings import read_embeddings
 
-        table, self.stored_priors = read_embeddings(self.cfg.manifest)
-        prior_job = storage.read_json(self.cfg.manifest, JOB_FILE) or {}
+        table, self.stored_priors = read_embeddings(self.cfg.manifest, self.so)
+        prior_job = storage.read_json(self.cfg.manifest, JOB_FILE, self.so) or {}
         mode = table.column("mode")
         self.interpolated = set(table.filter(pc.equal(mode, "interpolate")).column("id").to_pylist())
         # interpolate rows decode like text2img (their mix was used up by the prior)
@@ -199,15 +200,16 @@ class Runner:
 
         cfg = self.cfg
         t_start = time.perf_counter()
-        storage.remove(self.output, SUCCESS_FILE)
+        storage.remove(self.output, SUCCESS_FILE, self.so)
         job = {"output": self.output, "run_id": self.run_id, "status": "running", "started": now_iso(),
-               "fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "config": cfg.to_dict(),
+               "fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "config": cfg.public_dict(),
                "manifest": cfg.manifest, "manifest_base": self.base_uri, "total_rows": self.total, "versions": versions(),
                "models": {"prior": cfg.models.prior, "decoder": cfg.models.decoder, "inpaint": cfg.models.inpaint},
                "runs": (self.previous or {}).get("runs", []) + [self.run_id]}
-        storage.write_json_atomic(self.output, JOB_FILE, job)
+        storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         self.spec = OutputSpec(root=self.output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
-                               image_format=cfg.output.image_format, quality=cfg.output.quality)
+                               image_format=cfg.output.image_format, quality=cfg.output.quality,
+                               storage_options=self.so)
         self.bases = {r.id: base_record(r, cfg, self.run_id) for r in self.rows}
         self.stats = defaultdict(float)
         self.failed_by_reason: dict[str, int] = defaultdict(int)
@@ -233,17 +235,17 @@ class Runner:
                            self.images / seconds if seconds else 0.0, dict(self.stats), dict(self.failed_by_reason))
         job.update(status="complete" if complete else ("interrupted" if interrupted else "incomplete"),
                    finished=now_iso(), result=dataclasses.asdict(result))
-        storage.write_json_atomic(self.output, JOB_FILE, job)
+        storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
                 try:
                     from .gallery import write_gallery
 
-                    write_gallery(self.output, max_images=cfg.output.gallery_max_images)
+                    write_gallery(self.output, max_images=cfg.output.gallery_max_images, storage_options=self.so)
                 except Exception as e:  # the gallery is a convenience, never a reason to fail a run
                     log.warning("kbatch: gallery not written: %s", e)
             storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
-                                                                  "rows": self.total})
+                                                                  "rows": self.total}, self.so)
         return result
 
     def _previous_failures(self) -> int:
@@ -251,7 +253,7 @@ class Runner:
             return 0
         from .writer import read_records
 
-        df = read_records(self.output, columns=["id", "status", "run_id"])
+        df = read_records(self.output, columns=["id", "status", "run_id"], storage_options=self.so)
         df = df[df["run_id"] != self.run_id]
         return int(df[df["status"] == "error"]["id"].nunique())
 
@@ -331,7 +333,7 @@ class Runner:
             unit = self.load_q.popleft()
             needy = [r for r in unit.rows if _needs_inputs(r)]
             if needy:
-                err_ref, inputs_ref = self.loader.remote(needy, cfg.limits)
+                err_ref, inputs_ref = self.loader.remote(needy, cfg.limits, self.so)
                 unit.inputs = [inputs_ref]
                 self.inflight[err_ref] = ("load", unit, None, None)
             else:
@@ -526,6 +528,8 @@ def ensure_ray(num_cpus: int | None = None):
 def run_job(cfg: JobConfig, *, overwrite: bool = False, progress: str | None = None) -> RunResult:
     """Plan (no models), then render on the connected Ray, or a local one started (and stopped) here."""
     runner = Runner(cfg, overwrite=overwrite, progress=progress).plan()
+    if not runner.rows and not runner.invalid:  # nothing left (a rerun of a finished job): no Ray needed
+        return runner.run()
     started = ensure_ray()
     try:
         return runner.run()

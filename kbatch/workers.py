@@ -65,14 +65,14 @@ class DecoderWorker:
         return time.perf_counter() - t0, out
 
 
-def load_inputs(rows: list[Row], limits) -> tuple[dict[str, str], dict[str, dict]]:
+def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:
     """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id)."""
     from .images import load_row_inputs
 
     errors, inputs = {}, {}
     for r in rows:
         try:
-            inputs[r.id] = load_row_inputs(r, limits)
+            inputs[r.id] = load_row_inputs(r, limits, storage_options)
         except ValueError as e:
             errors[r.id] = str(e)
     return errors, inputs

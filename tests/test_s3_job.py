@@ -189,3 +189,25 @@ def test_validate_reads_s3(job, s3):
     assert p.returncode == 1, p.stdout + p.stderr
     assert "4 rows, 3 valid, 1 with problems" in p.stdout
     assert "escape" in p.stdout and "allowed roots" in p.stdout
+
+
+def test_credentials_from_config_only(job, s3, tiny_models, tmp_path):
+    """storage_options in the config reach the driver and the workers; the secret is not stored."""
+    cfg = tiny_config(tiny_models, f"s3://{BUCKET}/out/run2", manifest=MANIFEST,
+                      storage_options={"key": KEY_ID, "secret": SECRET},
+                      retries={"max_failed_rows": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    e = cli_env()
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        e.pop(k, None)
+    e.update({k: v for k, v in AWS_ENV.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")})
+    e["AWS_ENDPOINT_URL"] = s3["endpoint"]
+    p = subprocess.run([sys.executable, "-m", "kbatch.cli", "run", str(path)], capture_output=True, text=True,
+                       timeout=300, env=e)
+    shutil.rmtree(e["RAY_TMPDIR"], ignore_errors=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = kbatch.open_results(f"s3://{BUCKET}/out/run2")
+    assert sorted(res.df[res.df.status == "ok"].id.unique()) == ["i2i", "t2i-a", "t2i-b"]
+    job_json = s3["fs"].cat_file(f"{BUCKET}/out/run2/_job.json")
+    assert SECRET.encode() not in job_json and KEY_ID.encode() not in job_json
