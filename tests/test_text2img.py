@@ -91,3 +91,21 @@ def test_predictors_batch_invariant_without_ray(tiny_models):
         alone = dec([r], prior([r]))[0]
         assert b.images.shape == (2, 64, 64, 3)
         assert_pixels_close(b.images, alone.images, r.id)
+
+
+def test_precision_choices_on_cpu(tiny_models):
+    """bfloat16 runs on CPU workers; float16 falls back to float32 there (CPU half kernels are slow/missing)."""
+    import torch
+
+    from kbatch.decoder import DecoderPredictor
+    from kbatch.prior import PriorPredictor
+
+    row = Row(id="p", prompt="a cat", seed=1, height=64, width=64, num_inference_steps=3, prior_num_inference_steps=2)
+    out = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype=dtype)
+        dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype=dtype)
+        assert dec.pipe.unet.dtype == {"bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        out[dtype] = dec([row], prior([row]))[0].images
+    assert np.array_equal(out["float16"], out["float32"])
+    assert out["bfloat16"].shape == (1, 64, 64, 3) and not np.array_equal(out["bfloat16"], out["float32"])

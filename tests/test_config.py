@@ -1,0 +1,55 @@
+"""Config: YAML + --set, strict keys, errors naming key and value, templates, secrets masked."""
+import datetime as dt
+
+import pytest
+
+from kbatch.config import ConfigError, from_dict, load_config, parse_set
+
+
+def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("models: {dtype: float16}\nresources: {decoder: {replicas: 7}}\n")
+    cfg = load_config(str(p), sets=["defaults.height=768", "resources.decoder.gpus=0.5", "models.compile=true",
+                                    "defaults.negative_prompt=blurry, dark"], output="o", manifest="m.parquet")
+    assert cfg.defaults.height == 768 and cfg.resources.decoder.gpus == 0.5 and cfg.models.compile is True
+    assert cfg.resources.decoder.replicas == 7 and cfg.models.dtype == "float16"
+    assert cfg.defaults.negative_prompt == "blurry, dark" and cfg.output.path == "o" and cfg.manifest == "m.parquet"
+    assert parse_set(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("data, key, shown", [
+    ({"models": {"dtype": "float8"}}, "models.dtype", "'float8'"),
+    ({"models": {"scheduler": "euler"}}, "models.scheduler", "'euler'"),
+    ({"output": {"format": "zip"}}, "output.format", "'zip'"),
+    ({"resources": {"prior": {"replicas": 0}}}, "resources.prior.replicas", "0"),
+    ({"resources": {"decoder": {"gpus": 1.5}}}, "resources.decoder.gpus", "1.5"),
+    ({"defaults": {"height": 500}}, "defaults.height", "500"),
+    ({"defaults": {"strength": 0}}, "defaults.strength", "0"),
+    ({"defaults": {"guidance_scale": float("nan")}}, "defaults.guidance_scale", "nan"),
+    ({"seed": -1}, "seed", "-1"),
+    ({"modles": {}}, "modles", "modles"),
+    ({"resources": {"decoder": {"batchsize": 4}}}, "resources.decoder.batchsize", "4"),
+    ({"output": {"path": "out/{when}"}}, "output.path", "{when}"),
+])
+def test_errors_name_key_and_value(data, key, shown):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert key in str(e.value) and shown in str(e.value), str(e.value)
+
+
+def test_date_template_and_masked_secrets():
+    cfg = from_dict({"output": {"path": "s3://b/nightly/{date}"}, "storage_options": {"secret": "s3cr3t"}})
+    when = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+    assert cfg.resolved_output(when) == "s3://b/nightly/2026-11-26"
+    assert "s3cr3t" not in str(cfg.public_dict()) and "s3cr3t" in str(cfg.to_dict())
+
+
+def test_progress_logs_sparingly(capsys):
+    from kbatch.progress import Progress
+
+    p = Progress(100, mode="log", every=3600)
+    for _ in range(99):
+        p.update(1, 1)
+    p.update(1, 1)  # the last row always reports
+    err = capsys.readouterr().err
+    assert err.count("kbatch progress") == 1 and "100/100 rows" in err
