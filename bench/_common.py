@@ -112,13 +112,18 @@ def _group(title: str, name: str, pid: int, root_pid: int) -> str:
     if pid == root_pid:
         return "driver (kbatch run)"
     if title.startswith("ray::"):
-        t = title.split()[0]
-        head, _, method = t.partition(".")
-        return head
-    for key in ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor.py", "runtime_env", "agent"):
-        if key in title or key in name:
-            return key
+        return title.split()[0].split(".")[0]
+    if "default_worker.py" in title:
+        return "ray::(worker starting)"
+    if name in ("raylet", "gcs_server"):
+        return name
+    for word in title.split():
+        if word.endswith(".py"):
+            return os.path.basename(word)
     return name or title[:40]
+
+
+_GENERIC = ("ray::IDLE", "ray::(worker starting)")
 
 
 @dataclass
@@ -172,10 +177,9 @@ class RssPoller:
             title = " ".join(cmd) if cmd else name
             g = _group(title, name, p.pid, self.root_pid)
             pp = self.procs.setdefault(p.pid, ProcPeak(g))
-            if pp.group in ("ray::IDLE",) and g != "ray::IDLE":
-                pp.group = g
-            if g.startswith("ray::"):
-                pp.titles.add(g)
+            if pp.group in _GENERIC and g not in _GENERIC:
+                pp.group = g  # labelled by the first real role a worker takes
+            pp.titles.add(g)
             pp.peak_rss = max(pp.peak_rss, rss)
 
     def _loop(self):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class RunResult:
     images_per_second: float
     stage_seconds: dict = field(default_factory=dict)
     failed_by_reason: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # per stage: peak worker RSS, peak GPU memory (GiB)
 
     def summary_line(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed_by_reason.items()))
@@ -212,10 +214,12 @@ class Runner:
                                storage_options=self.so)
         self.bases = {r.id: base_record(r, cfg, self.run_id) for r in self.rows}
         self.stats = defaultdict(float)
+        self.memory: dict[str, float] = {}  # peak RSS / GPU memory per stage (GiB)
         self.failed_by_reason: dict[str, int] = defaultdict(int)
         self.rows_ok = self.rows_failed = self.images = 0
         self.progress = Progress(self.total, initial=self.skipped, mode=self.progress_mode)
         interrupted = False
+        previous = _sigterm_interrupts()
         try:
             if self.rows or self.invalid:
                 self._loop(ray)
@@ -224,6 +228,8 @@ class Runner:
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
         finally:
             self.progress.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         missing = self.total - self.skipped - self.rows_ok - self.rows_failed
         complete = missing == 0 and not interrupted
         seconds = time.perf_counter() - t_start
@@ -232,7 +238,8 @@ class Runner:
         code = EXIT_INCOMPLETE if not complete else (EXIT_FAILED if failed_total > tolerance else EXIT_OK)
         result = RunResult(self.output, self.run_id, code, complete, self.total, self.skipped, self.rows_ok,
                            self.rows_failed, missing, self.images, seconds,
-                           self.images / seconds if seconds else 0.0, dict(self.stats), dict(self.failed_by_reason))
+                           self.images / seconds if seconds else 0.0, dict(self.stats), dict(self.failed_by_reason),
+                           dict(self.memory))
         job.update(status="complete" if complete else ("interrupted" if interrupted else "incomplete"),
                    finished=now_iso(), result=dataclasses.asdict(result))
         storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
@@ -400,11 +407,14 @@ class Runner:
             elif unit.rows:
                 self.prior_q.append(unit)
         elif kind == "prior":
-            outputs, seconds = value
+            outputs, seconds, memory = value
             self.stats["prior_seconds"] += seconds
+            self._peak("prior", memory)
             self._prior_done(unit.rows, unit.inputs, outputs)
         elif kind == "decoder":
-            self.stats["decoder_seconds"] += value
+            seconds, memory = value
+            self.stats["decoder_seconds"] += seconds
+            self._peak("decoder", memory)
             self.shard_ok.append((unit.rows, extra))
             self.shard_rows += len(unit.rows)
             if self.shard_rows >= self.cfg.output.rows_per_shard:
@@ -416,6 +426,11 @@ class Runner:
             self.images += n_images
             self.stats["write_seconds"] += getattr(value, "seconds", 0.0)
             self.progress.update(rows_ok + rows_err, self.images)
+
+    def _peak(self, stage: str, memory: dict):
+        for k, v in memory.items():
+            key = f"{stage}_peak_{k}"
+            self.memory[key] = round(max(self.memory.get(key, 0.0), v), 3)
 
     def _prior_done(self, rows, inputs, outputs=None, stored=False):
         if stored:
@@ -491,6 +506,20 @@ class Runner:
         self.inflight[ref] = ("write", None, None, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
         self.shard_ok, self.shard_err, self.shard_prior, self.shard_rows = [], [], [], 0
         self.shard_started = time.monotonic()
+
+
+def _sigterm_interrupts():
+    """Schedulers stop jobs with SIGTERM: end like Ctrl-C (committed shards kept, exit 3). Installed at the
+    start of a run, after ray.init (whose own handler it replaces for the run's duration)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _needs_inputs(r: Row) -> bool:

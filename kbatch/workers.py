@@ -22,6 +22,18 @@ def _merge(input_maps) -> dict:
     return out
 
 
+def _memory() -> dict:
+    """Peak host RSS of this worker process and peak GPU memory allocated by torch (GiB)."""
+    import resource
+
+    import torch
+
+    out = {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def _threads(cfg: JobConfig, stage: str) -> int:
     s = getattr(cfg.resources, stage)
     return s.threads or max(1, round(s.cpus))
@@ -37,11 +49,11 @@ class PriorWorker:
     def worker(self) -> str:
         return self.predictor.worker
 
-    def run(self, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float]:
+    def run(self, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float, dict]:
         t0 = time.perf_counter()
         inputs = _merge(input_maps)
         out = self.predictor(rows, [inputs.get(r.id) for r in rows])
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, _memory()
 
 
 class DecoderWorker:
@@ -62,7 +74,7 @@ class DecoderWorker:
         t0 = time.perf_counter()
         inputs = _merge(input_maps)
         out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
-        return time.perf_counter() - t0, out
+        return (time.perf_counter() - t0, _memory()), out
 
 
 def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:

@@ -1,4 +1,5 @@
 """Issue 4: nothing lost. Worker crashes, a killed job, failing writes, resume checks."""
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,81 @@ def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, 
     assert list(bad.status) == ["error"] and "decoder worker died" in bad.error.iloc[0]
     assert "after 2 attempts" in bad.error.iloc[0]
     _once_each(df, [r["id"] for r in rows if r["id"] != "r003"])
+
+
+def cli(capsys, *args):
+    """``kbatch ARGS`` in this process (on the session's Ray): (exit code, stdout, stderr)."""
+    from kbatch.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, ray_session, tmp_path, capsys):
+    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"fail_write_shard": 0})
+    path = write_job(tmp_path, cfg, _rows(6))
+    code, _, err = cli(capsys, "run", path)
+    assert code == 3, err
+    s = summarize(str(tmp_path / "out"))
+    assert not s["complete"] and s["rows_missing"] > 0 and s["uncommitted_shards"] >= 1
+    assert all(".tmp-" not in f for _, _, fs in os.walk(tmp_path / "out") for f in fs)
+    done_before = set(kbatch.open_results(str(tmp_path / "out")).df["id"])
+    code, _, err = cli(capsys, "run", path, "--set", "faults.fail_write_shard=null")
+    assert code == 0, err
+    df = kbatch.open_results(str(tmp_path / "out")).df
+    _once_each(df, [r["id"] for r in _rows(6)])
+    assert len(done_before) < 6
+
+
+def _start(path):
+    return subprocess.Popen([sys.executable, "-m", "kbatch.cli", "run", path], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _commits(out):
+    folder = out / "_commits"
+    return len([f for f in os.listdir(folder) if f.endswith(".json")]) if folder.exists() else 0
+
+
+def _wait_commits(out, at_least, proc):
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _commits(out) >= at_least:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {at_least} commits (exit {proc.poll()})")
+
+
+def test_sigterm_then_sigkill_then_rerun(tiny_models, tmp_path):
+    """A scheduler's SIGTERM ends the run cleanly (exit 3); a SIGKILL of the whole job (driver and its Ray)
+    loses nothing committed; the rerun renders only what is missing, with no duplicates."""
+    n = 40
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_models, out, output={"path": str(out), "rows_per_shard": 2, "gallery": False})
+    path = write_job(tmp_path, cfg, _rows(n))
+    proc = _start(path)
+    _wait_commits(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 3, proc.stderr.read()[-3000:]
+    job = json.loads((out / "_job.json").read_text())
+    assert job["status"] == "interrupted" and not (out / "_SUCCESS").exists()
+
+    proc = _start(path)
+    _wait_commits(out, _commits(out) + 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    s = summarize(str(out))
+    assert not s["complete"] and 0 < s["rows_done"] < n, s
+    assert run_cli("status", out).returncode == 3
+    p = run_cli("run", path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = kbatch.open_results(str(out))
+    _once_each(res.df, [r["id"] for r in _rows(n)])
+    assert res.df["run_id"].nunique() == 3  # each run rendered only what was missing
+    for rid in res.df["id"][:3]:
+        res.image(rid).load()
+    assert run_cli("status", out).returncode == 0
 
 
 def cli(capsys, *args):
