@@ -124,57 +124,6 @@ def test_sigterm_then_sigkill_then_rerun(tiny_models, tmp_path):
     assert run_cli("status", out).returncode == 0
 
 
-def cli(capsys, *args):
-    """``kbatch ARGS`` in this process (on the session's Ray): (exit code, stdout, stderr)."""
-    from kbatch.cli import main
-
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, ray_session, tmp_path, capsys):
-    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"fail_write_shard": 0})
-    path = write_job(tmp_path, cfg, _rows(6))
-    code, _, err = cli(capsys, "run", path)
-    assert code == 3, err
-    s = summarize(str(tmp_path / "out"))
-    assert not s["complete"] and s["rows_missing"] > 0 and s["uncommitted_shards"] >= 1
-    assert all(".tmp-" not in f for _, _, fs in os.walk(tmp_path / "out") for f in fs)
-    done_before = set(kbatch.open_results(str(tmp_path / "out")).df["id"])
-    code, _, err = cli(capsys, "run", path, "--set", "faults.fail_write_shard=null")
-    assert code == 0, err
-    df = kbatch.open_results(str(tmp_path / "out")).df
-    _once_each(df, [r["id"] for r in _rows(6)])
-    assert len(done_before) < 6
-
-
-def test_sigkill_whole_job_then_rerun(tiny_models, tmp_path):
-    n = 40
-    cfg = tiny_config(tiny_models, tmp_path / "out", output={"rows_per_shard": 2})
-    path = write_job(tmp_path, cfg, _rows(n))
-    proc = subprocess.Popen([sys.executable, "-m", "kbatch.cli", "run", path], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    commits = tmp_path / "out" / "_commits"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (commits.exists() and len(os.listdir(commits)) >= 2):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    s = summarize(str(tmp_path / "out"))
-    assert not s["complete"] and 0 < s["rows_done"] < n, s
-    p = run_cli("status", tmp_path / "out")
-    assert p.returncode == 3
-    p = run_cli("run", path)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = kbatch.open_results(str(tmp_path / "out"))
-    _once_each(res.df, [r["id"] for r in _rows(n)])
-    assert res.df["run_id"].nunique() == 2  # the rerun rendered only what was missing
-    for rid in res.df["id"][:3]:
-        res.image(rid).load()
-    assert run_cli("status", tmp_path / "out").returncode == 0
-
-
 def test_resume_refuses_changed_config(tiny_models, ray_session, tmp_path, capsys):
     cfg = tiny_config(tiny_models, tmp_path / "out")
     path = write_job(tmp_path, cfg, _rows(2))
