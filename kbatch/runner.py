@@ -23,6 +23,7 @@ from .schema import Row, input_ref
 log = logging.getLogger("kbatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
+FLUSH_SECONDS = 60  # a shard is written at rows_per_shard rows or after this long, whichever comes first
 
 
 @dataclass
@@ -266,6 +267,27 @@ class Runner:
 
     # the dispatch loop ---------------------------------------------------------------------------------
     def _loop(self, ray):
+        rows = sort_rows(self.rows)
+        self._start_actors(ray, rows)
+        try:
+            self._init_queues(rows)
+            while True:
+                self._dispatch()
+                if not self.inflight:
+                    if self.shard_rows:
+                        self._flush()
+                        continue
+                    break
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
+                for ref in ready:
+                    self._complete(ray, ref)
+                if self.shard_rows and time.monotonic() - self.shard_started > FLUSH_SECONDS:
+                    self._flush()
+        finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
+            for a in self.priors + self.decoders:
+                ray.kill(a)
+
+    def _start_actors(self, ray, rows):
         from .workers import remote_classes
 
         cfg, res = self.cfg, self.cfg.resources
@@ -275,8 +297,7 @@ class Runner:
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
         PriorA, DecoderA, self.loader, self.writer = remote_classes(cfg, prior_gpus, decoder_gpus)
-        need_inpaint = any(r.mode == "inpaint" for r in self.rows)
-        rows = sort_rows(self.rows)
+        need_inpaint = any(r.mode == "inpaint" for r in rows)
         run_prior = bool(rows) and cfg.stage != "decoder"
         run_decoder = bool(rows) and cfg.stage != "prior"
         self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
@@ -287,47 +308,36 @@ class Runner:
 
             self.embedding_writer = ray.remote(write_embeddings_shard).options(num_cpus=res.io_cpus, max_retries=2)
         self.crashes: dict = defaultdict(int)
+        self.load = {a: 0 for a in self.priors + self.decoders}
+
+    def _init_queues(self, rows):
+        cfg, res = self.cfg, self.cfg.resources
+        self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
+        self.on_actor: dict = defaultdict(dict)  # actor -> {ref: submission number}, FIFO per actor
+        self.collateral: set = set()  # refs queued behind a batch that killed their actor
+        self.seq = 0
+        self.shard_ok: list = []  # (rows, decoder payload ref)
+        self.shard_prior: list = []  # stage prior: (row, PriorOutput) waiting for an embeddings shard
+        self.shard_err: list[dict] = []
+        self.shard_rows = 0
+        self.shard_started = time.monotonic()
+        self.shard_seq = 0
         self.load_q: deque[Unit] = deque()
-        if cfg.stage != "decoder":
-            self.load_q.extend(Unit(c) for c in chunk(rows, Row.prior_key, res.prior.batch_size))
         self.prior_q: deque[Unit] = deque()
         self.decoder_q: deque[Unit] = deque()
         self.waiting: dict[tuple, list] = defaultdict(list)  # decoder key -> [(row, prior_out, inputs refs)]
         self.before_decoder = defaultdict(int)  # decoder key -> rows not yet through the prior
         for r in rows:
             self.before_decoder[r.decoder_key()] += 1
-        self.shard_prior: list = []  # stage prior: PriorOutputs waiting for an embeddings shard
-        if cfg.stage == "decoder":  # the prior ran in an earlier job
+        if cfg.stage != "decoder":
+            self.load_q.extend(Unit(c) for c in chunk(rows, Row.prior_key, res.prior.batch_size))
+        else:  # the prior ran in an earlier job: rows with input images load them first
             self.load_q.extend(Unit(c) for c in chunk(rows, Row.decoder_key, res.decoder.batch_size)
                                if any(_needs_inputs(r) for r in c))
             loading = {r.id for u in self.load_q for r in u.rows}
             self._prior_done([r for r in rows if r.id not in loading], [], stored=True)
-        self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
-        self.on_actor: dict = defaultdict(dict)  # actor -> {ref: submission number}, FIFO per actor
-        self.collateral: set = set()  # refs queued behind a batch that killed their actor
-        self.seq = 0
-        self.load = {a: 0 for a in self.priors + self.decoders}
-        self.shard_ok: list = []  # (rows, payload ref)
-        self.shard_err: list[dict] = []
-        self.shard_rows = 0
-        self.shard_started = time.monotonic()
-        self.shard_seq = 0
         for rec in self.invalid:
             self._fail_record(rec)
-        while True:
-            self._dispatch()
-            if not self.inflight:
-                if self.shard_rows:
-                    self._flush()
-                    continue
-                break
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
-            for ref in ready:
-                self._complete(ray, ref)
-            if self.shard_rows and time.monotonic() - self.shard_started > 60:
-                self._flush()
-        for a in self.priors + self.decoders:
-            ray.kill(a)
 
     def _free(self, pool):
         live = [a for a in pool if self.crashes[a] <= self.cfg.retries.max_actor_restarts]
