@@ -94,13 +94,16 @@ def write_yaml(path: str, data: dict) -> str:
     return path
 
 
-def ray_env(tmp: str) -> dict:
-    """Environment for a ``kbatch run`` subprocess: no token auth, Ray files in ``tmp``, no usage stats."""
+def ray_env(tmp: str, kbatch_path: str | None = None, extra: dict | None = None) -> dict:
+    """Environment for a ``kbatch run`` subprocess: no token auth, Ray files in ``tmp``, no usage stats.
+    ``kbatch_path``: a folder holding another ``kbatch`` package (a patched copy) to run instead."""
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    path = [p for p in (kbatch_path, ROOT, env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(path)
     env.pop("RAY_ADDRESS", None)
+    env.update(extra or {})
     return env
 
 
@@ -130,6 +133,7 @@ _GENERIC = ("ray::IDLE", "ray::(worker starting)")
 class ProcPeak:
     group: str
     peak_rss: int = 0
+    cpu_s: float = 0.0  # user + system CPU seconds at the last sample
     titles: set = field(default_factory=set)
 
 
@@ -170,6 +174,7 @@ class RssPoller:
             try:
                 with p.oneshot():
                     rss = p.memory_info().rss
+                    ct = p.cpu_times()
                     cmd = p.cmdline()
                     name = p.name()
             except ps.Error:
@@ -181,18 +186,19 @@ class RssPoller:
                 pp.group = g  # labelled by the first real role a worker takes
             pp.titles.add(g)
             pp.peak_rss = max(pp.peak_rss, rss)
+            pp.cpu_s = max(pp.cpu_s, ct.user + ct.system)
 
     def _loop(self):
         while not self._stop.is_set():
             self._sample()
             self._stop.wait(self.interval)
 
-    def by_group(self) -> dict[str, tuple[int, int]]:
-        """group -> (process count, max peak RSS bytes over its processes)."""
-        out: dict[str, tuple[int, int]] = {}
+    def by_group(self) -> dict[str, tuple[int, int, float]]:
+        """group -> (process count, max peak RSS bytes over its processes, CPU seconds summed)."""
+        out: dict[str, tuple[int, int, float]] = {}
         for pp in self.procs.values():
-            n, m = out.get(pp.group, (0, 0))
-            out[pp.group] = (n + 1, max(m, pp.peak_rss))
+            n, m, c = out.get(pp.group, (0, 0, 0.0))
+            out[pp.group] = (n + 1, max(m, pp.peak_rss), c + pp.cpu_s)
         return out
 
 
@@ -223,7 +229,8 @@ class Timed:
 
 
 def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | None = None, poll: bool = True,
-               timeout: float = 900, log_path: str | None = None) -> tuple[float, int, "RssPoller | None", str]:
+               timeout: float = 900, log_path: str | None = None, kbatch_path: str | None = None,
+               env_extra: dict | None = None) -> tuple[float, int, "RssPoller | None", str]:
     """``kbatch run CONFIG --output OUT --progress off`` as a subprocess, timed wall-clock (Python start,
     imports, Ray start, model load, render, write, Ray shutdown). Returns (seconds, exit code, poller, log)."""
     import shutil
@@ -233,7 +240,7 @@ def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | Non
         "run", config_path, "--output", output, "--progress", "off"]
     for s in sets or []:
         cmd += ["--set", s]
-    env = ray_env(tmp)
+    env = ray_env(tmp, kbatch_path, env_extra)
     t0 = time.perf_counter()
     with open(log_path or os.devnull, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
@@ -251,6 +258,17 @@ def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | Non
     seconds = time.perf_counter() - t0
     text = open(log_path).read() if log_path else ""
     return seconds, rc, poller, text
+
+
+def job_result(output: str) -> dict:
+    """The ``result`` kbatch wrote into ``OUTPUT/_job.json`` (stage seconds, memory per stage, ...)."""
+    import json
+
+    try:
+        with open(os.path.join(output, "_job.json")) as fh:
+            return json.load(fh).get("result") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def loadavg() -> float:

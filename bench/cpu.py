@@ -8,22 +8,23 @@ B = in this process: load ``KandinskyPriorPipeline`` + ``KandinskyPipeline`` fro
     the same rows (same seeds) in batches of 8 (prior call, decoder call, PIL, PNG files), timed including
     the model load; torch's default threads (= CPUs).
 
-Runs are interleaved A, B, A, B, ... so that load from other processes hits both sides alike; the load
-average is printed next to each run. Prints images/s per run and mean(A img/s) / mean(B img/s).
-Peak RSS: for B this process's own (getrusage); for A every process of the ``kbatch run`` tree, polled with
-psutil every 0.2 s and grouped by Ray process title (ray::PriorWorker, ray::DecoderWorker, ray::write_shard,
-raylet, gcs_server, driver...).
+Runs are interleaved A, B, A, B, ... so that load from other processes hits both sides alike; the 1-minute
+load average is printed next to each run. Prints images/s per run and mean(A img/s) / mean(B img/s).
+Memory: B's peak RSS is this process's own (getrusage); for A every process of the ``kbatch run`` tree is
+polled with psutil every 0.2 s (peak RSS, CPU seconds), grouped by Ray process title (ray::PriorWorker,
+ray::DecoderWorker, ray::write_shard, raylet, gcs_server, the driver, ...).
 
-    python bench/cpu.py                    # 256 rows, 2 repeats (< 10 min on the 2-core box when idle)
+    python bench/cpu.py                    # 256 rows, 2 repeats (A,B,A,B)
     python bench/cpu.py --quick            # 32 rows, 1 repeat: smoke test
-    python bench/cpu.py --variant best --variant dec2x1 --repeats 1   # compare kbatch configs
+    python bench/cpu.py --variant cpu2 --variant dec2t --repeats 1     # compare kbatch configs
+    python bench/cpu.py --kbatch-path /tmp/kbfix --variant cpu2        # also run a patched kbatch copy
+    python bench/cpu.py --env OMP_WAIT_POLICY=PASSIVE                  # same env for A and B
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,57 +33,69 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-# kbatch resource presets for a 2-CPU machine. "best" is what the measurements in RESULTS.md chose.
-# cpus are Ray scheduling shares (actors only need to fit in 2 CPUs together with the writer tasks);
-# threads are torch intra-op threads of the worker.
+# kbatch resource presets for the 2-CPU machine ("cpus": Ray scheduling shares; "threads": torch intra-op
+# threads of the worker). The first one is the default; RESULTS.md has the measurements behind the choice.
 VARIANTS: dict[str, dict] = {
-    # one decoder with 2 threads (the decoder is ~98% of the work); prior 1 thread; 64-row shards
-    "best": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
-                 decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
+    # two decoder replicas x 1 thread (one per core) + a 1-thread prior between them; 64-row shards
+    "cpu2": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                 decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
                  io_cpus=0.25, rows_per_shard=64),
-    # the demo's resources (prior 0.5 cpu, decoder 1 cpu 2 threads, shards of 8 rows)
+    # one decoder with 2 threads (the demo's decoder), prior 1 thread
+    "dec2t": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
+                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
+                  io_cpus=0.25, rows_per_shard=64),
+    # one decoder with 1 thread
+    "dec1t": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
+                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 1},
+                  io_cpus=0.25, rows_per_shard=64),
+    # cpu2 with 16 images per decoder call
+    "cpu2-b16": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 16, "threads": 1},
+                     decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 16, "threads": 1},
+                     io_cpus=0.25, rows_per_shard=64),
+    # cpu2 with 4 images per decoder call (more, smaller tasks)
+    "cpu2-b4": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                    decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 4, "threads": 1},
+                    io_cpus=0.25, rows_per_shard=64),
+    # cpu2 writing one shard at the end (no write overlap, one writer process)
+    "cpu2-1shard": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                        decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                        io_cpus=0.25, rows_per_shard=100000),
+    # cpu2 with 16-row shards (more writer tasks)
+    "cpu2-s16": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                     decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                     io_cpus=0.25, rows_per_shard=16),
+    # the demo's resources as shipped (decoder 2 threads, prior threads from cpus 0.5, 8-row shards)
     "demo": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8},
                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
                  io_cpus=0.25, rows_per_shard=8),
-    # one decoder with 1 thread
-    "dec1x1": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
-                   decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 1},
-                   io_cpus=0.25, rows_per_shard=64),
-    # two decoders with 1 thread each
-    "dec2x1": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
-                   decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
-                   io_cpus=0.25, rows_per_shard=64),
-    # bigger decoder batches (16 images per forward pass)
-    "dec16": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 16, "threads": 1},
-                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 16, "threads": 2},
-                  io_cpus=0.25, rows_per_shard=64),
-    # one shard for the whole job (writes at the end, no overlap)
-    "shard256": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
-                     decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
-                     io_cpus=0.25, rows_per_shard=256),
 }
-
-SUMMARY_RE = re.compile(r"([\d.]+) img/s \| ([\d.]+)s \| stages: (.*)")
+DEFAULT_VARIANT = "cpu2"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="/tmp/kbatch-bench-models", help="tiny model cache (written if missing)")
     p.add_argument("--rows", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2, help="A/B pairs (each variant once per repeat)")
+    p.add_argument("--repeats", type=int, default=2, help="A/B pairs per variant")
     p.add_argument("--quick", action="store_true", help="smoke run: 32 rows, 1 repeat")
     p.add_argument("--batch", type=int, default=8, help="baseline rows per prior/decoder call")
     p.add_argument("--variant", action="append", choices=sorted(VARIANTS), default=None,
-                   help="kbatch resource preset (repeatable; default: best)")
+                   help=f"kbatch resource preset (repeatable; default {DEFAULT_VARIANT})")
+    p.add_argument("--kbatch-path", default=None,
+                   help="folder with a patched `kbatch` package: every A variant also runs with it (name+patch)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `kbatch run --set` for every A run")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment for both sides (A's process tree and this process, set before torch loads)")
+    p.add_argument("--no-baseline", action="store_true", help="A runs only (compare kbatch variants)")
     p.add_argument("--workdir", default=None, help="where manifests, configs, outputs go (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the work dir")
-    p.add_argument("--no-rss", action="store_true", help="don't poll the RSS of the kbatch process tree")
+    p.add_argument("--keep", action="store_true", help="keep outputs and the work dir")
+    p.add_argument("--no-rss", action="store_true", help="don't poll the kbatch process tree")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 32, 1
-    args.variant = args.variant or ["best"]
+    args.variant = args.variant or [DEFAULT_VARIANT]
+    args.env = dict(e.split("=", 1) for e in args.env)
     return args
 
 
@@ -90,16 +103,15 @@ def count_images(out: str) -> int:
     return len(glob.glob(os.path.join(out, "images", "*", "*.png")))
 
 
-def run_a(args, variant: str, cfg_path: str, work: str, k: int) -> C.Timed:
-    out = os.path.join(work, f"out-{variant}-{k}")
+def run_a(args, name: str, cfg_path: str, kbatch_path: str | None, work: str, k: int) -> C.Timed:
+    out = os.path.join(work, f"out-{name}-{k}")
     ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")  # short: Ray's socket paths have a length limit
     lb = C.loadavg()
+    log_path = os.path.join(work, f"kbatch-{name}-{k}.log")
     seconds, rc, poller, log = C.run_kbatch(cfg_path, out, ray_tmp, sets=args.sets, poll=not args.no_rss,
-                                            log_path=os.path.join(work, f"kbatch-{variant}-{k}.log"))
-    t = C.Timed(f"A kbatch[{variant}]", seconds, count_images(out), lb, C.loadavg())
-    m = SUMMARY_RE.search(log)
-    t.extra = {"rc": rc, "inner_ips": float(m.group(1)) if m else None, "inner_s": float(m.group(2)) if m else None,
-               "stages": m.group(3).strip() if m else "", "rss": poller.by_group() if poller else {}}
+                                            log_path=log_path, kbatch_path=kbatch_path, env_extra=args.env)
+    t = C.Timed(f"A kbatch[{name}]", seconds, count_images(out), lb, C.loadavg())
+    t.extra = {"rc": rc, "result": C.job_result(out), "procs": poller.by_group() if poller else {}}
     if rc != 0 or t.images != args.rows:
         print(f"!! kbatch exit {rc}, {t.images}/{args.rows} images; log tail:\n" + "\n".join(log.splitlines()[-15:]))
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -118,15 +130,26 @@ def run_b(args, models, wl, texts, seeds, work: str, k: int) -> C.Timed:
     n = C.diffusers_batches(prior, decoder, texts, seeds, wl, args.batch, out)
     seconds = time.perf_counter() - t0
     t = C.Timed(f"B diffusers x{args.batch}", seconds, n, lb, C.loadavg())
-    t.extra = {"load_s": t_load, "files": len(glob.glob(os.path.join(out, "*.png")))}
+    t.extra = {"load_s": t_load}
     del prior, decoder
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return t
 
 
+def describe(t: C.Timed) -> str:
+    if t.name.startswith("B"):
+        return f"model load {t.extra['load_s']:.1f}s"
+    r = t.extra.get("result") or {}
+    if not r:
+        return ""
+    stages = ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in (r.get("stage_seconds") or {}).items())
+    return f"kbatch inside Ray: {r.get('seconds', 0):.1f}s {r.get('images_per_second', 0):.2f} img/s; busy: {stages}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.update(args.env)  # before torch is imported (OMP_* are read when the runtime starts)
     t_start = time.perf_counter()
     C.quiet_libs()
     import torch
@@ -140,68 +163,85 @@ def main(argv=None) -> int:
     manifest = os.path.join(work, "manifest.parquet")
     recs = C.write_manifest(manifest, args.rows)
     texts, seeds = [r["prompt"] for r in recs], C.row_seeds(recs, wl.seed)
-    cfgs = {}
+    a_runs = []  # (name, config path, kbatch path)
     for v in args.variant:
-        preset = dict(VARIANTS[v])
-        cfgs[v] = C.write_yaml(os.path.join(work, f"config-{v}.yaml"),
-                               C.kbatch_config(models, manifest, os.path.join(work, "out"), wl, **preset))
+        path = C.write_yaml(os.path.join(work, f"config-{v}.yaml"),
+                            C.kbatch_config(models, manifest, os.path.join(work, "out"), wl, **VARIANTS[v]))
+        a_runs.append((v, path, None))
+        if args.kbatch_path:
+            a_runs.append((v + "+patch", path, os.path.abspath(args.kbatch_path)))
     print(f"kbatch CPU benchmark: {args.rows} rows text2img {wl.height}x{wl.width}, decoder {wl.steps} steps, "
-          f"prior {wl.prior_steps}, guidance {wl.guidance}; B batch {args.batch}, torch threads "
+          f"prior {wl.prior_steps}, guidance {wl.guidance}; B: batches of {args.batch}, torch threads "
           f"{torch.get_num_threads()}; {C.machine()}")
-    print(f"versions: {C.versions()}; work dir {work}")
-    for v, path in cfgs.items():
-        print(f"config[{v}]: {path}  {VARIANTS[v]}")
+    print(f"versions: {C.versions()}; env for both sides: {args.env or 'unchanged'}; work dir {work}")
+    for v in args.variant:
+        print(f"config[{v}]: {VARIANTS[v]}")
+    if args.kbatch_path:
+        print(f"'+patch' runs use the kbatch package under {args.kbatch_path}")
     sys.stdout.flush()
 
-    # warm the file cache and imports for B outside the timings (A pays its own imports: a fresh process)
-    import diffusers  # noqa: F401
-
     runs: list[C.Timed] = []
-    schedule = [(side, v, k) for k in range(args.repeats) for v in args.variant for side in ("A", "B")]
-    for side, v, k in schedule:
+    schedule = []
+    for k in range(args.repeats):
+        for a in a_runs:
+            schedule.append(("A", a, k))
+            if not args.no_baseline:
+                schedule.append(("B", None, k))
+    for side, a, k in schedule:
         if side == "A":
-            t = run_a(args, v, cfgs[v], work, k)
-            x = t.extra
-            extra = (f"inner {x['inner_s']:.1f}s {x['inner_ips']:.2f} img/s; {x['stages']}"
-                     if x.get("inner_s") else "")
+            t = run_a(args, a[0], a[1], a[2], work, k)
         else:
             t = run_b(args, models, wl, texts, seeds, work, k)
-            extra = f"model load {t.extra['load_s']:.1f}s"
         runs.append(t)
-        print(f"  {t.name:<22} {t.seconds:7.1f}s {t.images:4d} img {t.ips:6.2f} img/s  "
-              f"load {t.load_before:.1f}->{t.load_after:.1f}  {extra}")
-        sys.stdout.flush()
+        print(f"  {t.name:<24} {t.seconds:7.1f}s {t.images:4d} img {t.ips:6.2f} img/s  "
+              f"load {t.load_before:.1f}->{t.load_after:.1f}  {describe(t)}", flush=True)
     b_peak = C.self_peak_rss()
 
     # ------------------------------------------------------------------------------------------ report
     print()
-    print(f"| run | seconds | images | images/s | load avg (1 min) before->after |")
-    print(f"|---|---|---|---|---|")
+    print("| run | seconds | images | images/s | load avg (1 min) before->after |")
+    print("|---|---|---|---|---|")
     for t in runs:
         print(f"| {t.name} | {t.seconds:.1f} | {t.images} | {t.ips:.2f} | {t.load_before:.1f}->{t.load_after:.1f} |")
+    print()
     b = [t.ips for t in runs if t.name.startswith("B")]
-    mb = sum(b) / len(b)
-    print()
-    for v in args.variant:
-        a = [t.ips for t in runs if t.name == f"A kbatch[{v}]"]
+    mb = sum(b) / len(b) if b else 0.0
+    names = list(dict.fromkeys(t.name for t in runs if t.name.startswith("A")))
+    for name in names:
+        a = [t.ips for t in runs if t.name == name]
         ma = sum(a) / len(a)
-        inner = [t.extra["inner_ips"] for t in runs if t.name == f"A kbatch[{v}]" and t.extra.get("inner_ips")]
-        print(f"ratio[{v}] = mean(A img/s) / mean(B img/s) = {ma:.2f} / {mb:.2f} = {ma / mb:.2f}"
-              f"   (target >= 0.8; kbatch's own img/s after Ray start: "
-              f"{sum(inner) / max(1, len(inner)):.2f})")
+        inner = [t.extra["result"].get("images_per_second", 0) for t in runs if t.name == name and t.extra["result"]]
+        line = f"{name}: mean {ma:.2f} img/s over {len(a)} run(s)"
+        if mb:
+            line += f"; ratio mean(A img/s) / mean(B img/s) = {ma:.2f} / {mb:.2f} = {ma / mb:.2f} (target >= 0.8)"
+        if inner:
+            line += f"; inside Ray (kbatch's own summary) {sum(inner) / len(inner):.2f} img/s"
+        print(line)
     print()
-    print(f"peak RSS, B (this process, diffusers in-process): {C.mib(b_peak)}")
-    for v in args.variant:
-        merged: dict[str, tuple[int, int]] = {}
+    if b:
+        print(f"peak RSS, B (this process: diffusers in-process, both pipelines): {C.mib(b_peak)}")
+    for name in names:
+        merged: dict[str, list] = {}
+        n_runs = 0
+        mem: dict[str, float] = {}
         for t in runs:
-            if t.name == f"A kbatch[{v}]":
-                for g, (n, m) in t.extra.get("rss", {}).items():
-                    n0, m0 = merged.get(g, (0, 0))
-                    merged[g] = (max(n0, n), max(m0, m))
+            if t.name != name:
+                continue
+            for key, v in ((t.extra.get("result") or {}).get("memory") or {}).items():
+                mem[key] = max(mem.get(key, 0.0), v)
+            if t.extra.get("procs"):
+                n_runs += 1
+                for g, (n, m, c) in t.extra["procs"].items():
+                    e = merged.setdefault(g, [0, 0, 0.0])
+                    e[0], e[1], e[2] = max(e[0], n), max(e[1], m), e[2] + c
         if merged:
-            print(f"peak RSS per process, A kbatch[{v}] (max over runs; processes per run):")
-            for g, (n, m) in sorted(merged.items(), key=lambda kv: -kv[1][1]):
-                print(f"  {g:<34} {C.mib(m):>9}  x{n}")
+            print(f"{name} process tree (peak RSS: max over processes and runs; CPU s: mean per run, summed "
+                  f"over the group's processes):")
+            for g, (n, m, c) in sorted(merged.items(), key=lambda kv: -kv[1][1]):
+                print(f"  {g:<26} x{n:<2} peak RSS {C.mib(m):>8}   CPU {c / n_runs:6.1f}s")
+        if mem:
+            print(f"  as kbatch reports it (_job.json result.memory, GiB): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mem.items())))
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s; work dir {work}" + ("" if args.keep else " (removed)"))
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -38,7 +38,7 @@ def render(manifest: Any, output: str | None = None, config: str | JobConfig | M
     import pyarrow as pa
 
     from .results import open_results
-    from .runner import Runner, ensure_ray
+    from .runner import run_job
 
     table = None
     if isinstance(manifest, (str, os.PathLike)):
@@ -47,16 +47,8 @@ def render(manifest: Any, output: str | None = None, config: str | JobConfig | M
         table = manifest if isinstance(manifest, pa.Table) else pa.Table.from_pandas(manifest, preserve_index=False)
         manifest_uri = "<in-memory>"
     cfg = _config(config, sets, manifest_uri, output, **overrides)
-    runner = Runner(cfg, overwrite=overwrite, progress=progress, table=table).plan()
-    started = ensure_ray()
-    try:
-        result = runner.run()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    res = open_results(result.output)
+    result = run_job(cfg, overwrite=overwrite, progress=progress, table=table)
+    res = open_results(result.output, dict(cfg.storage_options) or None)
     res.run = result
     return res
 

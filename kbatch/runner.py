@@ -564,9 +564,10 @@ def ensure_ray(num_cpus: int | None = None):
     return True
 
 
-def run_job(cfg: JobConfig, *, overwrite: bool = False, progress: str | None = None) -> RunResult:
-    """Plan (no models), then render on the connected Ray, or a local one started (and stopped) here."""
-    runner = Runner(cfg, overwrite=overwrite, progress=progress).plan()
+def run_job(cfg: JobConfig, *, overwrite: bool = False, progress: str | None = None, table=None) -> RunResult:
+    """Plan (no models), then render on the connected Ray, or a local one started (and stopped) here.
+    ``table``: an in-memory manifest instead of ``cfg.manifest``."""
+    runner = Runner(cfg, overwrite=overwrite, progress=progress, table=table).plan()
     if not runner.rows and not runner.invalid:  # nothing left (a rerun of a finished job): no Ray needed
         return runner.run()
     started = ensure_ray()
