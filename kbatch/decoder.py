@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .models import Placement, load_decoder, load_inpaint, placement
+from .models import Placement, dtype_name, load_decoder, load_inpaint, placement
 from .prior import PriorOutput, generator_from_state
 from .schema import Row
 
@@ -26,6 +26,7 @@ class DecoderOutput:
     prior_worker: str
     decoder_worker: str
     seconds: float  # wall seconds of the batch, per image
+    dtype: str = ""  # the dtype the decoder really ran in (float16 falls back to float32 on CPU)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class DecoderPredictor:
         per_image = (time.perf_counter() - t0) / len(images)
         out, k = [], 0
         for r, p in zip(rows, priors):
-            out.append(DecoderOutput(r.id, images[k:k + r.num_images], p.prior_worker, self.worker, per_image))
+            out.append(DecoderOutput(r.id, images[k:k + r.num_images], p.prior_worker, self.worker, per_image,
+                                     dtype_name(self.place.dtype)))
             k += r.num_images
         return out

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -117,16 +119,18 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> tuple[pa.Tab
     incompatible schemas, required columns (``id``, ``prompt``) are missing or not strings.
     """
     fs, files, base = list_manifest_files(uri, storage_options)
-    tables = []
-    for p in files:
+    def read(p):
         shown = _uri(fs, p)
         try:
             with fs.open(p, "rb") as fh:
-                tables.append(pq.read_table(fh))
+                return pq.read_table(fh)
         except FileNotFoundError:
             raise ManifestError(f"manifest file {shown!r} not found") from None
         except (pa.ArrowException, OSError, ValueError) as e:
             raise ManifestError(f"manifest file {shown!r} is not a valid Parquet file: {e}") from None
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:  # object stores: in parallel
+        tables = list(pool.map(read, files))
     tables = _split_image_columns(tables)
     try:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")

@@ -101,7 +101,8 @@ def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list
             for i, img in enumerate(out.images):
                 records.append({**base, "image_index": i, "status": "ok", "error": None,
                                 "key": record_key(out.id, i), "prior_worker": out.prior_worker,
-                                "decoder_worker": out.decoder_worker, "seconds": out.seconds})
+                                "decoder_worker": out.decoder_worker, "seconds": out.seconds,
+                                "dtype": out.dtype or base.get("dtype")})
                 images.append(img)
     for rec in error_records:
         records.append(rec)
