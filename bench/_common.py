@@ -17,12 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # kbatch importable from the working tree (GPU machine: no pip install)
     sys.path.insert(0, ROOT)
 
-SUBJECTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen, studio photo",
-            "an astronaut riding a horse", "a watercolor of a mountain lake", "a robot reading a book",
-            "a city street in the rain, neon", "a cat wearing a tiny hat", "sunflowers in a blue vase",
-            "a sailing ship on a stormy sea", "a cozy cabin in the woods", "a futuristic train station"]
-
-
 @dataclass
 class Workload:
     rows: int = 256
@@ -44,6 +38,8 @@ class Workload:
 
 
 def prompts(n: int) -> list[str]:
+    from kbatch.demo import SUBJECTS
+
     return [f"{SUBJECTS[i % len(SUBJECTS)]}, variation {i}" for i in range(n)]
 
 
@@ -146,7 +142,11 @@ class RssPoller:
     """
 
     def __init__(self, root_pid: int, interval: float = 0.2):
-        import psutil
+        try:
+            import psutil
+        except ImportError:  # the GPU machine: Ray vendors psutil in ray/thirdparty_files
+            import ray  # noqa: F401  (puts thirdparty_files on sys.path)
+            import psutil
 
         self.psutil = psutil
         self.root_pid = root_pid
@@ -182,8 +182,9 @@ class RssPoller:
             title = " ".join(cmd) if cmd else name
             g = _group(title, name, p.pid, self.root_pid)
             pp = self.procs.setdefault(p.pid, ProcPeak(g))
-            if pp.group in _GENERIC and g not in _GENERIC:
-                pp.group = g  # labelled by the first real role a worker takes
+            if g not in _GENERIC and (pp.group in _GENERIC or (g.startswith("ray::")
+                                                              and not pp.group.startswith("ray::"))):
+                pp.group = g  # labelled by the first real role (Ray sets titles after the process starts)
             pp.titles.add(g)
             pp.peak_rss = max(pp.peak_rss, rss)
             pp.cpu_s = max(pp.cpu_s, ct.user + ct.system)
@@ -315,28 +316,53 @@ def load_pipelines(models: dict, device: str = "cpu", dtype=None):
 
 
 def diffusers_batches(prior, decoder, texts: list[str], seeds: list[int], wl: Workload, batch: int,
-                      out_dir: str | None, sync=None) -> int:
+                      out_dir: str | None, stats: dict | None = None) -> int:
     """The plain loop: per batch one prior call and one decoder call with one generator per row (the
     same per-row generator handed from prior to decoder, as KandinskyCombinedPipeline does), PIL out,
-    PNGs saved to ``out_dir``. Returns the number of images."""
+    PNGs saved to ``out_dir``. Returns the number of images.
+
+    ``stats`` (optional) accumulates seconds per part (prior, decoder, png) and, on CUDA, the peak memory
+    allocated during each pipeline call (GiB; both pipelines' weights are resident)."""
     import torch
+
+    cuda = decoder.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak(key):
+        if cuda and stats is not None:
+            stats[key] = max(stats.get(key, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
 
     n = 0
     for s in range(0, len(texts), batch):
         p, sd = texts[s:s + batch], seeds[s:s + batch]
         gens = [torch.Generator("cpu").manual_seed(x) for x in sd]
+        t0 = time.perf_counter()
+        if cuda and stats is not None:
+            torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             pr = prior(prompt=p, num_inference_steps=wl.prior_steps, guidance_scale=wl.prior_guidance,
                        generator=gens, output_type="pt")
+            sync()
+            t1 = time.perf_counter()
+            peak("prior_peak_gib")
             images = decoder(prompt=p, image_embeds=pr.image_embeds,
                              negative_image_embeds=pr.negative_image_embeds, height=wl.height, width=wl.width,
                              num_inference_steps=wl.steps, guidance_scale=wl.guidance, generator=gens,
                              output_type="pil").images
-        if sync:
             sync()
+            peak("decoder_peak_gib")
+        t2 = time.perf_counter()
         if out_dir:
             for k, img in enumerate(images):
                 img.save(os.path.join(out_dir, f"{s + k:06d}.png"))
+        if stats is not None:
+            stats["prior_s"] = stats.get("prior_s", 0.0) + t1 - t0
+            stats["decoder_s"] = stats.get("decoder_s", 0.0) + t2 - t1
+            stats["png_s"] = stats.get("png_s", 0.0) + time.perf_counter() - t2
         n += len(images)
     return n
 

@@ -15,18 +15,9 @@ import numpy as np
 import torch
 
 from .models import Placement, dtype_name, load_decoder, load_inpaint, placement
-from .prior import PriorOutput, generator_from_state
+from .outputs import DecoderOutput, PriorOutput
+from .prior import generator_from_state
 from .schema import Row
-
-
-@dataclass
-class DecoderOutput:
-    id: str
-    images: np.ndarray  # (num_images, H, W, 3) uint8
-    prior_worker: str
-    decoder_worker: str
-    seconds: float  # wall seconds of the batch, per image
-    dtype: str = ""  # the dtype the decoder really ran in (float16 falls back to float32 on CPU)
 
 
 @dataclass

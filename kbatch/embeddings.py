@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .prior import PriorOutput
+from .outputs import PriorOutput
 from .schema import Row, record_key
 
 CELL_FIELDS = [("id", pa.string()), ("prompt", pa.string()), ("mode", pa.string()),

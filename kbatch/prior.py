@@ -11,22 +11,13 @@ prior travels with the embeddings, as ``KandinskyCombinedPipeline`` hands its on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .models import Placement, load_prior, placement
+from .outputs import PriorOutput
 from .schema import Row
-
-
-@dataclass
-class PriorOutput:
-    id: str
-    image_embeds: np.ndarray  # (num_images, D) float32
-    negative_image_embeds: np.ndarray  # (num_images, D) float32
-    generator_state: bytes  # torch.Generator("cpu") state after the prior
-    prior_worker: str
 
 
 class PriorPredictor:

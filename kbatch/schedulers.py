@@ -6,8 +6,6 @@ The Kandinsky decoder pipelines never call ``scheduler.scale_model_input``, so s
 """
 from __future__ import annotations
 
-import diffusers
-
 DECODER_SCHEDULERS = {
     "ddim": "DDIMScheduler",  # as shipped with kandinsky-2-1
     "ddpm": "DDPMScheduler",
@@ -20,6 +18,8 @@ PRIOR_SCHEDULERS = {"unclip": "UnCLIPScheduler"}
 
 def make_scheduler(name: str, current, table: dict[str, str]):
     """A scheduler of class ``table[name]`` built from ``current``'s config (keeps betas etc.)."""
+    import diffusers  # lazy: config validation in the driver must not import torch
+
     cls = getattr(diffusers, table[name])
     if type(current) is cls:
         return current

@@ -10,8 +10,7 @@ import time
 import ray
 
 from .config import JobConfig
-from .decoder import DecoderFaults, DecoderOutput, DecoderPredictor
-from .prior import PriorOutput, PriorPredictor
+from .outputs import DecoderOutput, PriorOutput
 from .schema import Row, record_key
 
 
@@ -41,6 +40,8 @@ def _threads(cfg: JobConfig, stage: str) -> int:
 
 class PriorWorker:
     def __init__(self, cfg: JobConfig):
+        from .prior import PriorPredictor  # torch and diffusers: only in the actor process
+
         m = cfg.models
         self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
                                         scheduler=m.prior_scheduler, offload=m.offload,
@@ -58,6 +59,8 @@ class PriorWorker:
 
 class DecoderWorker:
     def __init__(self, cfg: JobConfig, need_inpaint: bool):
+        from .decoder import DecoderFaults, DecoderPredictor  # torch and diffusers: only in the actor
+
         m, f = cfg.models, cfg.faults
         self.predictor = DecoderPredictor(
             m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,

@@ -1,0 +1,428 @@
+"""GPU benchmark: plain diffusers (1 and 16 prompts per call) vs `kbatch run` on one card, in one run.
+
+Reference workload: text2img 512x512, prior 25 + decoder 50 steps, guidance 4, float16. The models are the
+full-size Kandinsky 2.1 architectures with random weights, built from ``shared/kandinsky21_configs.json``
+(compute does not depend on weight values) and written as diffusers model folders (safetensors); the
+tokenizers are kbatch's tiny offline ones (token ids stay below the full vocab sizes).
+
+Measured, in this order, on the same card:
+  1. diffusers, one prompt per call   (prior call + decoder call per row; warm-up call untimed)
+  2. diffusers, 16 prompts per call   (same, 16 rows per call)
+  3. the UNet alone: ``steps`` forward passes at CFG batch 2x16 (the decoder's floor)
+  4. ``kbatch run`` as a subprocess, prior and decoder sharing the GPU by fractions (0.2 / 0.8), timed
+     wall-clock as a user sees it (Ray start, actor start, model load, render, PNG writes, shutdown).
+UNet FLOPs: one forward at CFG batch 2 counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
+device, times the steps = UNet FLOPs per image; "UNet TFLOP/s" of a variant = FLOPs per image x its img/s
+(end to end: prior, MoVQ, PNG, scheduling all count against it), and for the UNet-alone loop its own rate.
+GPU memory: ``torch.cuda.max_memory_allocated`` around each diffusers pipeline call (this process, both
+pipelines resident); for kbatch, what its workers report in ``_job.json`` (``result.memory``: each actor's
+own peak allocated), and the device-wide peak used (``torch.cuda.mem_get_info`` polled by this process,
+which holds a small CUDA context of its own then).
+
+    python bench/gpu.py --out $OUT               # on the lent GPU (see bench/README.md for the set-up)
+    python bench/gpu.py --tiny                   # CPU smoke run: tiny models, 64x64, few steps and rows
+    python bench/gpu.py --mini                   # CPU test of the full-size builder with shrunk widths
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+CONFIGS_JSON = os.path.join(os.path.dirname(C.ROOT), "shared", "kandinsky21_configs.json")
+T0 = time.perf_counter()
+
+
+def log(msg: str):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models from `kbatch models tiny`, 64x64, CPU-sized")
+    p.add_argument("--mini", action="store_true", help="the full-size builder with shrunk widths (CPU test)")
+    p.add_argument("--configs", default=CONFIGS_JSON, help="full-size component configs (JSON)")
+    p.add_argument("--models", default=None, help="model folder cache (default: /tmp/kbatch-gpu-models[-mini] "
+                                                  "or /tmp/kbatch-bench-models for --tiny)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--x1-rows", type=int, default=None, help="rows for diffusers, one prompt per call")
+    p.add_argument("--x16-rows", type=int, default=None, help="rows for diffusers, 16 prompts per call")
+    p.add_argument("--rows", type=int, default=None, help="kbatch manifest rows")
+    p.add_argument("--per-call", type=int, default=16, help="prompts per call of the batched diffusers variant")
+    p.add_argument("--prior-gpus", type=float, default=0.2)
+    p.add_argument("--decoder-gpus", type=float, default=0.8)
+    p.add_argument("--kbatch-batch", type=int, default=16, help="kbatch decoder batch_size (images per pass)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `kbatch run --set` (e.g. models.compile=true)")
+    p.add_argument("--skip", action="append", default=[], choices=["x1", "x16", "unet", "kbatch"])
+    p.add_argument("--no-png", action="store_true", help="diffusers variants: don't write PNGs")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.md / results.json")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    small = args.tiny or args.mini
+    args.x1_rows = args.x1_rows or (4 if small else 8)
+    args.x16_rows = args.x16_rows or (2 * args.per_call if small else 4 * args.per_call)
+    args.rows = args.rows or (32 if small else 256)
+    return args
+
+
+# ------------------------------------------------------------------------------------------ model build
+
+
+def _cfg(cfgs: dict, prefix: str) -> dict:
+    for k, v in cfgs.items():
+        if k.startswith(prefix):
+            return dict(v)
+    raise KeyError(f"{prefix!r} not in the configs JSON (keys: {sorted(cfgs)})")
+
+
+def _shrink(c: dict) -> dict:
+    """--mini: the full configs with small widths/depths, keeping every block type and the wiring."""
+    d = 32  # image-embedding width (prior embedding_dim = CLIP projection = UNet cross_attention_dim)
+    c["unet"].update(block_out_channels=[64, 128, 192, 256], layers_per_block=1, cross_attention_dim=d,
+                     encoder_hid_dim=64, sample_size=8)
+    c["movq"].update(block_out_channels=[32, 32, 32, 64], layers_per_block=1, num_vq_embeddings=64)
+    c["mclip"].update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                      transformerDimSize=64, imageDimSize=d)
+    c["prior"].update(num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=d)
+    c["clip_text"].update(hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          projection_dim=d)
+    c["clip_vision"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            projection_dim=d)
+    return c
+
+
+def build_models(root: str, configs_path: str, device: str, mini: bool = False) -> dict:
+    """Full-size random-weight prior/ and decoder/ folders (float16 safetensors; float32 with --mini).
+    Reused when ``root/.complete`` says they were built from the same configs."""
+    import torch
+    from diffusers import (DDIMScheduler, KandinskyPipeline, KandinskyPriorPipeline, PriorTransformer,
+                           UnCLIPScheduler, UNet2DConditionModel, VQModel)
+    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from kbatch.tiny_models import _build_clip_tokenizer, _build_xlmr_tokenizer, _fix_model_index
+
+    with open(configs_path) as fh:
+        cfgs = json.load(fh)
+    c = {"unet": _cfg(cfgs, "decoder/unet"), "movq": _cfg(cfgs, "decoder/movq"),
+         "mclip": _cfg(cfgs, "decoder/text_encoder"), "ddim": _cfg(cfgs, "decoder/scheduler"),
+         "prior": _cfg(cfgs, "prior/prior"), "clip_text": _cfg(cfgs, "prior/text_encoder"),
+         "clip_vision": _cfg(cfgs, "prior/image_encoder"), "unclip": _cfg(cfgs, "prior/scheduler"),
+         "processor": _cfg(cfgs, "prior/image_processor")}
+    if mini:
+        c = _shrink(c)
+    stamp = json.dumps(c, sort_keys=True)
+    paths = {"prior": os.path.join(root, "prior"), "decoder": os.path.join(root, "decoder")}
+    paths["inpaint"] = paths["decoder"]  # not used by text2img; kbatch needs a value
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker) and open(marker).read() == stamp:
+        log(f"models: reusing {root}")
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    dtype = torch.float32 if mini else torch.float16
+    clip_tok, xlmr_tok = _build_clip_tokenizer(), _build_xlmr_tokenizer()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes on CPU
+        unet = UNet2DConditionModel.from_config(c["unet"]).eval()
+        movq = VQModel.from_config(c["movq"]).eval()
+        mclip = MultilingualCLIP(MCLIPConfig(**c["mclip"])).eval()
+        prior = PriorTransformer.from_config(c["prior"]).eval()
+        clip_text = CLIPTextModelWithProjection(CLIPTextConfig(**c["clip_text"])).eval()
+        clip_vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**c["clip_vision"])).eval()
+        with torch.no_grad():  # as trained models: non-zero std, else every image embedding is the mean
+            prior.clip_std.fill_(1.0)
+            prior.clip_mean.normal_(0, 0.1)
+    n_params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in
+                dict(unet=unet, movq=movq, mclip=mclip, prior=prior, clip_text=clip_text,
+                     clip_vision=clip_vision).items()}
+    log("models: built in %.1fs, parameters (M): %s" % (
+        time.perf_counter() - t0, ", ".join(f"{k} {v:.1f}" for k, v in n_params.items())))
+    proc = c["processor"]
+    image_processor = CLIPImageProcessor(
+        crop_size=proc.get("crop_size", 224), do_center_crop=proc.get("do_center_crop", True),
+        do_normalize=proc.get("do_normalize", True), do_resize=proc.get("do_resize", True),
+        image_mean=proc.get("image_mean"), image_std=proc.get("image_std"), resample=proc.get("resample", 3),
+        size=proc.get("size", 224))
+    t0 = time.perf_counter()
+    prior_pipe = KandinskyPriorPipeline(prior=prior.to(dtype), image_encoder=clip_vision.to(dtype),
+                                        text_encoder=clip_text.to(dtype), tokenizer=clip_tok,
+                                        scheduler=UnCLIPScheduler.from_config(c["unclip"]),
+                                        image_processor=image_processor)
+    prior_pipe.save_pretrained(paths["prior"], safe_serialization=True)
+    _fix_model_index(Path(paths["prior"]))
+    del prior_pipe, prior, clip_vision, clip_text
+    dec_pipe = KandinskyPipeline(text_encoder=mclip.to(dtype), tokenizer=xlmr_tok, unet=unet.to(dtype),
+                                 scheduler=DDIMScheduler.from_config(c["ddim"]), movq=movq.to(dtype))
+    dec_pipe.save_pretrained(paths["decoder"], safe_serialization=True)
+    del dec_pipe, unet, movq, mclip
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    log(f"models: saved {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f}s under {root}")
+    with open(marker, "w") as fh:
+        fh.write(stamp)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def unet_inputs(unet, batch: int, height: int, width: int, movq_scale: int, device, dtype):
+    import torch
+
+    cfg = unet.config
+    lat = torch.randn(batch, cfg.in_channels, height // movq_scale, width // movq_scale, device=device, dtype=dtype)
+    ehs = torch.randn(batch, 77, cfg.encoder_hid_dim, device=device, dtype=dtype)
+    txt = torch.randn(batch, cfg.cross_attention_dim, device=device, dtype=dtype)
+    img = torch.randn(batch, cfg.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.tensor(500, device=device)
+    return dict(sample=lat, timestep=t, encoder_hidden_states=ehs,
+                added_cond_kwargs={"text_embeds": txt, "image_embeds": img}, return_dict=False)
+
+
+def unet_flops_per_image(decoder, wl: C.Workload) -> float:
+    """FLOPs of the UNet for one image: one forward at CFG batch 2 (counted on the device) x steps."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kw = unet_inputs(decoder.unet, 2, wl.height, wl.width, decoder.movq_scale_factor, decoder.device,
+                     decoder.unet.dtype)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        decoder.unet(**kw)
+    return float(fc.get_total_flops()) * wl.steps
+
+
+def unet_alone(decoder, wl: C.Workload, per_call: int) -> float:
+    """Seconds per image of ``steps`` UNet forwards at CFG batch 2 x per_call (after one warm-up forward)."""
+    import torch
+
+    kw = unet_inputs(decoder.unet, 2 * per_call, wl.height, wl.width, decoder.movq_scale_factor, decoder.device,
+                     decoder.unet.dtype)
+    sync = torch.cuda.synchronize if decoder.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        decoder.unet(**kw)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(wl.steps):
+            decoder.unet(**kw)
+        sync()
+    return (time.perf_counter() - t0) / per_call
+
+
+class GpuMemPoller:
+    """Device-wide used memory (total - free), polled every 0.5 s from this process."""
+
+    def __init__(self):
+        import torch
+
+        self.torch, self.peak, self._stop = torch, 0, threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            free, total = self.torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def card() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return C.machine()
+    name = torch.cuda.get_device_name(0)
+    try:
+        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        drv = "?"
+    return f"{name} (driver, memory: {drv}; CUDA {torch.version.cuda}); {C.machine()}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    C.quiet_libs()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.tiny or args.mini
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    work = args.workdir or tempfile.mkdtemp(prefix="kbatch-gpu-")
+    os.makedirs(work, exist_ok=True)
+    if args.tiny:
+        import kbatch.tiny_models as tm
+
+        models = tm.write_tiny_models(args.models or "/tmp/kbatch-bench-models")
+    else:
+        root = args.models or ("/tmp/kbatch-gpu-models-mini" if args.mini else "/tmp/kbatch-gpu-models")
+        models = build_models(root, args.configs, device, mini=args.mini)
+    wl = (C.Workload(rows=args.rows, height=64, width=64, steps=10, prior_steps=5) if small else
+          C.Workload(rows=args.rows, height=512, width=512, steps=50, prior_steps=25))
+    dtype_name = "float16" if device == "cuda" else "float32"
+    dtype = getattr(torch, dtype_name)
+    log(f"card: {card()}")
+    log(f"versions: {C.versions()}")
+    log(f"workload: text2img {wl.height}x{wl.width}, prior {wl.prior_steps} + decoder {wl.steps} steps, guidance "
+        f"{wl.guidance}, {dtype_name}; models {models['decoder']}")
+    results: list[dict] = []
+    texts_all = C.prompts(max(args.x1_rows, args.x16_rows, args.rows) + args.per_call)
+    seeds_all = C.row_seeds([{"id": f"row-{i:06d}"} for i in range(len(texts_all))], wl.seed)
+
+    flops_img = None
+    need_pipes = not {"x1", "x16", "unet"} <= set(args.skip)
+    if need_pipes:
+        t0 = time.perf_counter()
+        prior, decoder = C.load_pipelines(models, device, dtype)
+        log(f"diffusers: pipelines loaded in {time.perf_counter() - t0:.1f}s")
+        flops_img = unet_flops_per_image(decoder, wl)
+        log(f"UNet: {flops_img / wl.steps / 1e12:.3f} TFLOP per CFG step (batch 2), {flops_img / 1e12:.2f} TFLOP "
+            f"per image ({wl.steps} steps)")
+        for name, per_call, n in (("x1", 1, args.x1_rows), ("x16", args.per_call, args.x16_rows)):
+            if name in args.skip:
+                continue
+            out = None if args.no_png else os.path.join(work, f"diffusers-{name}")
+            if out:
+                os.makedirs(out, exist_ok=True)
+            C.diffusers_batches(prior, decoder, texts_all[-per_call:], seeds_all[-per_call:], wl, per_call, None)
+            stats: dict = {}
+            t0 = time.perf_counter()
+            n_img = C.diffusers_batches(prior, decoder, texts_all[:n], seeds_all[:n], wl, per_call, out, stats)
+            sec = time.perf_counter() - t0
+            results.append({"variant": f"diffusers, {per_call} prompt{'s' if per_call > 1 else ''} per call",
+                            "images": n_img, "seconds": sec, "img_s": n_img / sec,
+                            "img_s_no_png": n_img / (sec - stats.get("png_s", 0.0)),
+                            "gpu_mem": {k: v for k, v in stats.items() if k.endswith("_gib")},
+                            "note": f"prior {stats['prior_s']:.1f}s, decoder {stats['decoder_s']:.1f}s, "
+                                    f"png {stats['png_s']:.1f}s"})
+            log(f"diffusers {name}: {n_img} images in {sec:.1f}s = {n_img / sec:.2f} img/s ({results[-1]['note']})")
+        if "unet" not in args.skip:
+            s_img = unet_alone(decoder, wl, args.per_call)
+            results.append({"variant": f"UNet alone, CFG batch {2 * args.per_call} (decoder floor)",
+                            "images": args.per_call, "seconds": s_img * args.per_call, "img_s": 1 / s_img,
+                            "note": f"{wl.steps} forwards"})
+            log(f"UNet alone: {1 / s_img:.2f} img/s")
+        del prior, decoder
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    if "kbatch" not in args.skip:
+        manifest = os.path.join(work, "manifest.parquet")
+        C.write_manifest(manifest, args.rows)
+        if device == "cuda":
+            res = dict(prior={"replicas": 1, "gpus": args.prior_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
+                       decoder={"replicas": 1, "gpus": args.decoder_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
+                       io_cpus=1, rows_per_shard=64)
+        else:  # the 2-CPU preset of bench/cpu.py
+            res = dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                       decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                       io_cpus=0.25, rows_per_shard=64)
+        cfg = C.kbatch_config(models, manifest, os.path.join(work, "kbatch-out"), wl, dtype=dtype_name,
+                              device=device, **res)
+        cfg_path = C.write_yaml(os.path.join(work, "kbatch.yaml"), cfg)
+        out = os.path.join(work, "kbatch-out")
+        ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")
+        log(f"kbatch: run {cfg_path} ({args.rows} rows; resources {res}; --set {args.sets})")
+        mem = GpuMemPoller() if device == "cuda" else None
+        if mem:
+            mem.__enter__()
+        try:
+            sec, rc, poller, text = C.run_kbatch(cfg_path, out, ray_tmp, sets=args.sets, timeout=1200,
+                                                 log_path=os.path.join(work, "kbatch.log"))
+        finally:
+            if mem:
+                mem.__exit__(None, None, None)
+        r = C.job_result(out)
+        n_img = r.get("images", 0)
+        if rc != 0:
+            print("\n".join(text.splitlines()[-30:]))
+        gpu_mem = {k: v for k, v in (r.get("memory") or {}).items()}
+        if mem:
+            gpu_mem["device_peak_used_gib"] = mem.peak / 2**30
+        stages = ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in (r.get("stage_seconds") or {}).items())
+        results.append({"variant": f"kbatch run (prior {res['prior']['gpus']} + decoder {res['decoder']['gpus']} "
+                                   f"GPU, batch {res['decoder']['batch_size']})",
+                        "images": n_img, "seconds": sec, "img_s": n_img / sec, "exit": rc,
+                        "img_s_inside": r.get("images_per_second"), "gpu_mem": gpu_mem,
+                        "rss": {g: m for g, (_, m, _) in (poller.by_group() if poller else {}).items()},
+                        "note": f"whole command; inside Ray {r.get('seconds', 0):.1f}s; busy: {stages}"})
+        log(f"kbatch: exit {rc}, {n_img} images in {sec:.1f}s = {n_img / sec:.2f} img/s whole command, "
+            f"{r.get('images_per_second', 0):.2f} img/s inside Ray")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ report
+    ref = next((x for x in results if x["variant"].startswith(f"diffusers, {args.per_call} ")), None)
+    lines = [f"GPU benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}: {card()}",
+             f"versions: {C.versions()}",
+             f"workload: text2img {wl.height}x{wl.width}, prior {wl.prior_steps} + decoder {wl.steps} steps, "
+             f"guidance {wl.guidance}, {dtype_name}" + (" (TINY models: not the reference workload)" if args.tiny else
+                                                      " (MINI models: not the reference workload)" if args.mini else
+                                                      ", full-size random-weight models"),
+             "" if flops_img is None else
+             f"UNet FLOPs per image: {flops_img / 1e12:.3f} TFLOP ({wl.steps} CFG steps, FlopCounterMode)",
+             "",
+             "| variant | images | seconds | img/s | vs diffusers x%d | UNet TFLOP/s | memory per stage (GiB) | notes |"
+             % args.per_call,
+             "|---|---|---|---|---|---|---|---|"]
+    for x in results:
+        rel = f"{x['img_s'] / ref['img_s']:.2f}x" if ref else "-"
+        tfs = f"{flops_img * x['img_s'] / 1e12:.3g}" if flops_img else "-"
+        memtxt = ", ".join(f"{k} {v:.1f}" for k, v in (x.get("gpu_mem") or {}).items()) or "-"
+        notes = x.get("note", "")
+        if x.get("img_s_inside"):
+            notes += f"; {x['img_s_inside']:.2f} img/s inside Ray"
+        if x.get("img_s_no_png"):
+            notes += f"; {x['img_s_no_png']:.2f} img/s without PNG writes"
+        lines.append(f"| {x['variant']} | {x['images']} | {x['seconds']:.1f} | {x['img_s']:.2f} | {rel} | {tfs} | "
+                     f"{memtxt} | {notes} |")
+    kb = next((x for x in results if x["variant"].startswith("kbatch")), None)
+    if kb and ref:
+        lines += ["", f"kbatch / diffusers x{args.per_call} = {kb['img_s'] / ref['img_s']:.2f} (target >= 2); "
+                      f"kbatch {kb['img_s']:.2f} img/s (target >= 5 on one H200)"]
+    if kb and kb.get("rss"):
+        lines.append("kbatch peak host RSS per process: " + ", ".join(
+            f"{g} {C.mib(m)}" for g, m in sorted(kb["rss"].items(), key=lambda kv: -kv[1])))
+    text = "\n".join(lines)
+    print("\n" + text)
+    log(f"total {time.perf_counter() - T0:.0f}s; work dir {work}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu-results.md"), "w") as fh:
+            fh.write(text + "\n")
+        with open(os.path.join(args.out, "gpu-results.json"), "w") as fh:
+            json.dump({"results": results, "flops_per_image": flops_img, "card": card(), "versions": C.versions()},
+                      fh, indent=2, default=str)
+        if os.path.exists(os.path.join(work, "kbatch.log")):
+            shutil.copy(os.path.join(work, "kbatch.log"), args.out)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if not kb or kb.get("exit") == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
