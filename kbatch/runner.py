@@ -23,6 +23,7 @@ from .schema import Row, input_ref
 log = logging.getLogger("kbatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
+FREE_RETRIES = 8  # resubmissions of a batch whose worker another batch killed (or that never started)
 FLUSH_SECONDS = 60  # a shard is written at rows_per_shard rows or after this long, whichever comes first
 
 
@@ -59,6 +60,8 @@ class Unit:
     attempts: int = 0
     inputs: list = field(default_factory=list)  # ObjectRefs of {id: inputs} maps
     priors: list = field(default_factory=list)  # PriorOutputs (decoder units)
+    free_retries: int = 0  # resubmissions after a worker death that another batch caused
+    token: str = ""  # names this submission; the actor notes it in Ray's KV store when it starts it
 
 
 def _images(rows) -> int:
@@ -309,12 +312,12 @@ class Runner:
             self.embedding_writer = ray.remote(write_embeddings_shard).options(num_cpus=res.io_cpus, max_retries=2)
         self.crashes: dict = defaultdict(int)
         self.load = {a: 0 for a in self.priors + self.decoders}
+        self.slot = {a: f"{self.run_id}/{kind}/{i}" for kind, pool in (("prior", self.priors), ("decoder", self.decoders))
+                     for i, a in enumerate(pool)}  # KV key where each actor notes the batch it runs
 
     def _init_queues(self, rows):
         cfg, res = self.cfg, self.cfg.resources
         self.inflight: dict = {}  # ref -> (kind, unit, actor, extra)
-        self.on_actor: dict = defaultdict(dict)  # actor -> {ref: submission number}, FIFO per actor
-        self.collateral: set = set()  # refs queued behind a batch that killed their actor
         self.seq = 0
         self.shard_ok: list = []  # (rows, decoder payload ref)
         self.shard_prior: list = []  # stage prior: (row, PriorOutput) waiting for an embeddings shard
@@ -357,19 +360,23 @@ class Runner:
                 self.prior_q.append(unit)
         while self.prior_q and (actor := self._free(self.priors)):
             unit = self.prior_q.popleft()
-            ref = actor.run.remote(unit.rows, *unit.inputs)
+            ref = actor.run.remote(self.slot[actor], self._token(unit), unit.rows, *unit.inputs)
             self._track(ref, "prior", unit, actor)
         self._form_decoder_batches()
         while self.decoder_q and (actor := self._free(self.decoders)):
             unit = self.decoder_q.popleft()
-            status_ref, payload_ref = actor.run.remote(unit.rows, unit.priors, *unit.inputs)
+            status_ref, payload_ref = actor.run.remote(self.slot[actor], self._token(unit), unit.rows, unit.priors,
+                                                       *unit.inputs)
             self._track(status_ref, "decoder", unit, actor, payload_ref)
+
+    def _token(self, unit: Unit) -> str:
+        self.seq += 1
+        unit.token = f"{self.run_id}#{self.seq}"
+        return unit.token
 
     def _track(self, ref, kind, unit, actor, extra=None):
         self.inflight[ref] = (kind, unit, actor, extra)
         self.load[actor] += 1
-        self.seq += 1
-        self.on_actor[actor][ref] = self.seq
 
     def _form_decoder_batches(self):
         limit = self.cfg.resources.decoder.batch_size
@@ -386,21 +393,19 @@ class Runner:
 
     def _complete(self, ray, ref):
         kind, unit, actor, extra = self.inflight.pop(ref)
-        queued = self.on_actor[actor] if actor is not None else {}
-        oldest = min(queued.values()) if queued else None
-        seq = queued.pop(ref, None)
         if actor is not None:
             self.load[actor] -= 1
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            # An actor runs its batches in order: the oldest one in flight killed it; the ones queued
-            # behind it die with it and are resubmitted without counting an attempt.
-            if ref in self.collateral or (seq is not None and seq != oldest):
-                self.collateral.discard(ref)
+            # Only the batch the actor was running when it died is charged an attempt; batches queued
+            # behind it are resubmitted free (bounded, in case the actor cannot even start).
+            from .workers import running_batch
+
+            if running_batch(self.slot[actor]) != unit.token and unit.free_retries < FREE_RETRIES:
+                unit.free_retries += 1
                 return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)
             self.crashes[actor] += 1
-            self.collateral.update(queued)
             return self._retry(kind, unit, f"{kind} worker died: {type(e).__name__}", crash=True)
         except ray.exceptions.RayTaskError as e:
             return self._retry(kind, unit, f"{kind} failed: {_short(e)}", crash=False)

@@ -14,6 +14,22 @@ from .outputs import DecoderOutput, PriorOutput
 from .schema import Row, record_key
 
 
+def mark_running(slot: str | None, token: str | None):
+    """Note in Ray's KV store which batch this actor is running, so that when the process dies the
+    driver can tell the batch that killed it from the batches queued behind it."""
+    if slot and token:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(slot, token, overwrite=True, namespace="kbatch")
+
+
+def running_batch(slot: str) -> str | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    v = _internal_kv_get(slot, namespace="kbatch")
+    return v.decode() if v else None
+
+
 def _merge(input_maps) -> dict:
     out: dict = {}
     for m in input_maps:
@@ -50,7 +66,8 @@ class PriorWorker:
     def worker(self) -> str:
         return self.predictor.worker
 
-    def run(self, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float, dict]:
+    def run(self, slot: str, token: str, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float, dict]:
+        mark_running(slot, token)
         t0 = time.perf_counter()
         inputs = _merge(input_maps)
         out = self.predictor(rows, [inputs.get(r.id) for r in rows])
@@ -72,8 +89,9 @@ class DecoderWorker:
         return self.predictor.worker
 
     @ray.method(num_returns=2)
-    def run(self, rows: list[Row], priors: list[PriorOutput], *input_maps):
+    def run(self, slot: str, token: str, rows: list[Row], priors: list[PriorOutput], *input_maps):
         """Returns (small status for the driver, images for the writer) as two objects."""
+        mark_running(slot, token)
         t0 = time.perf_counter()
         inputs = _merge(input_maps)
         out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
