@@ -130,7 +130,6 @@ class ProcPeak:
     group: str
     peak_rss: int = 0
     cpu_s: float = 0.0  # user + system CPU seconds at the last sample
-    titles: set = field(default_factory=set)
 
 
 class RssPoller:
@@ -185,7 +184,6 @@ class RssPoller:
             if g not in _GENERIC and (pp.group in _GENERIC or (g.startswith("ray::")
                                                               and not pp.group.startswith("ray::"))):
                 pp.group = g  # labelled by the first real role (Ray sets titles after the process starts)
-            pp.titles.add(g)
             pp.peak_rss = max(pp.peak_rss, rss)
             pp.cpu_s = max(pp.cpu_s, ct.user + ct.system)
 

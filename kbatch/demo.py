@@ -66,10 +66,12 @@ def demo_config(root: str, models: dict[str, str]) -> dict:
     return {
         "models": {**models, "dtype": "float32"},
         "manifest": os.path.join(root, "manifest.parquet"),
-        "output": {"path": os.path.join(root, "render"), "rows_per_shard": 8},
+        "output": {"path": os.path.join(root, "render"), "rows_per_shard": 64},
         "seed": 0,
-        "resources": {"prior": {"replicas": 1, "gpus": 0.25, "cpus": 0.5, "batch_size": 8},
-                      "decoder": {"replicas": 1, "gpus": 0.75, "cpus": 1, "batch_size": 8, "threads": 2},
+        # two single-thread decoders beat one two-thread decoder on small CPUs (bench/RESULTS.md);
+        # on one GPU the three actors share it by fractions
+        "resources": {"prior": {"replicas": 1, "gpus": 0.2, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                      "decoder": {"replicas": 2, "gpus": 0.4, "cpus": 0.75, "batch_size": 8, "threads": 1},
                       "device": "auto"},
         "defaults": {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 4.0,
                      "prior_num_inference_steps": 5, "prior_guidance_scale": 4.0, "strength": 0.5},
