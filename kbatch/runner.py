@@ -245,7 +245,8 @@ class Runner:
                            self.images / seconds if seconds else 0.0, dict(self.stats), dict(self.failed_by_reason),
                            dict(self.memory))
         job.update(status="complete" if complete else ("interrupted" if interrupted else "incomplete"),
-                   finished=now_iso(), result=dataclasses.asdict(result))
+                   finished=now_iso(), result=dataclasses.asdict(result),
+                   worker_start_errors=getattr(self, "failed_starts", {}))
         storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
@@ -311,6 +312,7 @@ class Runner:
 
             self.embedding_writer = ray.remote(write_embeddings_shard).options(num_cpus=res.io_cpus, max_retries=2)
         self.crashes: dict = defaultdict(int)
+        self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
         self.load = {a: 0 for a in self.priors + self.decoders}
         self.slot = {a: f"{self.run_id}/{kind}/{i}" for kind, pool in (("prior", self.priors), ("decoder", self.decoders))
                      for i, a in enumerate(pool)}  # KV key where each actor notes the batch it runs
@@ -402,6 +404,11 @@ class Runner:
             # behind it are resubmitted free (bounded, in case the actor cannot even start).
             from .workers import running_batch
 
+            if getattr(e, "actor_init_failed", False):  # cannot even load its models: no row is to blame
+                self.crashes[actor] = self.cfg.retries.max_actor_restarts + 1
+                log.error("kbatch: a %s worker failed to start: %s", kind, _short(e))
+                self.failed_starts[kind] = _short(e)
+                return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)
             if running_batch(self.slot[actor]) != unit.token and unit.free_retries < FREE_RETRIES:
                 unit.free_retries += 1
                 return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)

@@ -131,12 +131,22 @@ def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list
     return _write(spec, shard, records, images)
 
 
+def _omp(cfg: JobConfig, stage: str) -> dict:
+    """Several torch threads on a shared CPU: OpenMP's busy-wait makes them 10-30x slower whenever another
+    process takes a core (bench/RESULTS.md); passive waiting avoids that."""
+    if _threads(cfg, stage) > 1 and cfg.resources.device != "cuda":
+        return {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+    return {}
+
+
 def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
     r, rt = cfg.resources, cfg.retries
     # SPREAD: replicas land on different nodes where they can (multi-node clusters)
     common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
-    prior = ray.remote(PriorWorker).options(num_cpus=r.prior.cpus, num_gpus=prior_gpus, **common)
-    decoder = ray.remote(DecoderWorker).options(num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, **common)
+    prior = ray.remote(PriorWorker).options(num_cpus=r.prior.cpus, num_gpus=prior_gpus, **_omp(cfg, "prior"),
+                                            **common)
+    decoder = ray.remote(DecoderWorker).options(num_cpus=r.decoder.cpus, num_gpus=decoder_gpus,
+                                                **_omp(cfg, "decoder"), **common)
     loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
     writer = ray.remote(write_shard).options(num_cpus=r.io_cpus, max_retries=2, retry_exceptions=[OSError])
     return prior, decoder, loader, writer

@@ -155,3 +155,20 @@ def test_config_errors_exit_2_before_models_load(tmp_path, capsys):
         assert code == 2, (key, err)
         assert key.split(".")[-1] in err and shown in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_decoder_that_cannot_start_ends_incomplete(tiny_models, ray_session, tmp_path):
+    """A broken model folder: no row is charged, the run stops (exit 3) and says why."""
+    import shutil
+
+    broken = tmp_path / "decoder"
+    shutil.copytree(tiny_models["decoder"], broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    models = {**tiny_models, "decoder": str(broken)}
+    cfg = tiny_config(models, tmp_path / "out", retries={"max_actor_restarts": 1})
+    t0 = time.monotonic()
+    res = kbatch.render(pd.DataFrame(_rows(4)), str(tmp_path / "out"), cfg)
+    assert res.run.exit_code == 3 and res.run.rows_missing == 4 and res.run.rows_failed == 0
+    assert time.monotonic() - t0 < 240
+    job = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert "decoder" in job["worker_start_errors"] and job["status"] == "incomplete"
