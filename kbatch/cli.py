@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from .config import ConfigError, load_config
+from .config import ConfigError, JobConfig, load_config
 from .manifest import ManifestError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_job_config(args) -> "JobConfig":  # noqa: F821
+def load_job_config(args) -> JobConfig:
     overrides = None
     if getattr(args, "config_b64", None):
         overrides = yaml.safe_load(base64.b64decode(args.config_b64))

@@ -166,6 +166,7 @@ class Runner:
         done_hashes = dict(zip(done["id"], done["row_hash"])) if len(done) else {}
         check_resume(previous, cfg, done_hashes, rows)
         self.skipped = len(set(done_hashes))
+        self.previous_failed = int(done[done["status"] == "error"]["id"].nunique()) if len(done) else 0
         self.rows = [r for r in rows if r.id not in done_hashes]
         raw = table.to_pylist() if row_errors else []
         self.invalid = []
@@ -237,7 +238,7 @@ class Runner:
         missing = self.total - self.skipped - self.rows_ok - self.rows_failed
         complete = missing == 0 and not interrupted
         seconds = time.perf_counter() - t_start
-        failed_total = self.rows_failed + self._previous_failures()
+        failed_total = self.rows_failed + self.previous_failed
         tolerance = max(cfg.retries.max_failed_rows, int(cfg.retries.max_failed_fraction * self.total))
         code = EXIT_INCOMPLETE if not complete else (EXIT_FAILED if failed_total > tolerance else EXIT_OK)
         result = RunResult(self.output, self.run_id, code, complete, self.total, self.skipped, self.rows_ok,
@@ -259,15 +260,6 @@ class Runner:
             storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
                                                                   "rows": self.total}, self.so)
         return result
-
-    def _previous_failures(self) -> int:
-        if not self.skipped:
-            return 0
-        from .writer import read_records
-
-        df = read_records(self.output, columns=["id", "status", "run_id"], storage_options=self.so)
-        df = df[df["run_id"] != self.run_id]
-        return int(df[df["status"] == "error"]["id"].nunique())
 
     # the dispatch loop ---------------------------------------------------------------------------------
     def _loop(self, ray):
