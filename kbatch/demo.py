@@ -68,11 +68,11 @@ def demo_config(root: str, models: dict[str, str]) -> dict:
         "manifest": os.path.join(root, "manifest.parquet"),
         "output": {"path": os.path.join(root, "render"), "rows_per_shard": 64},
         "seed": 0,
-        # two single-thread decoders beat one two-thread decoder on small CPUs (bench/RESULTS.md);
-        # on one GPU the three actors share it by fractions
-        "resources": {"prior": {"replicas": 1, "gpus": 0.2, "cpus": 0.25, "batch_size": 8, "threads": 1},
-                      "decoder": {"replicas": 2, "gpus": 0.4, "cpus": 0.75, "batch_size": 8, "threads": 1},
-                      "device": "auto"},
+        # small machines: two single-thread decoder processes that run the prior too (colocate) beat one
+        # two-thread decoder and a separate prior process (bench/RESULTS.md); on one GPU they share it
+        "resources": {"prior": {"batch_size": 8},
+                      "decoder": {"replicas": 2, "gpus": 0.5, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                      "device": "auto", "colocate": True},
         "defaults": {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 4.0,
                      "prior_num_inference_steps": 5, "prior_guidance_scale": 4.0, "strength": 0.5},
     }

@@ -6,6 +6,7 @@ real ``kandinsky-community`` weights and for the tiny offline folders of ``kbatc
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def placement(device_pref: str, dtype_name: str, threads: int = 0) -> Placement:
         torch.set_num_threads(max(1, threads or 1))
     where = f"gpu:{','.join(gpu_ids) or '0'}" if device == "cuda" else (
         f"gpu:{','.join(gpu_ids)}(cpu)" if gpu_ids else "cpu")
-    return Placement(device, dtype, f"node:{node}/{where}")
+    return Placement(device, dtype, f"node:{node}/{where}/pid:{os.getpid()}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -280,7 +280,7 @@ class Runner:
                 if self.shard_rows and time.monotonic() - self.shard_started > FLUSH_SECONDS:
                     self._flush()
         finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
-            for a in self.priors + self.decoders:
+            for a in {id(a): a for a in self.priors + self.decoders + self.writers}.values():
                 ray.kill(a)
 
     def _start_actors(self, ray, rows):
@@ -290,22 +290,23 @@ class Runner:
         gpus_in_cluster = ray.cluster_resources().get("GPU", 0)
         if res.device == "cuda" and not gpus_in_cluster:
             raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
+        _warn_if_cpus_short(cfg, ray.cluster_resources().get("CPU", 0))
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
-        PriorA, DecoderA, self.loader, self.writer = remote_classes(cfg, prior_gpus, decoder_gpus)
+        PriorA, DecoderA, self.loader, WriterA = remote_classes(cfg, prior_gpus, decoder_gpus)
         need_inpaint = any(r.mode == "inpaint" for r in rows)
         run_prior = bool(rows) and cfg.stage != "decoder"
         run_decoder = bool(rows) and cfg.stage != "prior"
-        self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
         self.decoders = [DecoderA.remote(cfg, need_inpaint) for _ in range(res.decoder.replicas)] if run_decoder else []
-        self.embedding_writer = None
-        if cfg.stage == "prior":
-            from .embeddings import write_embeddings_shard
-
-            self.embedding_writer = ray.remote(write_embeddings_shard).options(num_cpus=res.io_cpus, max_retries=2)
+        if PriorA is None:  # resources.colocate: the decoder actors run the prior too
+            self.priors, self.prior_method = list(self.decoders), "run_prior"
+        else:
+            self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
+            self.prior_method = "run"
+        self.writers = [WriterA.remote() for _ in range(res.writers)]
         self.crashes: dict = defaultdict(int)
         self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
-        self.load = {a: 0 for a in self.priors + self.decoders}
+        self.load = {a: 0 for a in self.priors + self.decoders + self.writers}
         self.slot = {a: f"{self.run_id}/{kind}/{i}" for kind, pool in (("prior", self.priors), ("decoder", self.decoders))
                      for i, a in enumerate(pool)}  # KV key where each actor notes the batch it runs
 
@@ -352,16 +353,19 @@ class Runner:
                 self.inflight[err_ref] = ("load", unit, None, None)
             else:
                 self.prior_q.append(unit)
-        while self.prior_q and (actor := self._free(self.priors)):
-            unit = self.prior_q.popleft()
-            ref = actor.run.remote(self.slot[actor], self._token(unit), unit.rows, *unit.inputs)
-            self._track(ref, "prior", unit, actor)
+        # decoder work first: where the stages share actors (resources.colocate) the prior fills the gaps,
+        # so embeddings don't pile up ahead of the decoder
         self._form_decoder_batches()
         while self.decoder_q and (actor := self._free(self.decoders)):
             unit = self.decoder_q.popleft()
             status_ref, payload_ref = actor.run.remote(self.slot[actor], self._token(unit), unit.rows, unit.priors,
                                                        *unit.inputs)
             self._track(status_ref, "decoder", unit, actor, payload_ref)
+        while self.prior_q and (actor := self._free(self.priors)):
+            unit = self.prior_q.popleft()
+            ref = getattr(actor, self.prior_method).remote(self.slot[actor], self._token(unit), unit.rows,
+                                                           *unit.inputs)
+            self._track(ref, "prior", unit, actor)
 
     def _token(self, unit: Unit) -> str:
         self.seq += 1
@@ -392,6 +396,8 @@ class Runner:
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as e:
+            if kind == "write":
+                return self._retry(kind, unit, f"writer died: {type(e).__name__}", crash=True)
             # Only the batch the actor was running when it died is charged an attempt; batches queued
             # behind it are resubmitted free (bounded, in case the actor cannot even start).
             from .workers import running_batch
@@ -508,18 +514,33 @@ class Runner:
         fail = self.cfg.faults.fail_write_shard
         spec = dataclasses.replace(self.spec, fail_after_data=fail is not None and fail == self.shard_seq)
         self.shard_seq += 1
+        writer = min(self.writers, key=lambda a: self.load[a])
         if self.cfg.stage == "prior":
             ok_rows = [r for r, _ in self.shard_prior]
-            ref = self.embedding_writer.remote(spec, shard, {r.id: self.bases[r.id] for r in ok_rows},
-                                               {r.id: self.raw[r.id] for r in ok_rows},
-                                               [o for _, o in self.shard_prior], self.shard_err)
+            ref = writer.write_embeddings.remote(spec, shard, {r.id: self.bases[r.id] for r in ok_rows},
+                                                 {r.id: self.raw[r.id] for r in ok_rows},
+                                                 [o for _, o in self.shard_prior], self.shard_err)
         else:
             ok_rows = [r for rows, _ in self.shard_ok for r in rows]
             bases = {r.id: self.bases[r.id] for r in ok_rows}
-            ref = self.writer.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
-        self.inflight[ref] = ("write", None, None, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
+            ref = writer.write.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
+        self._track(ref, "write", None, writer, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
         self.shard_ok, self.shard_err, self.shard_prior, self.shard_rows = [], [], [], 0
         self.shard_started = time.monotonic()
+
+
+def _warn_if_cpus_short(cfg: JobConfig, cluster_cpus: float):
+    """The actors hold their CPU shares for the whole run; input loading needs one io share on top. More
+    than the cluster has and Ray waits for resources that never come (unless an autoscaler adds nodes)."""
+    r = cfg.resources
+    prior = 0 if (r.colocate and cfg.stage == "all") or cfg.stage == "decoder" else r.prior.replicas * r.prior.cpus
+    decoder = 0 if cfg.stage == "prior" else r.decoder.replicas * r.decoder.cpus
+    need = prior + decoder + (r.writers + 1) * r.io_cpus
+    if need > cluster_cpus + 1e-9:
+        log.warning("kbatch: the job asks for %.2f CPUs (resources.prior %.2f + resources.decoder %.2f + "
+                    "(resources.writers + 1) x resources.io_cpus %.2f) but the cluster has %.2f: it waits "
+                    "until an autoscaler adds nodes", need, prior, decoder, (r.writers + 1) * r.io_cpus,
+                    cluster_cpus)
 
 
 def _sigterm_interrupts():
@@ -579,6 +600,19 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, progress: str | None = N
         return runner.run()
     finally:
         if started:
-            import ray
+            stop_local_ray()
 
-            ray.shutdown()
+
+def stop_local_ray():
+    """``ray.shutdown()`` of the local Ray this process started. Ray stops the autoscaler monitor after the
+    GCS, and the monitor then spends its whole 1 s grace period failing to report to the dead GCS; a local
+    one-node Ray has nothing to autoscale, so the monitor goes first (a private call: skipped if it moves)."""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node
+        if node is not None and node.head:
+            node.kill_monitor(check_alive=False)
+    except Exception:  # pragma: no cover - Ray internals changed: fall back to the plain shutdown
+        pass
+    ray.shutdown()

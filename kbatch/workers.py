@@ -1,4 +1,4 @@
-"""Ray wrappers around the pure stage classes: GPU actors, and the CPU tasks that load inputs and write.
+"""Ray wrappers around the pure stage classes: model actors, writer actors, and the CPU task that loads inputs.
 
 Nothing here holds logic worth testing on its own: the predictors (``prior.py``, ``decoder.py``), the
 input checks (``images.py``) and the writer (``writer.py``) are plain Python, tested without a cluster.
@@ -55,13 +55,13 @@ def _threads(cfg: JobConfig, stage: str) -> int:
 
 
 class PriorWorker:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, threads: int | None = None):
         from .prior import PriorPredictor  # torch and diffusers: only in the actor process
 
         m = cfg.models
         self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
                                         scheduler=m.prior_scheduler, offload=m.offload,
-                                        threads=_threads(cfg, "prior"), revision=m.revision)
+                                        threads=threads or _threads(cfg, "prior"), revision=m.revision)
 
     def worker(self) -> str:
         return self.predictor.worker
@@ -98,6 +98,37 @@ class DecoderWorker:
         return (time.perf_counter() - t0, _memory()), out
 
 
+class StagesWorker(DecoderWorker):
+    """``resources.colocate``: the prior and the decoder models in one process, one per decoder replica.
+
+    Saves a model-loading process per replica (on a small CPU machine, importing torch + diffusers costs
+    more than the prior's whole share of a short job) and a second CUDA context on a small GPU. Both
+    stages run with the decoder's resources and torch threads; embeddings still come back to the driver.
+    """
+
+    def __init__(self, cfg: JobConfig, need_inpaint: bool):
+        super().__init__(cfg, need_inpaint)
+        self.prior = PriorWorker(cfg, threads=_threads(cfg, "decoder"))
+
+    def run_prior(self, slot: str, token: str, rows: list[Row], *input_maps):
+        return self.prior.run(slot, token, rows, *input_maps)
+
+
+class WriterWorker:
+    """Encodes and commits shards. Long-lived, so a shard write doesn't start (and import into) a fresh
+    worker process; several writers (``resources.writers``) write shards in parallel."""
+
+    @ray.method(max_task_retries=2, retry_exceptions=[OSError])
+    def write(self, spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
+        return write_shard(spec, shard, ok_bases, error_records, *payloads)
+
+    @ray.method(max_task_retries=2, retry_exceptions=[OSError])
+    def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, outputs: list, error_records):
+        from .embeddings import write_embeddings_shard
+
+        return write_embeddings_shard(spec, shard, bases, row_cells, outputs, error_records)
+
+
 def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:
     """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id)."""
     from .images import load_row_inputs
@@ -112,7 +143,7 @@ def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str
 
 
 def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
-    """CPU task: flatten decoder outputs into one record per image, encode and commit one shard."""
+    """Flatten decoder outputs into one record per image, encode and commit one shard."""
     from .writer import write_shard as _write
 
     records, images = [], []
@@ -139,17 +170,24 @@ def _omp(cfg: JobConfig, stage: str) -> dict:
     return {}
 
 
+def colocated(cfg: JobConfig) -> bool:
+    return cfg.resources.colocate and cfg.stage == "all"
+
+
 def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
+    """(prior actor class, decoder actor class, input-loading task, writer actor class). With
+    ``resources.colocate`` the prior class is None: decoder actors run the prior too."""
     r, rt = cfg.resources, cfg.retries
     # SPREAD: replicas land on different nodes where they can (multi-node clusters)
     common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
-    prior = ray.remote(PriorWorker).options(num_cpus=r.prior.cpus, num_gpus=prior_gpus, **_omp(cfg, "prior"),
-                                            **common)
-    decoder = ray.remote(DecoderWorker).options(num_cpus=r.decoder.cpus, num_gpus=decoder_gpus,
-                                                **_omp(cfg, "decoder"), **common)
+    prior = None if colocated(cfg) else ray.remote(PriorWorker).options(
+        num_cpus=r.prior.cpus, num_gpus=prior_gpus, **_omp(cfg, "prior"), **common)
+    decoder = ray.remote(StagesWorker if colocated(cfg) else DecoderWorker).options(
+        num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, **_omp(cfg, "decoder"), **common)
     loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
-    writer = ray.remote(write_shard).options(num_cpus=r.io_cpus, max_retries=2, retry_exceptions=[OSError])
+    writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2, scheduling_strategy="SPREAD")
     return prior, decoder, loader, writer
 
 
-__all__ = ["PriorWorker", "DecoderWorker", "DecoderOutput", "load_inputs", "write_shard", "remote_classes"]
+__all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DecoderOutput", "load_inputs",
+           "write_shard", "remote_classes", "colocated"]

@@ -53,3 +53,26 @@ def test_progress_logs_sparingly(capsys):
     p.update(1, 1)  # the last row always reports
     err = capsys.readouterr().err
     assert err.count("kbatch progress") == 1 and "100/100 rows" in err
+
+
+def test_warns_when_actor_cpu_shares_exceed_the_cluster(caplog):
+    from kbatch.runner import _warn_if_cpus_short
+
+    res = {"prior": {"replicas": 1, "cpus": 1}, "decoder": {"replicas": 2, "cpus": 0.75}, "io_cpus": 0.25}
+    with caplog.at_level("WARNING", logger="kbatch"):
+        _warn_if_cpus_short(from_dict({"resources": res}), 2)  # 1 + 1.5 + 2 x 0.25 = 3 > 2
+    assert "asks for 3.00 CPUs" in caplog.text and "resources.prior 1.00" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kbatch"):  # the prior inside the decoders: 1.5 + 0.5 fits
+        _warn_if_cpus_short(from_dict({"resources": {**res, "colocate": True}}), 2)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("name", ["default", "nightly", "one_gpu", "cpu"])
+def test_shipped_configs_load(name):
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    assert sorted(f[:-5] for f in os.listdir(root) if f.endswith(".yaml")) == ["cpu", "default", "nightly", "one_gpu"]
+    cfg = load_config(os.path.join(root, f"{name}.yaml"))
+    assert cfg.output.path.endswith("{date}") and cfg.models.decoder

@@ -26,20 +26,24 @@ def _once_each(df, ids):
     assert not ok.duplicated(["id", "image_index"]).any()
 
 
-def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path):
+@pytest.mark.parametrize("colocate", [False, True], ids=["stages", "colocated"])
+def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path, colocate):
     flag = tmp_path / "crashed"
-    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)})
+    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)},
+                      resources={"colocate": colocate})
     res = kbatch.render(pd.DataFrame(_rows(10)), str(tmp_path / "out"), cfg)
     assert flag.exists(), "the decoder really died once"
     assert res.run.exit_code == 0 and res.run.complete
     _once_each(res.df, [r["id"] for r in _rows(10)])
 
 
-def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path):
+@pytest.mark.parametrize("colocate", [False, True], ids=["stages", "colocated"])
+def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path, colocate):
+    """With colocate the dying process also holds prior batches: those are resubmitted free."""
     rows = _rows(6)
     rows[3]["prompt"] = "CRASH"
     cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_on_prompt": "CRASH"},
-                      retries={"max_attempts": 2, "max_actor_restarts": 20})
+                      retries={"max_attempts": 2, "max_actor_restarts": 20}, resources={"colocate": colocate})
     res = kbatch.render(pd.DataFrame(rows), str(tmp_path / "out"), cfg)
     df = res.df
     assert res.run.complete and res.run.exit_code == 1  # failed rows above the tolerance of 0

@@ -77,6 +77,23 @@ def test_same_pixels_whatever_the_batch(job, tiny_models, tmp_path):
     assert res.df["decoder_worker"].nunique() >= 1
 
 
+def test_colocated_stages_same_pixels(job, tiny_models, tmp_path):
+    """resources.colocate: each decoder process runs the prior too; the pixels don't change. Shards go
+    through two writer actors."""
+    over = {"resources": {"colocate": True, "writers": 2, "decoder": {"replicas": 2, "batch_size": 2}},
+            "output": {"rows_per_shard": 2}}
+    res = kbatch.render(_frame(ROWS), str(tmp_path / "co"), tiny_config(tiny_models, tmp_path / "co", **over))
+    assert res.run.exit_code == 0 and len(res.df) == len(job.df)
+    for r in ROWS:
+        for i in range(r.get("num_images", 1)):
+            assert_pixels_close(np.asarray(res.image(r["id"], i)), np.asarray(job.image(r["id"], i)), r["id"])
+    # the prior ran in the decoder processes (a row's two stages may still land on different replicas)
+    assert set(res.df["prior_worker"]) <= set(res.df["decoder_worker"])
+    assert res.df["decoder_worker"].nunique() == 2 and res.df["shard"].nunique() >= 4
+    # without colocate the stages run in different processes
+    assert set(job.df["prior_worker"]).isdisjoint(set(job.df["decoder_worker"]))
+
+
 def test_predictors_batch_invariant_without_ray(tiny_models):
     """The pure stage classes: a batch of rows equals each row alone (no cluster needed)."""
     from kbatch.decoder import DecoderPredictor
