@@ -259,6 +259,48 @@ def run_kbatch(config_path: str, output: str, tmp: str, *, sets: list[str] | Non
     return seconds, rc, poller, text
 
 
+class RayHead:
+    """``ray start --head --block`` in its own session (so stopping it never touches another Ray on the
+    machine): the cluster a ``kbatch run`` with RAY_ADDRESS connects to, as on a real cluster."""
+
+    def __init__(self, num_cpus: int, env: dict | None = None, timeout: float = 60):
+        import socket
+        import tempfile
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.tmp = tempfile.mkdtemp(prefix="kbh-", dir="/tmp")
+        self.address = f"127.0.0.1:{port}"
+        cmd = ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               "--include-dashboard=false", f"--temp-dir={self.tmp}", "--node-ip-address=127.0.0.1"]
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=ray_env(self.tmp, extra=env), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        probe = "import ray; ray.init(address=%r); ray.shutdown()" % self.address
+        while subprocess.run([sys.executable, "-c", probe], env=ray_env(self.tmp, extra=env),
+                             capture_output=True).returncode != 0:
+            if time.perf_counter() - t0 > timeout or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"ray start --head did not come up: {' '.join(cmd)}")
+            time.sleep(0.5)
+        self.seconds = time.perf_counter() - t0
+
+    def stop(self):
+        import shutil
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def job_result(output: str) -> dict:
     """The ``result`` kbatch wrote into ``OUTPUT/_job.json`` (stage seconds, memory per stage, ...)."""
     import json

@@ -34,12 +34,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 # kbatch resource presets for the 2-CPU machine ("cpus": Ray scheduling shares; "threads": torch intra-op
-# threads of the worker). The first one is the default; RESULTS.md has the measurements behind the choice.
+# threads of the worker). DEFAULT_VARIANT is the default; RESULTS.md has the measurements behind the choice.
 VARIANTS: dict[str, dict] = {
     # two decoder replicas x 1 thread (one per core) + a 1-thread prior between them; 64-row shards
     "cpu2": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
                  decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
                  io_cpus=0.25, rows_per_shard=64),
+    # cpu2 with the prior inside the two decoder processes (resources.colocate): two model-loading processes
+    "cpu2c": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                  decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                  io_cpus=0.25, rows_per_shard=64, extra={"resources": {"colocate": True}}),
     # one decoder with 2 threads (the demo's decoder), prior 1 thread
     "dec2t": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
                   decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
@@ -69,7 +73,7 @@ VARIANTS: dict[str, dict] = {
                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
                  io_cpus=0.25, rows_per_shard=8),
 }
-DEFAULT_VARIANT = "cpu2"
+DEFAULT_VARIANT = "cpu2c"
 
 
 def parse_args(argv=None):
@@ -88,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment for both sides (A's process tree and this process, set before torch loads)")
     p.add_argument("--no-baseline", action="store_true", help="A runs only (compare kbatch variants)")
+    p.add_argument("--running-ray", action="store_true",
+                   help="also run every A variant against a Ray started once beforehand (RAY_ADDRESS), as "
+                        "on a cluster: Ray's own start and stop are then outside the timing")
     p.add_argument("--workdir", default=None, help="where manifests, configs, outputs go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep outputs and the work dir")
     p.add_argument("--no-rss", action="store_true", help="don't poll the kbatch process tree")
@@ -103,13 +110,15 @@ def count_images(out: str) -> int:
     return len(glob.glob(os.path.join(out, "images", "*", "*.png")))
 
 
-def run_a(args, name: str, cfg_path: str, kbatch_path: str | None, work: str, k: int) -> C.Timed:
-    out = os.path.join(work, f"out-{name}-{k}")
+def run_a(args, name: str, cfg_path: str, kbatch_path: str | None, work: str, k: int,
+          address: str | None = None) -> C.Timed:
+    out = os.path.join(work, f"out-{name}-{k}".replace(" ", "_"))
     ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")  # short: Ray's socket paths have a length limit
     lb = C.loadavg()
-    log_path = os.path.join(work, f"kbatch-{name}-{k}.log")
+    log_path = os.path.join(work, f"kbatch-{name}-{k}.log".replace(" ", "_"))
+    env = {**args.env, **({"RAY_ADDRESS": address} if address else {})}
     seconds, rc, poller, log = C.run_kbatch(cfg_path, out, ray_tmp, sets=args.sets, poll=not args.no_rss,
-                                            log_path=log_path, kbatch_path=kbatch_path, env_extra=args.env)
+                                            log_path=log_path, kbatch_path=kbatch_path, env_extra=env)
     t = C.Timed(f"A kbatch[{name}]", seconds, count_images(out), lb, C.loadavg())
     t.extra = {"rc": rc, "result": C.job_result(out), "procs": poller.by_group() if poller else {}}
     if rc != 0 or t.images != args.rows:
@@ -163,13 +172,15 @@ def main(argv=None) -> int:
     manifest = os.path.join(work, "manifest.parquet")
     recs = C.write_manifest(manifest, args.rows)
     texts, seeds = [r["prompt"] for r in recs], C.row_seeds(recs, wl.seed)
-    a_runs = []  # (name, config path, kbatch path)
+    a_runs = []  # (name, config path, kbatch path, on the running Ray)
     for v in args.variant:
         path = C.write_yaml(os.path.join(work, f"config-{v}.yaml"),
                             C.kbatch_config(models, manifest, os.path.join(work, "out"), wl, **VARIANTS[v]))
-        a_runs.append((v, path, None))
+        a_runs.append((v, path, None, False))
         if args.kbatch_path:
-            a_runs.append((v + "+patch", path, os.path.abspath(args.kbatch_path)))
+            a_runs.append((v + "+patch", path, os.path.abspath(args.kbatch_path), False))
+    if args.running_ray:
+        a_runs += [(name + " on running Ray", path, kp, True) for name, path, kp, _ in list(a_runs)]
     print(f"kbatch CPU benchmark: {args.rows} rows text2img {wl.height}x{wl.width}, decoder {wl.steps} steps, "
           f"prior {wl.prior_steps}, guidance {wl.guidance}; B: batches of {args.batch}, torch threads "
           f"{torch.get_num_threads()}; {C.machine()}")
@@ -188,7 +199,14 @@ def main(argv=None) -> int:
             if not args.no_baseline:
                 schedule.append(("B", None, k))
     for side, a, k in schedule:
-        if side == "A":
+        if side == "A" and a[3]:  # a fresh head per run, stopped after it: no idle cluster during other runs
+            head = C.RayHead(os.cpu_count(), env=args.env)
+            try:
+                time.sleep(3)  # let its prestarted workers settle (not timed: on a cluster Ray is up already)
+                t = run_a(args, a[0], a[1], a[2], work, k, address=head.address)
+            finally:
+                head.stop()
+        elif side == "A":
             t = run_a(args, a[0], a[1], a[2], work, k)
         else:
             t = run_b(args, models, wl, texts, seeds, work, k)
@@ -240,7 +258,7 @@ def main(argv=None) -> int:
             for g, (n, m, c) in sorted(merged.items(), key=lambda kv: -kv[1][1]):
                 print(f"  {g:<26} x{n:<2} peak RSS {C.mib(m):>8}   CPU {c / n_runs:6.1f}s")
         if mem:
-            print(f"  as kbatch reports it (_job.json result.memory, GiB): "
+            print("  as kbatch reports it (_job.json result.memory, GiB): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mem.items())))
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s; work dir {work}" + ("" if args.keep else " (removed)"))
     if not args.keep and not args.workdir:
