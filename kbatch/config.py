@@ -71,8 +71,14 @@ class ResourcesConfig:
     device: str = "auto"
     io_cpus: float = 0.25  # CPU share of each input-loading task and of each writer actor
     max_in_flight: int = 2  # batches queued per actor, keeps accelerators busy
-    writers: int = 1  # long-lived actors that encode and write shards (more for fast clusters)
+    writers: int = 0  # long-lived actors that encode and write shards; 0: one per 4 decoder replicas
     colocate: bool = False  # prior inside each decoder process: one model-loading process per replica
+
+
+def writer_count(r: ResourcesConfig) -> int:
+    """``resources.writers``, with 0 = one writer per 4 decoder replicas. One writer encodes 40 (noise) to
+    280 (smooth gradients) 512x512 PNGs per second on one core (bench/RESULTS.md)."""
+    return r.writers or max(1, -(-r.decoder.replicas // 4))
 
 
 @dataclass
@@ -336,7 +342,7 @@ def validate_config(cfg: JobConfig) -> None:
         _check(s.threads >= 0, f"resources.{stage}.threads", s.threads, "must be >= 0")
     _check(r.io_cpus > 0, "resources.io_cpus", r.io_cpus, "must be > 0")
     _check(r.max_in_flight >= 1, "resources.max_in_flight", r.max_in_flight, "must be >= 1")
-    _check(r.writers >= 1, "resources.writers", r.writers, "must be >= 1")
+    _check(r.writers >= 0, "resources.writers", r.writers, "must be >= 0 (0: one per 4 decoder replicas)")
     _check(cfg.stage in ("all", "prior", "decoder"), "stage", cfg.stage, "must be all | prior | decoder")
     _check(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto|bar|log|off")
     _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")

@@ -15,7 +15,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, writer_count
 from .jobstate import JOB_FILE, SUCCESS_FILE, check_resume, fingerprint, meaning, new_run_id, now_iso, versions
 from .progress import Progress
 from .schema import Row, input_ref
@@ -303,7 +303,7 @@ class Runner:
         else:
             self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
             self.prior_method = "run"
-        self.writers = [WriterA.remote() for _ in range(res.writers)]
+        self.writers = [WriterA.remote() for _ in range(writer_count(res))]
         self.crashes: dict = defaultdict(int)
         self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
         self.load = {a: 0 for a in self.priors + self.decoders + self.writers}
@@ -535,11 +535,11 @@ def _warn_if_cpus_short(cfg: JobConfig, cluster_cpus: float):
     r = cfg.resources
     prior = 0 if (r.colocate and cfg.stage == "all") or cfg.stage == "decoder" else r.prior.replicas * r.prior.cpus
     decoder = 0 if cfg.stage == "prior" else r.decoder.replicas * r.decoder.cpus
-    need = prior + decoder + (r.writers + 1) * r.io_cpus
+    need = prior + decoder + (writer_count(r) + 1) * r.io_cpus
     if need > cluster_cpus + 1e-9:
         log.warning("kbatch: the job asks for %.2f CPUs (resources.prior %.2f + resources.decoder %.2f + "
                     "(resources.writers + 1) x resources.io_cpus %.2f) but the cluster has %.2f: it waits "
-                    "until an autoscaler adds nodes", need, prior, decoder, (r.writers + 1) * r.io_cpus,
+                    "until an autoscaler adds nodes", need, prior, decoder, (writer_count(r) + 1) * r.io_cpus,
                     cluster_cpus)
 
 

@@ -76,3 +76,15 @@ def test_shipped_configs_load(name):
     assert sorted(f[:-5] for f in os.listdir(root) if f.endswith(".yaml")) == ["cpu", "default", "nightly", "one_gpu"]
     cfg = load_config(os.path.join(root, f"{name}.yaml"))
     assert cfg.output.path.endswith("{date}") and cfg.models.decoder
+
+
+def test_writer_count_follows_decoder_replicas():
+    from kbatch.config import writer_count
+
+    def n(**res):
+        return writer_count(from_dict({"resources": res}).resources)
+
+    assert n() == 1 and n(decoder={"replicas": 4}) == 1 and n(decoder={"replicas": 7}) == 2
+    assert n(writers=3, decoder={"replicas": 7}) == 3
+    with pytest.raises(ConfigError, match="resources.writers"):
+        from_dict({"resources": {"writers": -1}})
