@@ -89,7 +89,8 @@ def test_colocated_stages_same_pixels(job, tiny_models, tmp_path):
             assert_pixels_close(np.asarray(res.image(r["id"], i)), np.asarray(job.image(r["id"], i)), r["id"])
     # the prior ran in the decoder processes (a row's two stages may still land on different replicas)
     assert set(res.df["prior_worker"]) <= set(res.df["decoder_worker"])
-    assert res.df["decoder_worker"].nunique() == 2 and res.df["shard"].nunique() >= 4
+    # a shard flushes at >= 2 rows and a decoder batch adds <= 2: each shard holds <= 3 of the 7 rows
+    assert res.df["shard"].nunique() >= 3
     # without colocate the stages run in different processes
     assert set(job.df["prior_worker"]).isdisjoint(set(job.df["decoder_worker"]))
 
