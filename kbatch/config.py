@@ -39,7 +39,7 @@ class ModelsConfig:
     scheduler: str = "ddim"  # decoder scheduler, see kbatch.schedulers
     prior_scheduler: str = "unclip"
     offload: bool = False  # accelerate model CPU offload, for GPUs too small to hold a stage
-    compile: bool = False  # torch.compile the decoder UNet (warm-up once per shape)
+    compile: bool = False  # torch.compile the decoder UNet (once per image size; calls padded to batch_size)
     channels_last: bool = True
     revision: str | None = None
 

@@ -56,8 +56,12 @@ class DecoderPredictor:
     def __init__(self, model: str, inpaint_model: str | None = None, *, device: str = "auto",
                  dtype: str = "float32", scheduler: str = "ddim", offload: bool = False, threads: int = 0,
                  channels_last: bool = True, compile: bool = False, revision: str | None = None,
-                 faults: DecoderFaults | None = None):
+                 faults: DecoderFaults | None = None, pad_to: int = 0):
+        """``pad_to``: fill every call up to this many images with throw-away copies of its last image, so
+        that a compiled UNet sees one batch size per shape (a key's last, partial batch would otherwise
+        recompile it: minutes on full-size models). The padding never changes the real images."""
         self.place: Placement = placement(device, dtype, threads)
+        self.pad_to = pad_to
         self._opts = dict(scheduler=scheduler, offload=offload, channels_last=channels_last, compile=compile,
                           revision=revision)
         self.pipe = load_decoder(model, self.place, **self._opts)
@@ -109,8 +113,19 @@ class DecoderPredictor:
             if r.mode == "inpaint":
                 masks += [inp["mask"]] * r.num_images
         dtype, device = self.place.dtype, self.place.device
-        emb = torch.from_numpy(np.concatenate([p.image_embeds for p in priors])).to(device, dtype)
-        neg = torch.from_numpy(np.concatenate([p.negative_image_embeds for p in priors])).to(device, dtype)
+        emb = np.concatenate([p.image_embeds for p in priors])
+        neg = np.concatenate([p.negative_image_embeds for p in priors])
+        real = len(prompts)
+        if self.pad_to > real:
+            extra = self.pad_to - real
+            prompts += prompts[-1:] * extra
+            gens += [torch.Generator("cpu").manual_seed(0) for _ in range(extra)]
+            inits += inits[-1:] * extra
+            masks += masks[-1:] * extra
+            emb = np.concatenate([emb] + [emb[-1:]] * extra)
+            neg = np.concatenate([neg] + [neg[-1:]] * extra)
+        emb = torch.from_numpy(emb).to(device, dtype)
+        neg = torch.from_numpy(neg).to(device, dtype)
         r0 = rows[0]
         kw = dict(prompt=prompts, image_embeds=emb, negative_image_embeds=neg, height=r0.height, width=r0.width,
                   num_inference_steps=r0.num_inference_steps, guidance_scale=r0.guidance_scale, generator=gens,
@@ -121,7 +136,7 @@ class DecoderPredictor:
             images = self.inpaint()(image=inits, mask_image=masks, **kw).images
         else:  # text2img, interpolate
             images = self.pipe(**kw).images
-        images = (np.asarray(images) * 255).round().astype(np.uint8)
+        images = (np.asarray(images[:real]) * 255).round().astype(np.uint8)
         per_image = (time.perf_counter() - t0) / len(images)
         out, k = [], 0
         for r, p in zip(rows, priors):

@@ -83,7 +83,8 @@ class DecoderWorker:
             m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,
             scheduler=m.scheduler, offload=m.offload, threads=_threads(cfg, "decoder"),
             channels_last=m.channels_last, compile=m.compile, revision=m.revision,
-            faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt))
+            faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt),
+            pad_to=cfg.resources.decoder.batch_size if m.compile and cfg.resources.device != "cpu" else 0)
 
     def worker(self) -> str:
         return self.predictor.worker

@@ -127,3 +127,26 @@ def test_precision_choices_on_cpu(tiny_models):
         out[dtype] = dec([row], prior([row]))[0].images
     assert np.array_equal(out["float16"], out["float32"])
     assert out["bfloat16"].shape == (1, 64, 64, 3) and not np.array_equal(out["bfloat16"], out["float32"])
+
+
+def test_padding_for_compiled_unet_keeps_images(tiny_models):
+    """models.compile pads each decoder call to the batch size (one compiled shape); the real images
+    stay the same, for text2img and for img2img (whose init images are padded too)."""
+    from PIL import Image
+
+    from kbatch.decoder import DecoderPredictor
+    from kbatch.prior import PriorPredictor
+
+    prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
+    plain = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32")
+    padded = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32", pad_to=6)
+    base = dict(height=64, width=64, num_inference_steps=3, prior_num_inference_steps=2)
+    t2i = [Row(id="a", prompt="a cat", seed=1, num_images=2, **base), Row(id="b", prompt="a dog", seed=2, **base)]
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    i2i = [Row(id="c", prompt="a boat", seed=3, mode="img2img", strength=0.6, **base)]
+    for rows, inputs in ((t2i, None), (i2i, [{"init_image": init}])):
+        priors = [prior([r])[0] for r in rows]  # num_images 2 and 1: different prior keys
+        want, got = plain(rows, priors, inputs), padded(rows, priors, inputs)
+        for w, g in zip(want, got):
+            assert g.images.shape == w.images.shape
+            assert_pixels_close(g.images, w.images, w.id)
