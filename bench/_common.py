@@ -132,7 +132,32 @@ class ProcPeak:
     cpu_s: float = 0.0  # user + system CPU seconds at the last sample
 
 
-class RssPoller:
+class Poller:
+    """Calls ``self._sample()`` every ``interval`` s on a daemon thread while used as a context manager."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self):
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class RssPoller(Poller):
     """Polls the RSS of a process tree every ``interval`` s; keeps each pid's peak and its Ray role.
 
     A Ray worker's title changes with what it runs (``ray::IDLE`` -> ``ray::write_shard`` -> ``ray::IDLE``);
@@ -147,20 +172,10 @@ class RssPoller:
             import ray  # noqa: F401  (puts thirdparty_files on sys.path)
             import psutil
 
+        super().__init__(interval)
         self.psutil = psutil
         self.root_pid = root_pid
-        self.interval = interval
         self.procs: dict[int, ProcPeak] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def _sample(self):
         ps = self.psutil
@@ -186,11 +201,6 @@ class RssPoller:
                 pp.group = g  # labelled by the first real role (Ray sets titles after the process starts)
             pp.peak_rss = max(pp.peak_rss, rss)
             pp.cpu_s = max(pp.cpu_s, ct.user + ct.system)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
 
     def by_group(self) -> dict[str, tuple[int, int, float]]:
         """group -> (process count, max peak RSS bytes over its processes, CPU seconds summed)."""

@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -225,28 +224,18 @@ def unet_alone(decoder, wl: C.Workload, per_call: int) -> float:
     return (time.perf_counter() - t0) / per_call
 
 
-class GpuMemPoller:
+class GpuMemPoller(C.Poller):
     """Device-wide used memory (total - free), polled every 0.5 s from this process."""
 
     def __init__(self):
         import torch
 
-        self.torch, self.peak, self._stop = torch, 0, threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
+        super().__init__(0.5)
+        self.torch, self.peak = torch, 0
 
-    def _loop(self):
-        while not self._stop.is_set():
-            free, total = self.torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-            self._stop.wait(0.5)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+    def _sample(self):
+        free, total = self.torch.cuda.mem_get_info()
+        self.peak = max(self.peak, total - free)
 
 
 def card() -> str:

@@ -141,6 +141,11 @@ class JobConfig:
     storage_options: dict = field(default_factory=dict)
     progress: str = "auto"  # auto | bar | log | off
 
+    @property
+    def colocated(self) -> bool:
+        """The prior runs inside the decoder processes (``resources.colocate``, a job with both stages)."""
+        return self.resources.colocate and self.stage == "all"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

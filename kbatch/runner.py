@@ -287,10 +287,11 @@ class Runner:
         from .workers import remote_classes
 
         cfg, res = self.cfg, self.cfg.resources
-        gpus_in_cluster = ray.cluster_resources().get("GPU", 0)
+        cluster = ray.cluster_resources()
+        gpus_in_cluster = cluster.get("GPU", 0)
         if res.device == "cuda" and not gpus_in_cluster:
             raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
-        _warn_if_cpus_short(cfg, ray.cluster_resources().get("CPU", 0))
+        _warn_if_cpus_short(cfg, cluster.get("CPU", 0))
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
         PriorA, DecoderA, self.loader, WriterA = remote_classes(cfg, prior_gpus, decoder_gpus)
@@ -533,14 +534,13 @@ def _warn_if_cpus_short(cfg: JobConfig, cluster_cpus: float):
     """The actors hold their CPU shares for the whole run; input loading needs one io share on top. More
     than the cluster has and Ray waits for resources that never come (unless an autoscaler adds nodes)."""
     r = cfg.resources
-    prior = 0 if (r.colocate and cfg.stage == "all") or cfg.stage == "decoder" else r.prior.replicas * r.prior.cpus
+    prior = 0 if cfg.colocated or cfg.stage == "decoder" else r.prior.replicas * r.prior.cpus
     decoder = 0 if cfg.stage == "prior" else r.decoder.replicas * r.decoder.cpus
-    need = prior + decoder + (writer_count(r) + 1) * r.io_cpus
-    if need > cluster_cpus + 1e-9:
+    io = (writer_count(r) + 1) * r.io_cpus
+    if prior + decoder + io > cluster_cpus + 1e-9:
         log.warning("kbatch: the job asks for %.2f CPUs (resources.prior %.2f + resources.decoder %.2f + "
                     "(resources.writers + 1) x resources.io_cpus %.2f) but the cluster has %.2f: it waits "
-                    "until an autoscaler adds nodes", need, prior, decoder, (writer_count(r) + 1) * r.io_cpus,
-                    cluster_cpus)
+                    "until an autoscaler adds nodes", prior + decoder + io, prior, decoder, io, cluster_cpus)
 
 
 def _sigterm_interrupts():

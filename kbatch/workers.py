@@ -171,19 +171,15 @@ def _omp(cfg: JobConfig, stage: str) -> dict:
     return {}
 
 
-def colocated(cfg: JobConfig) -> bool:
-    return cfg.resources.colocate and cfg.stage == "all"
-
-
 def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
     """(prior actor class, decoder actor class, input-loading task, writer actor class). With
     ``resources.colocate`` the prior class is None: decoder actors run the prior too."""
     r, rt = cfg.resources, cfg.retries
     # SPREAD: replicas land on different nodes where they can (multi-node clusters)
     common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
-    prior = None if colocated(cfg) else ray.remote(PriorWorker).options(
+    prior = None if cfg.colocated else ray.remote(PriorWorker).options(
         num_cpus=r.prior.cpus, num_gpus=prior_gpus, **_omp(cfg, "prior"), **common)
-    decoder = ray.remote(StagesWorker if colocated(cfg) else DecoderWorker).options(
+    decoder = ray.remote(StagesWorker if cfg.colocated else DecoderWorker).options(
         num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, **_omp(cfg, "decoder"), **common)
     loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
     writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2, scheduling_strategy="SPREAD")
@@ -191,4 +187,4 @@ def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
 
 
 __all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DecoderOutput", "load_inputs",
-           "write_shard", "remote_classes", "colocated"]
+           "write_shard", "remote_classes"]
