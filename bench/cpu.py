@@ -44,6 +44,12 @@ VARIANTS: dict[str, dict] = {
     "cpu2c": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
                   decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
                   io_cpus=0.25, rows_per_shard=64, extra={"resources": {"colocate": True}}),
+    # cpu2c as one process: one replica running 2 batches at once (resources.decoder.concurrency: lanes
+    # sharing one copy of the weights), 1 torch thread per lane
+    "cpu1x2c": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                    decoder={"replicas": 1, "gpus": 0, "cpus": 1.5, "batch_size": 8, "threads": 1,
+                             "concurrency": 2},
+                    io_cpus=0.25, rows_per_shard=64, extra={"resources": {"colocate": True}}),
     # one decoder with 2 threads (the demo's decoder), prior 1 thread
     "dec2t": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
                   decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
@@ -73,7 +79,7 @@ VARIANTS: dict[str, dict] = {
                  decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
                  io_cpus=0.25, rows_per_shard=8),
 }
-DEFAULT_VARIANT = "cpu2c"
+DEFAULT_VARIANT = "cpu1x2c"
 
 
 def parse_args(argv=None):

@@ -61,7 +61,8 @@ class StageResources:
     gpus: float = 1.0
     cpus: float = 0.5
     batch_size: int = 16  # images per forward pass (rows x num_images)
-    threads: int = 0  # torch threads on a CPU device; 0: round(cpus), at least 1
+    threads: int = 0  # torch threads per lane on a CPU device; 0: round(cpus / concurrency), at least 1
+    concurrency: int = 1  # batches one replica runs at once, in threads sharing its weights (kbatch/lanes.py)
 
 
 @dataclass
@@ -345,6 +346,13 @@ def validate_config(cfg: JobConfig) -> None:
                s.gpus, "must be a fraction in [0, 1] or a whole number of GPUs")
         _check(s.cpus >= 0, f"resources.{stage}.cpus", s.cpus, "must be >= 0")
         _check(s.threads >= 0, f"resources.{stage}.threads", s.threads, "must be >= 0")
+        _check(s.concurrency >= 1, f"resources.{stage}.concurrency", s.concurrency, "must be >= 1")
+        # lanes share modules: offload hooks move them between devices under the other lane's feet, and
+        # torch.compile of a shared UNet from several threads is not tested (no GPU yet)
+        _check(s.concurrency == 1 or not m.offload, f"resources.{stage}.concurrency", s.concurrency,
+               "must be 1 with models.offload (offload moves the shared modules between devices)")
+        _check(s.concurrency == 1 or not m.compile or stage == "prior", f"resources.{stage}.concurrency",
+               s.concurrency, "must be 1 with models.compile (a compiled UNet shared by threads is untested)")
     _check(r.io_cpus > 0, "resources.io_cpus", r.io_cpus, "must be > 0")
     _check(r.max_in_flight >= 1, "resources.max_in_flight", r.max_in_flight, "must be >= 1")
     _check(r.writers >= 0, "resources.writers", r.writers, "must be >= 0 (0: one per 4 decoder replicas)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .lanes import Lanes, clone_pipeline
 from .models import Placement, dtype_name, load_decoder, load_inpaint, placement
 from .outputs import DecoderOutput, PriorOutput
 from .prior import generator_from_state
@@ -52,52 +53,70 @@ class _HeightWidthFix:
         return getattr(self._processor, name)
 
 
+class _Lane:
+    """One lane's pipelines (``kbatch.lanes``): text2img, and img2img / inpaint made on first use."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.img2img = None
+        self.inpaint = None
+
+
 class DecoderPredictor:
     def __init__(self, model: str, inpaint_model: str | None = None, *, device: str = "auto",
                  dtype: str = "float32", scheduler: str = "ddim", offload: bool = False, threads: int = 0,
                  channels_last: bool = True, compile: bool = False, revision: str | None = None,
-                 faults: DecoderFaults | None = None, pad_to: int = 0):
+                 faults: DecoderFaults | None = None, pad_to: int = 0, concurrency: int = 1):
         """``pad_to``: fill every call up to this many images with throw-away copies of its last image, so
         that a compiled UNet sees one batch size per shape (a key's last, partial batch would otherwise
-        recompile it: minutes on full-size models). The padding never changes the real images."""
+        recompile it: minutes on full-size models). The padding never changes the real images.
+        ``concurrency``: batches that may run at once from different threads (``kbatch.lanes``), sharing
+        the weights; each uses ``threads`` torch threads."""
         self.place: Placement = placement(device, dtype, threads)
         self.pad_to = pad_to
         self._opts = dict(scheduler=scheduler, offload=offload, channels_last=channels_last, compile=compile,
                           revision=revision)
         self.pipe = load_decoder(model, self.place, **self._opts)
+        self.lanes = Lanes(concurrency, lambda i: _Lane(self.pipe if i == 0 else clone_pipeline(self.pipe)))
         self.inpaint_model = inpaint_model
-        self._img2img = None
-        self._inpaint = None
+        self._inpaint = None  # loaded once, on the first inpaint row, and shared by the lanes
         self.faults = faults or DecoderFaults()
 
     @property
     def worker(self) -> str:
         return self.place.worker
 
-    def img2img(self):
-        if self._img2img is None:
+    def _img2img(self, lane: _Lane):
+        if lane.img2img is None:
             from diffusers import KandinskyImg2ImgPipeline
 
-            self._img2img = KandinskyImg2ImgPipeline(**self.pipe.components)
-            self._img2img.image_processor = _HeightWidthFix(self._img2img.image_processor)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
+            lane.img2img = KandinskyImg2ImgPipeline(**lane.pipe.components)
+            lane.img2img.image_processor = _HeightWidthFix(lane.img2img.image_processor)
+            lane.img2img.set_progress_bar_config(disable=True)
+        return lane.img2img
 
-    def inpaint(self):
-        if self._inpaint is None:
+    def _inpaint_pipe(self, lane: _Lane):
+        if lane.inpaint is None:
             if not self.inpaint_model:
                 raise ValueError("mode: 'inpaint' rows need models.inpaint")
-            self._inpaint = load_inpaint(self.inpaint_model, self.pipe, self.place, **self._opts)
-        return self._inpaint
+            with self.lanes.lock:
+                if self._inpaint is None:
+                    self._inpaint = load_inpaint(self.inpaint_model, self.pipe, self.place, **self._opts)
+            lane.inpaint = self._inpaint if lane is self.lanes.all[0] else clone_pipeline(self._inpaint)
+        return lane.inpaint
 
     @torch.inference_mode()
     def __call__(self, rows: list[Row], priors: list[PriorOutput], inputs: list[dict | None] | None = None
                  ) -> list[DecoderOutput]:
-        import time
-
         if not rows:
             return []
         self.faults.maybe_crash(rows)
+        with self.lanes.take() as lane:
+            return self._run(lane, rows, priors, inputs)
+
+    def _run(self, lane: _Lane, rows: list[Row], priors: list[PriorOutput], inputs) -> list[DecoderOutput]:
+        import time
+
         key = rows[0].decoder_key()
         if any(r.decoder_key() != key for r in rows):
             raise ValueError(f"decoder batch mixes keys: {sorted({r.decoder_key() for r in rows}, key=str)}")
@@ -131,11 +150,11 @@ class DecoderPredictor:
                   num_inference_steps=r0.num_inference_steps, guidance_scale=r0.guidance_scale, generator=gens,
                   output_type="np")
         if r0.mode == "img2img":
-            images = self.img2img()(image=inits, strength=r0.strength, **kw).images
+            images = self._img2img(lane)(image=inits, strength=r0.strength, **kw).images
         elif r0.mode == "inpaint":
-            images = self.inpaint()(image=inits, mask_image=masks, **kw).images
+            images = self._inpaint_pipe(lane)(image=inits, mask_image=masks, **kw).images
         else:  # text2img, interpolate
-            images = self.pipe(**kw).images
+            images = lane.pipe(**kw).images
         images = (np.asarray(images[:real]) * 255).round().astype(np.uint8)
         per_image = (time.perf_counter() - t0) / len(images)
         out, k = [], 0

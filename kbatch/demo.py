@@ -68,10 +68,12 @@ def demo_config(root: str, models: dict[str, str]) -> dict:
         "manifest": os.path.join(root, "manifest.parquet"),
         "output": {"path": os.path.join(root, "render"), "rows_per_shard": 64},
         "seed": 0,
-        # small machines: two single-thread decoder processes that run the prior too (colocate) beat one
-        # two-thread decoder and a separate prior process (bench/RESULTS.md); on one GPU they share it
+        # small machines: one process runs both stages (colocate), two batches at once in single-thread
+        # lanes sharing the weights; faster than one two-thread loop and half the memory of two processes
+        # (bench/RESULTS.md)
         "resources": {"prior": {"batch_size": 8},
-                      "decoder": {"replicas": 2, "gpus": 0.5, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                      "decoder": {"replicas": 1, "gpus": 1, "cpus": 1.5, "batch_size": 8, "threads": 1,
+                                  "concurrency": 2},
                       "device": "auto", "colocate": True},
         "defaults": {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 4.0,
                      "prior_num_inference_steps": 5, "prior_guidance_scale": 4.0, "strength": 0.5},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lanes import Lanes, clone_pipeline
 from .models import Placement, load_prior, placement
 from .outputs import PriorOutput
 from .schema import Row
@@ -22,9 +23,12 @@ from .schema import Row
 
 class PriorPredictor:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str = "unclip",
-                 offload: bool = False, threads: int = 0, revision: str | None = None):
+                 offload: bool = False, threads: int = 0, revision: str | None = None, concurrency: int = 1):
+        """``concurrency``: batches that may run at once from different threads (``kbatch.lanes``); each
+        uses ``threads`` torch threads."""
         self.place: Placement = placement(device, dtype, threads)
         self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision)
+        self.lanes = Lanes(concurrency, lambda i: self.pipe if i == 0 else clone_pipeline(self.pipe))
 
     @property
     def worker(self) -> str:
@@ -35,8 +39,12 @@ class PriorPredictor:
         """Rows must share ``Row.prior_key()``. ``inputs[i]["mix_images"]`` holds decoded mix images."""
         if not rows:
             return []
+        with self.lanes.take() as pipe:
+            return self._run(pipe, rows, inputs)
+
+    def _run(self, pipe, rows: list[Row], inputs) -> list[PriorOutput]:
         if rows[0].mode == "interpolate":
-            return [self._interpolate(r, (inputs or [None])[i]) for i, r in enumerate(rows)]
+            return [self._interpolate(pipe, r, (inputs or [None])[i]) for i, r in enumerate(rows)]
         key = rows[0].prior_key()
         if any(r.prior_key() != key for r in rows):
             raise ValueError(f"prior batch mixes keys: {sorted({r.prior_key() for r in rows})}")
@@ -44,7 +52,7 @@ class PriorPredictor:
         n = rows[0].num_images
         per_image = [g for g in gens for _ in range(n)]
         has_neg = rows[0].negative_prompt is not None
-        out = self.pipe(
+        out = pipe(
             prompt=[r.prompt for r in rows],
             negative_prompt=[r.negative_prompt for r in rows] if has_neg else None,
             num_images_per_prompt=n,
@@ -57,7 +65,7 @@ class PriorPredictor:
         return [PriorOutput(r.id, emb[i * n:(i + 1) * n], neg[i * n:(i + 1) * n], _state(gens[i]), self.worker)
                 for i, r in enumerate(rows)]
 
-    def _interpolate(self, row: Row, inputs: dict | None) -> PriorOutput:
+    def _interpolate(self, pipe, row: Row, inputs: dict | None) -> PriorOutput:
         """``KandinskyPriorPipeline.interpolate`` for one row.
 
         diffusers sums the embeddings of all ``num_images`` into one when ``num_images_per_prompt > 1``
@@ -74,22 +82,22 @@ class PriorPredictor:
         kw = dict(num_inference_steps=row.prior_num_inference_steps, guidance_scale=row.prior_guidance_scale,
                   negative_prior_prompt=row.negative_prompt)
         if n == 1:
-            out = self.pipe.interpolate(conds, weights, num_images_per_prompt=1, generator=g, **kw)
+            out = pipe.interpolate(conds, weights, num_images_per_prompt=1, generator=g, **kw)
             return PriorOutput(row.id, _np(out.image_embeds), _np(out.negative_image_embeds), _state(g), self.worker)
-        device = self.pipe._execution_device
+        device = pipe._execution_device
         parts = []
         for cond, w in zip(conds, weights):
             if isinstance(cond, str):
-                e = self.pipe(cond, num_inference_steps=kw["num_inference_steps"], num_images_per_prompt=n,
-                              generator=g, negative_prompt=row.negative_prompt,
-                              guidance_scale=kw["guidance_scale"]).image_embeds
+                e = pipe(cond, num_inference_steps=kw["num_inference_steps"], num_images_per_prompt=n,
+                         generator=g, negative_prompt=row.negative_prompt,
+                         guidance_scale=kw["guidance_scale"]).image_embeds
             else:
-                px = self.pipe.image_processor(cond, return_tensors="pt").pixel_values[0].unsqueeze(0)
-                px = px.to(dtype=self.pipe.image_encoder.dtype, device=device)
-                e = self.pipe.image_encoder(px)["image_embeds"].expand(n, -1)
+                px = pipe.image_processor(cond, return_tensors="pt").pixel_values[0].unsqueeze(0)
+                px = px.to(dtype=pipe.image_encoder.dtype, device=device)
+                e = pipe.image_encoder(px)["image_embeds"].expand(n, -1)
             parts.append(e * w)
         emb = torch.stack(parts).sum(dim=0)
-        zero = self.pipe("", num_inference_steps=kw["num_inference_steps"], num_images_per_prompt=n, generator=g,
+        zero = pipe("", num_inference_steps=kw["num_inference_steps"], num_images_per_prompt=n, generator=g,
                          negative_prompt=row.negative_prompt, guidance_scale=kw["guidance_scale"])
         return PriorOutput(row.id, _np(emb), _np(zero.negative_image_embeds), _state(g), self.worker)
 

@@ -62,6 +62,8 @@ class Unit:
     priors: list = field(default_factory=list)  # PriorOutputs (decoder units)
     free_retries: int = 0  # resubmissions after a worker death that another batch caused
     token: str = ""  # names this submission; the actor notes it in Ray's KV store when it starts it
+    solo: bool = False  # its worker died while it ran beside other batches (lanes): rerun it alone
+    weight: int = 1  # load it puts on its actor while in flight (a solo unit fills the actor)
 
 
 def _images(rows) -> int:
@@ -306,8 +308,13 @@ class Runner:
             self.prior_method = "run"
         self.writers = [WriterA.remote() for _ in range(writer_count(res))]
         self.crashes: dict = defaultdict(int)
+        self.deaths: set = set()  # (actor, batches it was running) of deaths with several suspects
         self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
         self.load = {a: 0 for a in self.priors + self.decoders + self.writers}
+        # batches in flight per actor: one running per lane plus max_in_flight - 1 queued behind them
+        lanes = {a: res.prior.concurrency for a in self.priors}
+        lanes.update({a: res.decoder.concurrency for a in self.decoders})  # colocated: the decoder's lanes
+        self.limit = {a: res.max_in_flight + n - 1 for a, n in lanes.items()}
         self.slot = {a: f"{self.run_id}/{kind}/{i}" for kind, pool in (("prior", self.priors), ("decoder", self.decoders))
                      for i, a in enumerate(pool)}  # KV key where each actor notes the batch it runs
 
@@ -338,9 +345,13 @@ class Runner:
         for rec in self.invalid:
             self._fail_record(rec)
 
-    def _free(self, pool):
+    def _free(self, pool, queue: deque):
+        """The least loaded live actor that can take the head of ``queue`` now, or None."""
         live = [a for a in pool if self.crashes[a] <= self.cfg.retries.max_actor_restarts]
-        live = [a for a in live if self.load[a] < self.cfg.resources.max_in_flight]
+        if queue[0].solo:  # only an idle actor, and it takes nothing else until this unit is back
+            live = [a for a in live if self.load[a] == 0]
+        else:
+            live = [a for a in live if self.load[a] < self.limit[a]]
         return min(live, key=lambda a: self.load[a]) if live else None
 
     def _dispatch(self):
@@ -357,12 +368,12 @@ class Runner:
         # decoder work first: where the stages share actors (resources.colocate) the prior fills the gaps,
         # so embeddings don't pile up ahead of the decoder
         self._form_decoder_batches()
-        while self.decoder_q and (actor := self._free(self.decoders)):
+        while self.decoder_q and (actor := self._free(self.decoders, self.decoder_q)):
             unit = self.decoder_q.popleft()
             status_ref, payload_ref = actor.run.remote(self.slot[actor], self._token(unit), unit.rows, unit.priors,
                                                        *unit.inputs)
             self._track(status_ref, "decoder", unit, actor, payload_ref)
-        while self.prior_q and (actor := self._free(self.priors)):
+        while self.prior_q and (actor := self._free(self.priors, self.prior_q)):
             unit = self.prior_q.popleft()
             ref = getattr(actor, self.prior_method).remote(self.slot[actor], self._token(unit), unit.rows,
                                                            *unit.inputs)
@@ -375,7 +386,9 @@ class Runner:
 
     def _track(self, ref, kind, unit, actor, extra=None):
         self.inflight[ref] = (kind, unit, actor, extra)
-        self.load[actor] += 1
+        if unit is not None:
+            unit.weight = self.limit.get(actor, 1) if unit.solo else 1
+        self.load[actor] += unit.weight if unit is not None else 1
 
     def _form_decoder_batches(self):
         limit = self.cfg.resources.decoder.batch_size
@@ -393,24 +406,35 @@ class Runner:
     def _complete(self, ray, ref):
         kind, unit, actor, extra = self.inflight.pop(ref)
         if actor is not None:
-            self.load[actor] -= 1
+            self.load[actor] -= unit.weight if unit is not None else 1
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             if kind == "write":
                 return self._retry(kind, unit, f"writer died: {type(e).__name__}", crash=True)
             # Only the batch the actor was running when it died is charged an attempt; batches queued
-            # behind it are resubmitted free (bounded, in case the actor cannot even start).
-            from .workers import running_batch
+            # behind it are resubmitted free (bounded, in case the actor cannot even start). Batches that
+            # ran beside others (lanes) are suspects, not culprits: each reruns alone, free, first.
+            from .workers import running_batches
 
             if getattr(e, "actor_init_failed", False):  # cannot even load its models: no row is to blame
                 self.crashes[actor] = self.cfg.retries.max_actor_restarts + 1
                 log.error("kbatch: a %s worker failed to start: %s", kind, _short(e))
                 self.failed_starts[kind] = _short(e)
                 return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)
-            if running_batch(self.slot[actor]) != unit.token and unit.free_retries < FREE_RETRIES:
+            running = running_batches(self.slot[actor])
+            queue = self.prior_q if kind == "prior" else self.decoder_q
+            if unit.token not in running and unit.free_retries < FREE_RETRIES:
                 unit.free_retries += 1
-                return (self.prior_q if kind == "prior" else self.decoder_q).appendleft(unit)
+                return queue.appendleft(unit)
+            if len(running) > 1 and not unit.solo:
+                if (actor, frozenset(running)) not in self.deaths:  # count each death once
+                    self.deaths.add((actor, frozenset(running)))
+                    self.crashes[actor] += 1
+                    log.warning("kbatch: a %s worker died running %d batches at once; each reruns alone",
+                                kind, len(running))
+                unit.solo = True
+                return queue.append(unit)
             self.crashes[actor] += 1
             return self._retry(kind, unit, f"{kind} worker died: {type(e).__name__}", crash=True)
         except ray.exceptions.RayTaskError as e:

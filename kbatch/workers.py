@@ -5,7 +5,9 @@ input checks (``images.py``) and the writer (``writer.py``) are plain Python, te
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 
 import ray
 
@@ -14,20 +16,43 @@ from .outputs import DecoderOutput, PriorOutput
 from .schema import Row, record_key
 
 
-def mark_running(slot: str | None, token: str | None):
-    """Note in Ray's KV store which batch this actor is running, so that when the process dies the
-    driver can tell the batch that killed it from the batches queued behind it."""
-    if slot and token:
-        from ray.experimental.internal_kv import _internal_kv_put
+class Running:
+    """Notes in Ray's KV store which batches this actor is running, so that when the process dies the
+    driver can tell the batches that may have killed it from those queued behind them. With lanes
+    (``concurrency`` > 1) several run at once; the driver then reruns each suspect alone."""
 
-        _internal_kv_put(slot, token, overwrite=True, namespace="kbatch")
+    def __init__(self):
+        self.tokens: list[str] = []
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def batch(self, slot: str | None, token: str | None):
+        if not (slot and token):
+            yield
+            return
+        with self.lock:
+            self.tokens.append(token)
+            _put(slot, self.tokens)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.tokens.remove(token)
+                _put(slot, self.tokens)
 
 
-def running_batch(slot: str) -> str | None:
+def _put(slot: str, tokens: list[str]):
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(slot, " ".join(tokens), overwrite=True, namespace="kbatch")
+
+
+def running_batches(slot: str) -> set[str]:
+    """The tokens of the batches an actor was running (see ``Running``)."""
     from ray.experimental.internal_kv import _internal_kv_get
 
     v = _internal_kv_get(slot, namespace="kbatch")
-    return v.decode() if v else None
+    return set(v.decode().split()) if v else set()
 
 
 def _merge(input_maps) -> dict:
@@ -50,28 +75,32 @@ def _memory() -> dict:
 
 
 def _threads(cfg: JobConfig, stage: str) -> int:
+    """Torch threads per lane: ``threads``, or the stage's CPU share split over its lanes."""
     s = getattr(cfg.resources, stage)
-    return s.threads or max(1, round(s.cpus))
+    return s.threads or max(1, round(s.cpus / s.concurrency))
 
 
 class PriorWorker:
-    def __init__(self, cfg: JobConfig, threads: int | None = None):
+    def __init__(self, cfg: JobConfig, stage: str = "prior", running: Running | None = None):
+        """``stage``: whose threads and concurrency to use ("decoder" when colocated in a StagesWorker)."""
         from .prior import PriorPredictor  # torch and diffusers: only in the actor process
 
         m = cfg.models
+        self.running = running or Running()
         self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
                                         scheduler=m.prior_scheduler, offload=m.offload,
-                                        threads=threads or _threads(cfg, "prior"), revision=m.revision)
+                                        threads=_threads(cfg, stage), revision=m.revision,
+                                        concurrency=getattr(cfg.resources, stage).concurrency)
 
     def worker(self) -> str:
         return self.predictor.worker
 
     def run(self, slot: str, token: str, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float, dict]:
-        mark_running(slot, token)
-        t0 = time.perf_counter()
-        inputs = _merge(input_maps)
-        out = self.predictor(rows, [inputs.get(r.id) for r in rows])
-        return out, time.perf_counter() - t0, _memory()
+        with self.running.batch(slot, token):
+            t0 = time.perf_counter()
+            inputs = _merge(input_maps)
+            out = self.predictor(rows, [inputs.get(r.id) for r in rows])
+            return out, time.perf_counter() - t0, _memory()
 
 
 class DecoderWorker:
@@ -79,12 +108,14 @@ class DecoderWorker:
         from .decoder import DecoderFaults, DecoderPredictor  # torch and diffusers: only in the actor
 
         m, f = cfg.models, cfg.faults
+        self.running = Running()
         self.predictor = DecoderPredictor(
             m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,
             scheduler=m.scheduler, offload=m.offload, threads=_threads(cfg, "decoder"),
             channels_last=m.channels_last, compile=m.compile, revision=m.revision,
             faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt),
-            pad_to=cfg.resources.decoder.batch_size if m.compile and cfg.resources.device != "cpu" else 0)
+            pad_to=cfg.resources.decoder.batch_size if m.compile and cfg.resources.device != "cpu" else 0,
+            concurrency=cfg.resources.decoder.concurrency)
 
     def worker(self) -> str:
         return self.predictor.worker
@@ -92,11 +123,11 @@ class DecoderWorker:
     @ray.method(num_returns=2)
     def run(self, slot: str, token: str, rows: list[Row], priors: list[PriorOutput], *input_maps):
         """Returns (small status for the driver, images for the writer) as two objects."""
-        mark_running(slot, token)
-        t0 = time.perf_counter()
-        inputs = _merge(input_maps)
-        out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
-        return (time.perf_counter() - t0, _memory()), out
+        with self.running.batch(slot, token):
+            t0 = time.perf_counter()
+            inputs = _merge(input_maps)
+            out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
+            return (time.perf_counter() - t0, _memory()), out
 
 
 class StagesWorker(DecoderWorker):
@@ -104,12 +135,13 @@ class StagesWorker(DecoderWorker):
 
     Saves a model-loading process per replica (on a small CPU machine, importing torch + diffusers costs
     more than the prior's whole share of a short job) and a second CUDA context on a small GPU. Both
-    stages run with the decoder's resources and torch threads; embeddings still come back to the driver.
+    stages run with the decoder's resources, torch threads and lanes (prior and decoder batches share the
+    actor's ``decoder.concurrency`` threads); embeddings still come back to the driver.
     """
 
     def __init__(self, cfg: JobConfig, need_inpaint: bool):
         super().__init__(cfg, need_inpaint)
-        self.prior = PriorWorker(cfg, threads=_threads(cfg, "decoder"))
+        self.prior = PriorWorker(cfg, stage="decoder", running=self.running)
 
     def run_prior(self, slot: str, token: str, rows: list[Row], *input_maps):
         return self.prior.run(slot, token, rows, *input_maps)
@@ -178,9 +210,11 @@ def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
     # SPREAD: replicas land on different nodes where they can (multi-node clusters)
     common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
     prior = None if cfg.colocated else ray.remote(PriorWorker).options(
-        num_cpus=r.prior.cpus, num_gpus=prior_gpus, **_omp(cfg, "prior"), **common)
+        num_cpus=r.prior.cpus, num_gpus=prior_gpus, max_concurrency=r.prior.concurrency, **_omp(cfg, "prior"),
+        **common)
     decoder = ray.remote(StagesWorker if cfg.colocated else DecoderWorker).options(
-        num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, **_omp(cfg, "decoder"), **common)
+        num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, max_concurrency=r.decoder.concurrency,
+        **_omp(cfg, "decoder"), **common)
     loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
     writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2, scheduling_strategy="SPREAD")
     return prior, decoder, loader, writer

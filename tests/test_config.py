@@ -30,6 +30,11 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
     ({"modles": {}}, "modles", "modles"),
     ({"resources": {"decoder": {"batchsize": 4}}}, "resources.decoder.batchsize", "4"),
     ({"output": {"path": "out/{when}"}}, "output.path", "{when}"),
+    ({"resources": {"decoder": {"concurrency": 0}}}, "resources.decoder.concurrency", "0"),
+    ({"resources": {"prior": {"concurrency": 2}}, "models": {"offload": True}}, "resources.prior.concurrency",
+     "models.offload"),
+    ({"resources": {"decoder": {"concurrency": 2}}, "models": {"compile": True}}, "resources.decoder.concurrency",
+     "models.compile"),
 ])
 def test_errors_name_key_and_value(data, key, shown):
     with pytest.raises(ConfigError) as e:

@@ -20,30 +20,36 @@ def _rows(n, prefix="r"):
     return [{"id": f"{prefix}{i:03d}", "prompt": f"a picture of thing {i}"} for i in range(n)]
 
 
+LAYOUTS = {"stages": {"colocate": False}, "colocated": {"colocate": True},
+           # one process, two batches at once: a death has two suspects, each rerun alone
+           "lanes": {"colocate": True, "decoder": {"concurrency": 2, "cpus": 1, "batch_size": 2}}}
+
+
 def _once_each(df, ids):
     ok = df[df.status == "ok"]
     assert sorted(ok["id"]) == sorted(ids), "every row exactly once"
     assert not ok.duplicated(["id", "image_index"]).any()
 
 
-@pytest.mark.parametrize("colocate", [False, True], ids=["stages", "colocated"])
-def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path, colocate):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path, layout):
     flag = tmp_path / "crashed"
     cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)},
-                      resources={"colocate": colocate})
+                      resources=LAYOUTS[layout])
     res = kbatch.render(pd.DataFrame(_rows(10)), str(tmp_path / "out"), cfg)
     assert flag.exists(), "the decoder really died once"
     assert res.run.exit_code == 0 and res.run.complete
     _once_each(res.df, [r["id"] for r in _rows(10)])
 
 
-@pytest.mark.parametrize("colocate", [False, True], ids=["stages", "colocated"])
-def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path, colocate):
-    """With colocate the dying process also holds prior batches: those are resubmitted free."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path, layout):
+    """With colocate the dying process also holds prior batches: those are resubmitted free. With lanes
+    the batches running beside the guilty one are rerun alone and are not charged."""
     rows = _rows(6)
     rows[3]["prompt"] = "CRASH"
     cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_on_prompt": "CRASH"},
-                      retries={"max_attempts": 2, "max_actor_restarts": 20}, resources={"colocate": colocate})
+                      retries={"max_attempts": 2, "max_actor_restarts": 20}, resources=LAYOUTS[layout])
     res = kbatch.render(pd.DataFrame(rows), str(tmp_path / "out"), cfg)
     df = res.df
     assert res.run.complete and res.run.exit_code == 1  # failed rows above the tolerance of 0
