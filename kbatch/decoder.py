@@ -106,6 +106,32 @@ class DecoderPredictor:
         return lane.inpaint
 
     @torch.inference_mode()
+    def warmup(self, shapes) -> float:
+        """One throw-away call per ``Row.unet_shape()`` at the padded batch size and one step, so that a
+        compiled UNet compiles each shape before the first real batch (tens of seconds per shape for the
+        full-size UNet). Real batches of those shapes then reuse the graphs. Returns the seconds spent."""
+        import time
+
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        n = max(1, self.pad_to)
+        dim = self.pipe.unet.config.cross_attention_dim  # = the prior's image-embedding size
+        emb = torch.zeros(n, dim, device=self.place.device, dtype=self.place.dtype)
+        with self.lanes.take() as lane:
+            for unet, height, width, guided in sorted(set(shapes)):
+                kw = dict(prompt=[""] * n, image_embeds=emb, negative_image_embeds=emb, height=height, width=width,
+                          num_inference_steps=1, guidance_scale=4.0 if guided else 1.0, output_type="np",
+                          generator=[torch.Generator("cpu").manual_seed(0) for _ in range(n)])
+                if unet == "inpaint":
+                    image = Image.new("RGB", (width, height), (127, 127, 127))
+                    mask = Image.new("L", (width, height), 255)
+                    self._inpaint_pipe(lane)(image=[image] * n, mask_image=[mask] * n, **kw)
+                else:
+                    lane.pipe(**kw)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
     def __call__(self, rows: list[Row], priors: list[PriorOutput], inputs: list[dict | None] | None = None
                  ) -> list[DecoderOutput]:
         if not rows:

@@ -133,4 +133,7 @@ def _speedups(pipe, place: Placement, channels_last: bool, compile: bool):
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if compile:
-        pipe.unet.compile()  # in place; the first batch of each shape pays the compile
+        # in place; static shapes: each (batch, size) bucket gets its own graph, compiled during the
+        # decoder's warm-up, instead of dynamo turning the sizes into slower dynamic dimensions after the
+        # second one it sees
+        pipe.unet.compile(dynamic=False)

@@ -300,7 +300,9 @@ class Runner:
         need_inpaint = any(r.mode == "inpaint" for r in rows)
         run_prior = bool(rows) and cfg.stage != "decoder"
         run_decoder = bool(rows) and cfg.stage != "prior"
-        self.decoders = [DecoderA.remote(cfg, need_inpaint) for _ in range(res.decoder.replicas)] if run_decoder else []
+        shapes = sorted({r.unet_shape() for r in rows})  # compiled before the first batch (models.compile)
+        self.decoders = ([DecoderA.remote(cfg, need_inpaint, shapes) for _ in range(res.decoder.replicas)]
+                         if run_decoder else [])
         if PriorA is None:  # resources.colocate: the decoder actors run the prior too
             self.priors, self.prior_method = list(self.decoders), "run_prior"
         else:
@@ -457,8 +459,10 @@ class Runner:
             self._peak("prior", memory)
             self._prior_done(unit.rows, unit.inputs, outputs)
         elif kind == "decoder":
-            seconds, memory = value
+            seconds, memory, warmup = value
             self.stats["decoder_seconds"] += seconds
+            if warmup:  # models.compile: the UNet compiled per shape before the first batch
+                self.stats["decoder_warmup_seconds"] += warmup
             self._peak("decoder", memory)
             self.shard_ok.append((unit.rows, extra))
             self.shard_rows += len(unit.rows)

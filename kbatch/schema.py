@@ -68,6 +68,11 @@ class Row:
         return (mode, self.height, self.width, self.num_inference_steps, self.guidance_scale,
                 self.strength if mode == "img2img" else None)
 
+    def unet_shape(self) -> tuple:
+        """What fixes the decoder UNet's input shapes, besides the batch size: which UNet (inpaint has its
+        own; img2img shares text2img's), the latent size, and whether guidance doubles the batch."""
+        return ("inpaint" if self.mode == "inpaint" else "base", self.height, self.width, self.guidance_scale > 1)
+
     def fingerprint(self) -> str:
         d = asdict(self)
         d.pop("row_hash")

@@ -104,7 +104,8 @@ class PriorWorker:
 
 
 class DecoderWorker:
-    def __init__(self, cfg: JobConfig, need_inpaint: bool):
+    def __init__(self, cfg: JobConfig, need_inpaint: bool, shapes=()):
+        """``shapes``: the job's ``Row.unet_shape()`` buckets, compiled up front when ``models.compile``."""
         from .decoder import DecoderFaults, DecoderPredictor  # torch and diffusers: only in the actor
 
         m, f = cfg.models, cfg.faults
@@ -116,6 +117,7 @@ class DecoderWorker:
             faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt),
             pad_to=cfg.resources.decoder.batch_size if m.compile and cfg.resources.device != "cpu" else 0,
             concurrency=cfg.resources.decoder.concurrency)
+        self.warmup = self.predictor.warmup(shapes) if self.predictor.pad_to else 0.0  # reported once
 
     def worker(self) -> str:
         return self.predictor.worker
@@ -127,7 +129,9 @@ class DecoderWorker:
             t0 = time.perf_counter()
             inputs = _merge(input_maps)
             out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
-            return (time.perf_counter() - t0, _memory()), out
+            with self.running.lock:  # lanes: report it once
+                warmup, self.warmup = self.warmup, 0.0
+            return (time.perf_counter() - t0, _memory(), warmup), out
 
 
 class StagesWorker(DecoderWorker):
@@ -139,8 +143,8 @@ class StagesWorker(DecoderWorker):
     actor's ``decoder.concurrency`` threads); embeddings still come back to the driver.
     """
 
-    def __init__(self, cfg: JobConfig, need_inpaint: bool):
-        super().__init__(cfg, need_inpaint)
+    def __init__(self, cfg: JobConfig, need_inpaint: bool, shapes=()):
+        super().__init__(cfg, need_inpaint, shapes)
         self.prior = PriorWorker(cfg, stage="decoder", running=self.running)
 
     def run_prior(self, slot: str, token: str, rows: list[Row], *input_maps):

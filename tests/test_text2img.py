@@ -150,3 +150,43 @@ def test_padding_for_compiled_unet_keeps_images(tiny_models):
         for w, g in zip(want, got):
             assert g.images.shape == w.images.shape
             assert_pixels_close(g.images, w.images, w.id)
+
+
+def test_warmup_compiles_the_shapes_real_batches_use(tiny_models):
+    """models.compile: the decoder's warm-up runs each Row.unet_shape() bucket at the padded batch size, so
+    real batches of those shapes reuse its graphs. Checked with dynamo's eager backend (tracing and guards
+    as on a GPU, no code generation) on the tiny UNet; a shape that was not warmed up does add a graph."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from kbatch.decoder import DecoderPredictor
+    from kbatch.prior import PriorPredictor
+
+    torch._dynamo.reset()
+    prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
+    from PIL import Image
+
+    dec = DecoderPredictor(tiny_models["decoder"], tiny_models["inpaint"], device="cpu", dtype="float32", pad_to=4)
+    dec.pipe.unet.compile(backend="eager", dynamic=False)  # what models.compile does on a GPU, minus codegen
+    dec._inpaint_pipe(dec.lanes.all[0]).unet.compile(backend="eager", dynamic=False)  # its own UNet
+
+    def rows(n, **kw):
+        return [Row(id=f"r{i}", prompt=f"a cat {i}", seed=i, num_inference_steps=2, prior_num_inference_steps=2,
+                    **{"height": 64, "width": 64, **kw}) for i in range(n)]
+
+    warm = [rows(3), rows(1, width=128), rows(2, guidance_scale=1.0), rows(2, mode="img2img", strength=0.5),
+            rows(3, mode="inpaint")]
+    shapes = {r.unet_shape() for b in warm for r in b}
+    assert shapes == {("base", 64, 64, True), ("base", 64, 128, True), ("base", 64, 64, False),
+                      ("inpaint", 64, 64, True)}
+    assert dec.warmup(shapes) > 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 4
+    init = {"init_image": Image.new("RGB", (64, 64), (200, 30, 30)), "mask": Image.new("L", (64, 64), 255)}
+    for b in warm:  # partial batches, other step counts, img2img: padded to 4, the same graphs
+        dec(b, prior(b), [init] * len(b))
+    assert counters["stats"]["unique_graphs"] == graphs
+    cold = rows(2, height=128, width=128)
+    dec(cold, prior(cold))
+    assert counters["stats"]["unique_graphs"] > graphs
+    torch._dynamo.reset()
