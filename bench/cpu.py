@@ -11,12 +11,12 @@ B = in this process: load ``KandinskyPriorPipeline`` + ``KandinskyPipeline`` fro
 Runs are interleaved A, B, A, B, ... so that load from other processes hits both sides alike; the 1-minute
 load average is printed next to each run. Prints images/s per run and mean(A img/s) / mean(B img/s).
 Memory: B's peak RSS is this process's own (getrusage); for A every process of the ``kbatch run`` tree is
-polled with psutil every 0.2 s (peak RSS, CPU seconds), grouped by Ray process title (ray::PriorWorker,
-ray::DecoderWorker, ray::write_shard, raylet, gcs_server, the driver, ...).
+polled with psutil every 0.2 s (peak RSS, CPU seconds), grouped by Ray process title (ray::StagesWorker,
+ray::PriorWorker, ray::DecoderWorker, ray::WriterWorker, raylet, gcs_server, the driver, ...).
 
     python bench/cpu.py                    # 256 rows, 2 repeats (A,B,A,B)
     python bench/cpu.py --quick            # 32 rows, 1 repeat: smoke test
-    python bench/cpu.py --variant cpu2 --variant dec2t --repeats 1     # compare kbatch configs
+    python bench/cpu.py --variant cpu1x2c --variant cpu2c --repeats 1  # compare kbatch configs
     python bench/cpu.py --kbatch-path /tmp/kbfix --variant cpu2        # also run a patched kbatch copy
     python bench/cpu.py --env OMP_WAIT_POLICY=PASSIVE                  # same env for A and B
 """
