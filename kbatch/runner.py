@@ -219,7 +219,6 @@ class Runner:
         self.spec = OutputSpec(root=self.output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
                                image_format=cfg.output.image_format, quality=cfg.output.quality,
                                storage_options=self.so)
-        self.bases = {r.id: base_record(r, cfg, self.run_id) for r in self.rows}
         self.stats = defaultdict(float)
         self.memory: dict[str, float] = {}  # peak RSS / GPU memory per stage (GiB)
         self.failed_by_reason: dict[str, int] = defaultdict(int)
@@ -529,12 +528,16 @@ class Runner:
     def _fail(self, row: Row, message: str, before_decoder: bool = False):
         if before_decoder:
             self.before_decoder[row.decoder_key()] -= 1
-        self._fail_record(error_record(self.bases[row.id], message))
+        self._fail_record(error_record(base_record(row, self.cfg, self.run_id), message))
 
     def _fail_record(self, rec: dict):
         self.failed_by_reason[_reason(rec["error"])] += 1
         self.shard_err.append(rec)
         self.shard_rows += 1
+
+    def _bases(self, rows: list[Row]) -> dict[str, dict]:
+        """Metadata records of rows, made when their shard is written (not held for the whole job)."""
+        return {r.id: base_record(r, self.cfg, self.run_id) for r in rows}
 
     def _flush(self):
         if not self.shard_rows:
@@ -546,12 +549,12 @@ class Runner:
         writer = min(self.writers, key=lambda a: self.load[a])
         if self.cfg.stage == "prior":
             ok_rows = [r for r, _ in self.shard_prior]
-            ref = writer.write_embeddings.remote(spec, shard, {r.id: self.bases[r.id] for r in ok_rows},
+            ref = writer.write_embeddings.remote(spec, shard, self._bases(ok_rows),
                                                  {r.id: self.raw[r.id] for r in ok_rows},
                                                  [o for _, o in self.shard_prior], self.shard_err)
         else:
             ok_rows = [r for rows, _ in self.shard_ok for r in rows]
-            bases = {r.id: self.bases[r.id] for r in ok_rows}
+            bases = self._bases(ok_rows)
             ref = writer.write.remote(spec, shard, bases, self.shard_err, *[p for _, p in self.shard_ok])
         self._track(ref, "write", None, writer, (len(ok_rows), len(self.shard_err), _images(ok_rows)))
         self.shard_ok, self.shard_err, self.shard_prior, self.shard_rows = [], [], [], 0

@@ -33,7 +33,7 @@ class MixItem:
     image_uri: str | None = None  # ... or a URI, resolved and checked by kbatch.images
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One validated render request with the job defaults applied."""
 
