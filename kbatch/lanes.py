@@ -45,9 +45,6 @@ class Lanes:
             self._free.put(lane)
         self.lock = threading.Lock()  # for lazy loads shared by all lanes
 
-    def __len__(self) -> int:
-        return len(self.all)
-
     @contextmanager
     def take(self):
         lane = self._free.get()

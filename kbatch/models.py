@@ -127,12 +127,17 @@ def _same_weights(a, b) -> bool:
     return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
+def compiles(place: Placement, compile: bool) -> bool:
+    """Whether ``models.compile`` applies on this worker: on CUDA only (on a CPU it costs more than it saves)."""
+    return compile and place.device == "cuda"
+
+
 def _speedups(pipe, place: Placement, channels_last: bool, compile: bool):
     if place.device != "cuda":
         return
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-    if compile:
+    if compiles(place, compile):
         # in place; static shapes: each (batch, size) bucket gets its own graph, compiled during the
         # decoder's warm-up, instead of dynamo turning the sizes into slower dynamic dimensions after the
         # second one it sees

@@ -107,6 +107,7 @@ class DecoderWorker:
     def __init__(self, cfg: JobConfig, need_inpaint: bool, shapes=()):
         """``shapes``: the job's ``Row.unet_shape()`` buckets, compiled up front when ``models.compile``."""
         from .decoder import DecoderFaults, DecoderPredictor  # torch and diffusers: only in the actor
+        from .models import compiles
 
         m, f = cfg.models, cfg.faults
         self.running = Running()
@@ -115,9 +116,11 @@ class DecoderWorker:
             scheduler=m.scheduler, offload=m.offload, threads=_threads(cfg, "decoder"),
             channels_last=m.channels_last, compile=m.compile, revision=m.revision,
             faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt),
-            pad_to=cfg.resources.decoder.batch_size if m.compile and cfg.resources.device != "cpu" else 0,
             concurrency=cfg.resources.decoder.concurrency)
-        self.warmup = self.predictor.warmup(shapes) if self.predictor.pad_to else 0.0  # reported once
+        self.warmup = 0.0  # seconds, reported with the first batch
+        if compiles(self.predictor.place, m.compile):  # one batch size per shape, every shape compiled now
+            self.predictor.pad_to = cfg.resources.decoder.batch_size
+            self.warmup = self.predictor.warmup(shapes)
 
     def worker(self) -> str:
         return self.predictor.worker
