@@ -82,9 +82,9 @@ def _finish(pipe, place: Placement, offload: bool):
 
 def load_prior(model: str, place: Placement, *, scheduler: str = "unclip", offload: bool = False,
                revision: str | None = None):
+    quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyPriorPipeline
 
-    quiet()
     pipe = KandinskyPriorPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
                                                   revision=revision)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, PRIOR_SCHEDULERS)
@@ -93,9 +93,9 @@ def load_prior(model: str, place: Placement, *, scheduler: str = "unclip", offlo
 
 def load_decoder(model: str, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
                  channels_last: bool = False, compile: bool = False, revision: str | None = None):
+    quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyPipeline
 
-    quiet()
     pipe = KandinskyPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
                                              revision=revision)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS)
@@ -106,9 +106,9 @@ def load_decoder(model: str, place: Placement, *, scheduler: str = "ddim", offlo
 def load_inpaint(model: str, decoder, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
                  channels_last: bool = False, compile: bool = False, revision: str | None = None):
     """The inpaint pipeline; text encoder, tokenizer and MoVQ are shared with ``decoder`` when equal."""
+    quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyInpaintPipeline
 
-    quiet()
     pipe = KandinskyInpaintPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
                                                     revision=revision)
     for name in ("text_encoder", "movq"):
