@@ -10,7 +10,9 @@ Measured, in this order, on the same card:
   2. diffusers, 16 prompts per call   (same, 16 rows per call)
   3. the UNet alone: ``steps`` forward passes at CFG batch 2x16 (the decoder's floor)
   4. ``kbatch run`` as a subprocess, prior and decoder sharing the GPU by fractions (0.2 / 0.8), timed
-     wall-clock as a user sees it (Ray start, actor start, model load, render, PNG writes, shutdown).
+     wall-clock as a user sees it (Ray start, actor start, model load, render, PNG writes, shutdown);
+     ``--kbatch NAME`` (repeatable) runs other layouts after it: ``colocated``, ``lanes``, ``compile``
+     (``KBATCH_VARIANTS``). The report is rewritten in --out after every step.
 UNet FLOPs: one forward at CFG batch 2 counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
 device, times the steps = UNet FLOPs per image; "UNet TFLOP/s" of a variant = FLOPs per image x its img/s
 (end to end: prior, MoVQ, PNG, scheduling all count against it), and for the UNet-alone loop its own rate.
@@ -20,6 +22,7 @@ own peak allocated), and the device-wide peak used (``torch.cuda.mem_get_info`` 
 which holds a small CUDA context of its own then).
 
     python bench/gpu.py --out $OUT               # on the lent GPU (see bench/README.md for the set-up)
+    python bench/gpu.py --out $OUT --kbatch base --kbatch lanes --kbatch colocated   # several layouts
     python bench/gpu.py --tiny                   # CPU smoke run: tiny models, 64x64, few steps and rows
     python bench/gpu.py --mini                   # CPU test of the full-size builder with shrunk widths
 """
@@ -47,6 +50,16 @@ def log(msg: str):
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
+# `kbatch run` layouts measured after the diffusers baselines (--kbatch NAME, repeatable, in the order given):
+# extra `--set`s, and whether the decoder takes the whole card (colocated: no separate prior actor)
+KBATCH_VARIANTS: dict[str, dict] = {
+    "base": {"sets": []},                                               # prior 0.2 + decoder 0.8 of the card
+    "colocated": {"sets": ["resources.colocate=true"], "decoder_gpus": 1.0},  # one process, one CUDA context
+    "lanes": {"sets": ["resources.decoder.concurrency=2"]},             # 2 batches at once, one copy of weights
+    "compile": {"sets": ["models.compile=true"]},                       # compiled UNet, warm-up per shape
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models from `kbatch models tiny`, 64x64, CPU-sized")
@@ -64,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--kbatch-batch", type=int, default=16, help="kbatch decoder batch_size (images per pass)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `kbatch run --set` (e.g. models.compile=true)")
+    p.add_argument("--kbatch", dest="kbatch_variants", action="append", choices=sorted(KBATCH_VARIANTS),
+                   default=None, help="kbatch layouts to run, in order (repeatable; default: base). Results are "
+                                      "written to --out after each, so a run cut short keeps what it measured")
     p.add_argument("--skip", action="append", default=[], choices=["x1", "x16", "unet", "kbatch"])
     p.add_argument("--no-png", action="store_true", help="diffusers variants: don't write PNGs")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.md / results.json")
@@ -73,6 +89,7 @@ def parse_args(argv=None):
     args.x1_rows = args.x1_rows or (4 if small else 8)
     args.x16_rows = args.x16_rows or (2 * args.per_call if small else 4 * args.per_call)
     args.rows = args.rows or (32 if small else 256)
+    args.kbatch_variants = args.kbatch_variants or ["base"]
     return args
 
 
@@ -309,12 +326,14 @@ def main(argv=None) -> int:
                             "note": f"prior {stats['prior_s']:.1f}s, decoder {stats['decoder_s']:.1f}s, "
                                     f"png {stats['png_s']:.1f}s"})
             log(f"diffusers {name}: {n_img} images in {sec:.1f}s = {n_img / sec:.2f} img/s ({results[-1]['note']})")
+            write_report(args, report_lines(args, results, wl, flops_img, dtype_name), results, flops_img, work)
         if "unet" not in args.skip:
             s_img = unet_alone(decoder, wl, args.per_call)
             results.append({"variant": f"UNet alone, CFG batch {2 * args.per_call} (decoder floor)",
                             "images": args.per_call, "seconds": s_img * args.per_call, "img_s": 1 / s_img,
                             "note": f"{wl.steps} forwards"})
             log(f"UNet alone: {1 / s_img:.2f} img/s")
+            write_report(args, report_lines(args, results, wl, flops_img, dtype_name), results, flops_img, work)
         del prior, decoder
         gc.collect()
         if device == "cuda":
@@ -323,48 +342,70 @@ def main(argv=None) -> int:
     if "kbatch" not in args.skip:
         manifest = os.path.join(work, "manifest.parquet")
         C.write_manifest(manifest, args.rows)
-        if device == "cuda":
-            res = dict(prior={"replicas": 1, "gpus": args.prior_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
-                       decoder={"replicas": 1, "gpus": args.decoder_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
-                       io_cpus=1, rows_per_shard=64)
-        else:  # the 2-CPU preset of bench/cpu.py
-            res = dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
-                       decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
-                       io_cpus=0.25, rows_per_shard=64)
-        cfg = C.kbatch_config(models, manifest, os.path.join(work, "kbatch-out"), wl, dtype=dtype_name,
-                              device=device, **res)
-        cfg_path = C.write_yaml(os.path.join(work, "kbatch.yaml"), cfg)
-        out = os.path.join(work, "kbatch-out")
-        ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")
-        log(f"kbatch: run {cfg_path} ({args.rows} rows; resources {res}; --set {args.sets})")
-        mem = GpuMemPoller() if device == "cuda" else None
-        if mem:
-            mem.__enter__()
-        try:
-            sec, rc, poller, text = C.run_kbatch(cfg_path, out, ray_tmp, sets=args.sets, timeout=1200,
-                                                 log_path=os.path.join(work, "kbatch.log"))
-        finally:
-            if mem:
-                mem.__exit__(None, None, None)
-        r = C.job_result(out)
-        n_img = r.get("images", 0)
-        if rc != 0:
-            print("\n".join(text.splitlines()[-30:]))
-        gpu_mem = {k: v for k, v in (r.get("memory") or {}).items()}
-        if mem:
-            gpu_mem["device_peak_used_gib"] = mem.peak / 2**30
-        stages = ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in (r.get("stage_seconds") or {}).items())
-        results.append({"variant": f"kbatch run (prior {res['prior']['gpus']} + decoder {res['decoder']['gpus']} "
-                                   f"GPU, batch {res['decoder']['batch_size']})",
-                        "images": n_img, "seconds": sec, "img_s": n_img / sec, "exit": rc,
-                        "img_s_inside": r.get("images_per_second"), "gpu_mem": gpu_mem,
-                        "rss": {g: m for g, (_, m, _) in (poller.by_group() if poller else {}).items()},
-                        "note": f"whole command; inside Ray {r.get('seconds', 0):.1f}s; busy: {stages}"})
-        log(f"kbatch: exit {rc}, {n_img} images in {sec:.1f}s = {n_img / sec:.2f} img/s whole command, "
-            f"{r.get('images_per_second', 0):.2f} img/s inside Ray")
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for name in args.kbatch_variants:
+            results.append(run_kbatch_variant(args, name, models, manifest, wl, device, dtype_name, work))
+            write_report(args, report_lines(args, results, wl, flops_img, dtype_name), results, flops_img, work)
 
-    # ------------------------------------------------------------------------------------------ report
+    text = "\n".join(report_lines(args, results, wl, flops_img, dtype_name))
+    print("\n" + text)
+    log(f"total {time.perf_counter() - T0:.0f}s; work dir {work}")
+    write_report(args, text.splitlines(), results, flops_img, work)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(x.get("exit", 0) == 0 for x in results) else 1
+
+
+def run_kbatch_variant(args, name: str, models: dict, manifest: str, wl: C.Workload, device: str,
+                       dtype_name: str, work: str) -> dict:
+    """One ``kbatch run`` of the manifest in the layout ``KBATCH_VARIANTS[name]``, timed as a whole command."""
+    v = KBATCH_VARIANTS[name]
+    if device == "cuda":
+        dec_gpus = v.get("decoder_gpus", args.decoder_gpus)
+        res = dict(prior={"replicas": 1, "gpus": args.prior_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
+                   decoder={"replicas": 1, "gpus": dec_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
+                   io_cpus=1, rows_per_shard=64)
+    else:  # the 2-CPU preset of bench/cpu.py
+        res = dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                   decoder={"replicas": 2, "gpus": 0, "cpus": 0.75, "batch_size": 8, "threads": 1},
+                   io_cpus=0.25, rows_per_shard=64)
+    sets = v["sets"] + args.sets
+    out = os.path.join(work, f"kbatch-out-{name}")
+    cfg = C.kbatch_config(models, manifest, out, wl, dtype=dtype_name, device=device, **res)
+    cfg_path = C.write_yaml(os.path.join(work, f"kbatch-{name}.yaml"), cfg)
+    ray_tmp = tempfile.mkdtemp(prefix="kbr-", dir="/tmp")
+    log_path = os.path.join(work, f"kbatch-{name}.log")
+    log(f"kbatch[{name}]: run {cfg_path} ({args.rows} rows; resources {res}; --set {sets})")
+    mem = GpuMemPoller() if device == "cuda" else None
+    if mem:
+        mem.__enter__()
+    try:
+        sec, rc, poller, text = C.run_kbatch(cfg_path, out, ray_tmp, sets=sets, timeout=1200, log_path=log_path)
+    finally:
+        if mem:
+            mem.__exit__(None, None, None)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    r = C.job_result(out)
+    n_img = r.get("images", 0)
+    if rc != 0:
+        print("\n".join(text.splitlines()[-30:]))
+    gpu_mem = dict(r.get("memory") or {})
+    if mem:
+        gpu_mem["device_peak_used_gib"] = mem.peak / 2**30
+    stages = ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in (r.get("stage_seconds") or {}).items())
+    layout = ("colocated" if "resources.colocate=true" in sets else
+              f"prior {res['prior']['gpus']} + decoder {res['decoder']['gpus']}")
+    log(f"kbatch[{name}]: exit {rc}, {n_img} images in {sec:.1f}s = {n_img / sec:.2f} img/s whole command, "
+        f"{r.get('images_per_second', 0):.2f} img/s inside Ray")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"variant": f"kbatch run [{name}] ({layout} GPU, batch {res['decoder']['batch_size']}"
+                       + (f"; --set {' '.join(sets)}" if sets else "") + ")",
+            "images": n_img, "seconds": sec, "img_s": n_img / sec, "exit": rc, "log": log_path,
+            "img_s_inside": r.get("images_per_second"), "gpu_mem": gpu_mem,
+            "rss": {g: m for g, (_, m, _) in (poller.by_group() if poller else {}).items()},
+            "note": f"whole command; inside Ray {r.get('seconds', 0):.1f}s; busy: {stages}"}
+
+
+def report_lines(args, results: list[dict], wl: C.Workload, flops_img, dtype_name: str) -> list[str]:
     ref = next((x for x in results if x["variant"].startswith(f"diffusers, {args.per_call} ")), None)
     lines = [f"GPU benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}: {card()}",
              f"versions: {C.versions()}",
@@ -389,28 +430,30 @@ def main(argv=None) -> int:
             notes += f"; {x['img_s_no_png']:.2f} img/s without PNG writes"
         lines.append(f"| {x['variant']} | {x['images']} | {x['seconds']:.1f} | {x['img_s']:.2f} | {rel} | {tfs} | "
                      f"{memtxt} | {notes} |")
-    kb = next((x for x in results if x["variant"].startswith("kbatch")), None)
-    if kb and ref:
-        lines += ["", f"kbatch / diffusers x{args.per_call} = {kb['img_s'] / ref['img_s']:.2f} (target >= 2); "
-                      f"kbatch {kb['img_s']:.2f} img/s (target >= 5 on one H200)"]
-    if kb and kb.get("rss"):
-        lines.append("kbatch peak host RSS per process: " + ", ".join(
-            f"{g} {C.mib(m)}" for g, m in sorted(kb["rss"].items(), key=lambda kv: -kv[1])))
-    text = "\n".join(lines)
-    print("\n" + text)
-    log(f"total {time.perf_counter() - T0:.0f}s; work dir {work}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu-results.md"), "w") as fh:
-            fh.write(text + "\n")
-        with open(os.path.join(args.out, "gpu-results.json"), "w") as fh:
-            json.dump({"results": results, "flops_per_image": flops_img, "card": card(), "versions": C.versions()},
-                      fh, indent=2, default=str)
-        if os.path.exists(os.path.join(work, "kbatch.log")):
-            shutil.copy(os.path.join(work, "kbatch.log"), args.out)
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if not kb or kb.get("exit") == 0 else 1
+    for kb in (x for x in results if x["variant"].startswith("kbatch")):
+        lines.append("")
+        if ref:
+            lines.append(f"{kb['variant']}: kbatch / diffusers x{args.per_call} = {kb['img_s'] / ref['img_s']:.2f} "
+                         f"(target >= 2); kbatch {kb['img_s']:.2f} img/s (target >= 5 on one H200)")
+        if kb.get("rss"):
+            lines.append("  peak host RSS per process: " + ", ".join(
+                f"{g} {C.mib(m)}" for g, m in sorted(kb["rss"].items(), key=lambda kv: -kv[1])))
+    return lines
+
+
+def write_report(args, lines: list[str], results: list[dict], flops_img, work: str):
+    """gpu-results.md / .json and the kbatch logs into --out (after every step: a cut-short run keeps them)."""
+    if not args.out:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu-results.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "gpu-results.json"), "w") as fh:
+        json.dump({"results": results, "flops_per_image": flops_img, "card": card(), "versions": C.versions()},
+                  fh, indent=2, default=str)
+    for x in results:
+        if x.get("log") and os.path.exists(x["log"]):
+            shutil.copy(x["log"], args.out)
 
 
 if __name__ == "__main__":
