@@ -50,6 +50,11 @@ VARIANTS: dict[str, dict] = {
                     decoder={"replicas": 1, "gpus": 0, "cpus": 1.5, "batch_size": 8, "threads": 1,
                              "concurrency": 2},
                     io_cpus=0.25, rows_per_shard=64, extra={"resources": {"colocate": True}}),
+    # cpu1x2c with the prior in its own process (both processes import torch + diffusers at once)
+    "cpu1x2": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
+                   decoder={"replicas": 1, "gpus": 0, "cpus": 1.25, "batch_size": 8, "threads": 1,
+                            "concurrency": 2},
+                   io_cpus=0.25, rows_per_shard=64),
     # one decoder with 2 threads (the demo's decoder), prior 1 thread
     "dec2t": dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 8, "threads": 1},
                   decoder={"replicas": 1, "gpus": 0, "cpus": 1, "batch_size": 8, "threads": 2},
