@@ -66,7 +66,12 @@ def load_job_config(args) -> JobConfig:
 def cmd_run(args) -> int:
     from .runner import run_job
 
+    from .storage import process_local
+
     cfg = load_job_config(args)
+    if process_local(cfg.resolved_output()):
+        print(f"kbatch: warning: output {cfg.resolved_output()} is memory of this process and is gone when it "
+              "exits; render to memory:// from Python (kbatch.render) instead", file=sys.stderr)
     result = run_job(cfg, overwrite=args.overwrite, progress=args.progress)
     print(result.summary_line())
     print(f"output: {result.output}")

@@ -282,7 +282,8 @@ class Runner:
                     self._flush()
         finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
             for a in {id(a): a for a in self.priors + self.decoders + self.writers}.values():
-                ray.kill(a)
+                if isinstance(a, ray.actor.ActorHandle):  # not the DriverWriter of a memory:// output
+                    ray.kill(a)
 
     def _start_actors(self, ray, rows):
         from .workers import remote_classes
@@ -307,7 +308,13 @@ class Runner:
         else:
             self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
             self.prior_method = "run"
-        self.writers = [WriterA.remote() for _ in range(writer_count(res))]
+        from . import storage
+        from .workers import DriverWriter, InDriver, load_inputs
+
+        # memory:// lives in this process: its shards are written here, its input images read here
+        self.writers = ([DriverWriter()] if storage.process_local(self.output) else
+                        [WriterA.remote() for _ in range(writer_count(res))])
+        self.local_loader = InDriver(load_inputs, num_returns=2)
         self.crashes: dict = defaultdict(int)
         self.deaths: set = set()  # (actor, batches it was running) of deaths with several suspects
         self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
@@ -361,7 +368,8 @@ class Runner:
             unit = self.load_q.popleft()
             needy = [r for r in unit.rows if _needs_inputs(r)]
             if needy:
-                err_ref, inputs_ref = self.loader.remote(needy, cfg.limits, self.so)
+                loader = self.local_loader if any(_local_inputs(r) for r in needy) else self.loader
+                err_ref, inputs_ref = loader.remote(needy, cfg.limits, self.so)
                 unit.inputs = [inputs_ref]
                 self.inflight[err_ref] = ("load", unit, None, None)
             else:
@@ -442,6 +450,10 @@ class Runner:
             return self._retry(kind, unit, f"{kind} failed: {_short(e)}", crash=False)
         except ray.exceptions.RayError as e:  # object lost, worker crashed in a task, ...
             return self._retry(kind, unit, f"{kind} failed: {type(e).__name__}", crash=True)
+        from .workers import Raised
+
+        if isinstance(value, Raised):  # a call run here in the driver (memory:// storage) raised
+            return self._retry(kind, unit, f"{kind} failed: {value.message[:500]}", crash=False)
         if kind == "load":
             errors = value
             for r in unit.rows:
@@ -586,6 +598,14 @@ def _sigterm_interrupts():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _local_inputs(r: Row) -> bool:
+    """Whether a row reads an input from process-local storage (memory://), which only the driver can see."""
+    from .storage import process_local
+
+    return (process_local(r.init_image) or process_local(r.mask)
+            or any(process_local(it.image_uri) for it in r.mix))
 
 
 def _needs_inputs(r: Row) -> bool:

@@ -36,6 +36,12 @@ def get_fs(uri: str, storage_options: dict | None = None):
     return fs, path
 
 
+def process_local(uri) -> bool:
+    """True for fsspec's in-memory filesystem (``memory://``): its files live in the memory of one process, so
+    only the driver of a job (the process that plans it and reads the results) can write or read them."""
+    return isinstance(uri, str) and uri.lower().startswith("memory:")
+
+
 def join(root: str, *parts: str) -> str:
     """Join path parts with '/' (also for URLs); empty parts are skipped."""
     out = root.rstrip("/") if root != "/" else root

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import ray
 
@@ -202,6 +203,42 @@ def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list
     return _write(spec, shard, records, images)
 
 
+@dataclass
+class Raised:
+    """The error of a call that ran in the driver (``InDriver``): what its ref holds instead of a result."""
+
+    message: str
+
+
+class InDriver:
+    """Stands in for a Ray task (or an actor's method) and runs the function in this process: the work on
+    process-local storage (``storage.process_local``: fsspec ``memory://``), which another process would
+    read or write in its own, different memory filesystem. ``.remote(*args)`` resolves ObjectRef arguments,
+    calls the function, and returns refs to its result(s), or to ``Raised`` when it raised."""
+
+    def __init__(self, fn, num_returns: int = 1):
+        self.fn, self.num_returns = fn, num_returns
+
+    def remote(self, *args):
+        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+        try:
+            out = self.fn(*args)
+        except Exception as e:  # delivered through the ref, like a task error
+            out = (Raised(f"{type(e).__name__}: {e}"),) * self.num_returns if self.num_returns > 1 else \
+                Raised(f"{type(e).__name__}: {e}")
+        return ray.put(out) if self.num_returns == 1 else tuple(ray.put(o) for o in out)
+
+
+class DriverWriter:
+    """The writer of a process-local output: a ``WriterWorker`` handle's interface, run in the driver."""
+
+    def __init__(self):
+        from .embeddings import write_embeddings_shard
+
+        self.write = InDriver(write_shard)
+        self.write_embeddings = InDriver(write_embeddings_shard)
+
+
 def _omp(cfg: JobConfig, stage: str) -> dict:
     """Several torch threads on a shared CPU: OpenMP's busy-wait makes them 10-30x slower whenever another
     process takes a core (bench/RESULTS.md); passive waiting avoids that."""
@@ -227,5 +264,5 @@ def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
     return prior, decoder, loader, writer
 
 
-__all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DecoderOutput", "load_inputs",
-           "write_shard", "remote_classes"]
+__all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DriverWriter", "InDriver", "Raised",
+           "DecoderOutput", "load_inputs", "write_shard", "remote_classes"]
