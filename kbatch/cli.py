@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from .config import ConfigError, JobConfig, load_config
+from .config import ConfigError, JobConfig, check_storage, load_config
 from .manifest import ManifestError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -85,6 +85,7 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config, sets=args.sets, manifest=args.manifest)
     if not cfg.manifest:
         raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
+    check_storage(cfg)
     table, base = read_manifest(cfg.manifest, dict(cfg.storage_options) or None)
     rows, errors = validate_manifest(table, cfg, base, check_images=not args.no_images)
     print(f"config ok; manifest {cfg.manifest}: {table.num_rows} rows, {len(rows)} valid, "

@@ -313,6 +313,17 @@ def _check(cond: bool, key: str, value: Any, what: str):
         raise ConfigError(f"config key '{key}' {what}, got {value!r}")
 
 
+def check_storage(cfg: JobConfig) -> None:
+    """Config error if this process cannot open the manifest's or the output's filesystem (unknown protocol,
+    or e.g. gcsfs not installed). Run where the job's driver runs (plan, ``kbatch validate``), not in
+    ``validate_config``: ``kbatch.submit`` resolves configs on a machine that may lack the cluster's packages."""
+    from .storage import protocol_problem
+
+    for key, uri in (("output.path", cfg.output.path), ("manifest", cfg.manifest)):
+        problem = protocol_problem(uri) if uri else None
+        _check(problem is None, key, uri, f"cannot be opened here ({problem})")
+
+
 def validate_config(cfg: JobConfig) -> None:
     from .schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS
 

@@ -15,7 +15,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from .config import ConfigError, JobConfig, writer_count
+from .config import ConfigError, JobConfig, check_storage, writer_count
 from .jobstate import JOB_FILE, SUCCESS_FILE, check_resume, fingerprint, meaning, new_run_id, now_iso, versions
 from .progress import Progress
 from .schema import Row, input_ref
@@ -135,6 +135,7 @@ class Runner:
         from .writer import read_records
 
         cfg = self.cfg
+        check_storage(cfg)
         self.stored_priors = {}
         if self.table is not None:
             table, base_uri = self.table, os.getcwd()

@@ -36,6 +36,20 @@ def get_fs(uri: str, storage_options: dict | None = None):
     return fs, path
 
 
+def protocol_problem(uri: str) -> str | None:
+    """Why fsspec cannot open ``uri`` here (an unknown protocol, or its package is not installed), or None.
+    Only looks up the filesystem class: no connection, no credentials."""
+    for part in str(uri).split("::"):  # chained URLs: simplecache::s3://...
+        proto, _ = fsspec.core.split_protocol(part)
+        if proto in (None, "file", "local"):
+            continue
+        try:
+            fsspec.get_filesystem_class(proto)
+        except (ImportError, ValueError) as e:
+            return str(e) or type(e).__name__
+    return None
+
+
 def process_local(uri) -> bool:
     """True for fsspec's in-memory filesystem (``memory://``): its files live in the memory of one process, so
     only the driver of a job (the process that plans it and reads the results) can write or read them."""

@@ -93,3 +93,24 @@ def test_writer_count_follows_decoder_replicas():
     assert n(writers=3, decoder={"replicas": 7}) == 3
     with pytest.raises(ConfigError, match="resources.writers"):
         from_dict({"resources": {"writers": -1}})
+
+
+def test_storage_the_driver_cannot_open_is_a_config_error(tmp_path):
+    """An unknown protocol, or one whose fsspec package is missing (gcsfs), fails as a config error naming the
+    key, before any model or Ray starts; resolving the config alone (kbatch.submit) does not look."""
+    import importlib.util
+
+    from cli_helpers import kbatch
+    from kbatch.config import check_storage
+
+    cfg = from_dict({"output": {"path": "foo://bucket/x"}, "manifest": "m.parquet"})  # resolves: submit is fine
+    with pytest.raises(ConfigError, match=r"'output.path' cannot be opened here \(Protocol not known: foo\)"):
+        check_storage(cfg)
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(ConfigError, match=r"'manifest' cannot be opened here \(.*gcsfs"):
+            check_storage(from_dict({"output": {"path": "out"}, "manifest": "gs://bucket/m.parquet"}))
+    check_storage(from_dict({"output": {"path": "memory://x"}, "manifest": "s3://b/m.parquet"}))  # installed
+    (tmp_path / "c.yaml").write_text("manifest: m.parquet\noutput: {path: 'foo://bucket/x'}\n")
+    p = kbatch("run", tmp_path / "c.yaml", cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "'output.path' cannot be opened here" in p.stderr, p.stderr[-2000:]
+    assert "Started a local Ray" not in p.stderr
