@@ -238,7 +238,8 @@ class Runner:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         missing = self.total - self.skipped - self.rows_ok - self.rows_failed
-        complete = missing == 0 and not interrupted
+        unseen = [] if interrupted else self._unseen_shards()
+        complete = missing == 0 and not interrupted and not unseen
         seconds = time.perf_counter() - t_start
         failed_total = self.rows_failed + self.previous_failed
         tolerance = max(cfg.retries.max_failed_rows, int(cfg.retries.max_failed_fraction * self.total))
@@ -249,7 +250,7 @@ class Runner:
                            dict(self.memory))
         job.update(status="complete" if complete else ("interrupted" if interrupted else "incomplete"),
                    finished=now_iso(), result=dataclasses.asdict(result),
-                   worker_start_errors=getattr(self, "failed_starts", {}))
+                   worker_start_errors=getattr(self, "failed_starts", {}), unseen_shards=unseen)
         storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
@@ -262,6 +263,21 @@ class Runner:
             storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
                                                                   "rows": self.total}, self.so)
         return result
+
+    def _unseen_shards(self) -> list[str]:
+        """Shards this run's writers committed that the driver cannot list: written to a local path on
+        another node (or any storage the driver does not share). Such a run is not complete."""
+        if not getattr(self, "committed", None):
+            return []
+        from .writer import list_committed_shards
+
+        unseen = sorted(set(self.committed) - set(list_committed_shards(self.output, self.so)))
+        if unseen:
+            log.error("kbatch: %d of the %d shards written by this run are not visible from the driver at %s "
+                      "(first: %s): written on another node's local disk? Use object storage (s3://, gs://) or a "
+                      "shared filesystem. The run is incomplete.", len(unseen), len(self.committed), self.output,
+                      unseen[0])
+        return unseen
 
     # the dispatch loop ---------------------------------------------------------------------------------
     def _loop(self, ray):
@@ -297,7 +313,20 @@ class Runner:
         _warn_if_cpus_short(cfg, cluster.get("CPU", 0))
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
-        PriorA, DecoderA, self.loader, WriterA = remote_classes(cfg, prior_gpus, decoder_gpus)
+        from . import storage
+        from .workers import DriverWriter, InDriver, load_inputs, loader_task
+
+        # memory:// lives in this process: its shards are written here, its input images read here. A local
+        # path is this node's (or a shared mount): writers and the loading of local input files prefer the
+        # driver's node, and a multi-node cluster gets a warning
+        here = _driver_node(ray)
+        local_out = storage.node_local(self.output)
+        if local_out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            log.warning("kbatch: output %s is a local path on a cluster of several nodes: writers prefer this "
+                        "node, but any that run elsewhere write to that node's disk unless the path is a shared "
+                        "mount; use object storage (s3://, gs://) or a shared filesystem", self.output)
+        PriorA, DecoderA, self.loader, WriterA = remote_classes(cfg, prior_gpus, decoder_gpus,
+                                                                here if local_out else None)
         need_inpaint = any(r.mode == "inpaint" for r in rows)
         run_prior = bool(rows) and cfg.stage != "decoder"
         run_decoder = bool(rows) and cfg.stage != "prior"
@@ -309,13 +338,11 @@ class Runner:
         else:
             self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
             self.prior_method = "run"
-        from . import storage
-        from .workers import DriverWriter, InDriver, load_inputs
-
-        # memory:// lives in this process: its shards are written here, its input images read here
         self.writers = ([DriverWriter()] if storage.process_local(self.output) else
                         [WriterA.remote() for _ in range(writer_count(res))])
         self.local_loader = InDriver(load_inputs, num_returns=2)
+        self.here_loader = loader_task(cfg, here)
+        self.committed: list[str] = []  # shards this run committed (checked from the driver at the end)
         self.crashes: dict = defaultdict(int)
         self.deaths: set = set()  # (actor, batches it was running) of deaths with several suspects
         self.failed_starts: dict[str, str] = {}  # stage -> why a worker could not start
@@ -369,7 +396,8 @@ class Runner:
             unit = self.load_q.popleft()
             needy = [r for r in unit.rows if _needs_inputs(r)]
             if needy:
-                loader = self.local_loader if any(_local_inputs(r) for r in needy) else self.loader
+                loader = (self.local_loader if any(_local_inputs(r) for r in needy) else
+                          self.here_loader if any(_node_inputs(r) for r in needy) else self.loader)
                 err_ref, inputs_ref = loader.remote(needy, cfg.limits, self.so)
                 unit.inputs = [inputs_ref]
                 self.inflight[err_ref] = ("load", unit, None, None)
@@ -486,6 +514,7 @@ class Runner:
             self.rows_failed += rows_err
             self.images += n_images
             self.stats["write_seconds"] += getattr(value, "seconds", 0.0)
+            self.committed.append(value.shard)
             self.progress.update(rows_ok + rows_err, self.images)
 
     def _peak(self, stage: str, memory: dict):
@@ -599,6 +628,20 @@ def _sigterm_interrupts():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _driver_node(ray):
+    """Soft affinity to the driver's node: preferred, elsewhere when that node has no room or no CPUs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _node_inputs(r: Row) -> bool:
+    """Whether a row reads an input file from a local path (the driver's node's, or a shared mount)."""
+    from .storage import node_local
+
+    return (node_local(r.init_image) or node_local(r.mask) or any(node_local(it.image_uri) for it in r.mix))
 
 
 def _local_inputs(r: Row) -> bool:

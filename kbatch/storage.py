@@ -50,6 +50,14 @@ def protocol_problem(uri: str) -> str | None:
     return None
 
 
+def node_local(uri) -> bool:
+    """True for a local path (or ``file://``): on a cluster, each node has its own unless it is a shared mount."""
+    if not isinstance(uri, str):
+        return False
+    proto, _ = fsspec.core.split_protocol(uri.split("::")[-1])
+    return proto in (None, "file", "local")
+
+
 def process_local(uri) -> bool:
     """True for fsspec's in-memory filesystem (``memory://``): its files live in the memory of one process, so
     only the driver of a job (the process that plans it and reads the results) can write or read them."""

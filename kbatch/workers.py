@@ -247,9 +247,16 @@ def _omp(cfg: JobConfig, stage: str) -> dict:
     return {}
 
 
-def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
+def loader_task(cfg: JobConfig, scheduling_strategy=None):
+    """The input-loading CPU task (``load_inputs``), optionally pinned (local input files: the driver's node)."""
+    opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy is not None else {}
+    return ray.remote(load_inputs).options(num_cpus=cfg.resources.io_cpus, num_returns=2, max_retries=2, **opts)
+
+
+def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float, writer_strategy=None):
     """(prior actor class, decoder actor class, input-loading task, writer actor class). With
-    ``resources.colocate`` the prior class is None: decoder actors run the prior too."""
+    ``resources.colocate`` the prior class is None: decoder actors run the prior too. ``writer_strategy``:
+    where writers go (default: spread over the nodes)."""
     r, rt = cfg.resources, cfg.retries
     # SPREAD: replicas land on different nodes where they can (multi-node clusters)
     common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
@@ -259,10 +266,11 @@ def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float):
     decoder = ray.remote(StagesWorker if cfg.colocated else DecoderWorker).options(
         num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, max_concurrency=r.decoder.concurrency,
         **_omp(cfg, "decoder"), **common)
-    loader = ray.remote(load_inputs).options(num_cpus=r.io_cpus, num_returns=2, max_retries=2)
-    writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2, scheduling_strategy="SPREAD")
+    loader = loader_task(cfg)
+    writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2,
+                                              scheduling_strategy=writer_strategy or "SPREAD")
     return prior, decoder, loader, writer
 
 
 __all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DriverWriter", "InDriver", "Raised",
-           "DecoderOutput", "load_inputs", "write_shard", "remote_classes"]
+           "DecoderOutput", "load_inputs", "loader_task", "write_shard", "remote_classes"]

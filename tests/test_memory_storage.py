@@ -1,6 +1,7 @@
 """fsspec ``memory://`` as a job's output and input storage: it lives in one process (the driver), so its
 shards are written and its input images read there, not in Ray workers whose memory filesystems differ."""
 import io
+import json
 
 import fsspec
 import numpy as np
@@ -90,3 +91,22 @@ def test_in_driver_call_delivers_results_and_errors(ray_session):
     r1, r2 = InDriver(lambda: 1 / 0, num_returns=2).remote()
     got = ray.get(r1)
     assert isinstance(got, Raised) and "ZeroDivisionError" in got.message and isinstance(ray.get(r2), Raised)
+
+
+def test_shards_the_driver_cannot_see_make_the_run_incomplete(tiny_models, ray_session, monkeypatch):
+    """Writers that commit where the driver cannot look (here: writer actors writing memory:// into their own
+    processes, as a local path written on another node would be) leave the run incomplete, not "complete"."""
+    import kbatch.storage
+
+    monkeypatch.setattr(kbatch.storage, "process_local", lambda uri: False)  # the old behaviour: writer actors
+    out = "memory://kbt-unseen/job"
+    df = pd.DataFrame([{"id": f"u{i}", "prompt": f"prompt {i}", "seed": i} for i in range(3)])
+    try:
+        res = kbatch.render(df, out, tiny_config(tiny_models, out))
+        assert not res.run.complete and res.run.exit_code == 3
+        fs = fsspec.filesystem("memory")
+        assert not fs.exists("/kbt-unseen/job/_SUCCESS")
+        job = json.loads(fs.cat("/kbt-unseen/job/_job.json"))
+        assert job["status"] == "incomplete" and job["unseen_shards"] and job["unseen_shards"][0].startswith(job["run_id"])
+    finally:
+        fsspec.filesystem("memory").rm("/kbt-unseen", recursive=True)

@@ -53,3 +53,6 @@ def test_two_nodes_fake_gpus_disjoint_stages(tiny_models, tmp_path):
     assert len(decoder) == 2  # two decoder replicas, one whole GPU each
     decoder_nodes = {n for n, _ in decoder}
     assert decoder_nodes == set(out["nodes"]), "both nodes rendered rows"
+    # a local output path on several nodes: warned (writers prefer the driver's node; a shared mount or object
+    # storage is what keeps every shard where the driver looks)
+    assert "is a local path on a cluster of several nodes" in p.stderr
