@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import JobConfig, load_config
+from .config import ConfigError, JobConfig, load_config
 
 
 def _config(config: str | JobConfig | Mapping | None, sets=None, manifest=None, output=None, **overrides):
@@ -160,7 +160,13 @@ def submit(config: str | JobConfig | Mapping, address: str | None = None, *, wor
     """
     from ray.job_submission import JobSubmissionClient
 
+    from .storage import process_local
+
     cfg = _config(config, sets, manifest, output, **overrides)
+    if process_local(cfg.resolved_output()):
+        raise ConfigError(f"config key 'output.path' is {cfg.resolved_output()!r}: memory:// is the memory of the "
+                          "job's driver process on the cluster and is gone when the job ends; submit with object "
+                          "storage or a shared path, or render to memory:// here with kbatch.render")
     out = _absolute(cfg.resolved_output())
     data = cfg.to_dict()
     data["output"]["path"] = out

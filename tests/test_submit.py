@@ -120,6 +120,9 @@ def ray_head():
 def test_submit_config_error_raises_before_submitting():
     with pytest.raises(ConfigError, match="output.format"):
         kbatch.submit({"output": {"path": "/tmp/x", "format": "zip"}}, address="http://127.0.0.1:9")
+    # memory:// would be the memory of the job's driver on the cluster: gone when the job ends
+    with pytest.raises(ConfigError, match="'output.path' is 'memory://x/y'"):
+        kbatch.submit({"output": {"path": "memory://x/y"}}, address="http://127.0.0.1:9")
 
 
 class _FakeClient:
