@@ -123,7 +123,9 @@ class Runner:
         self.overwrite = overwrite
         self.progress_mode = progress or cfg.progress
         self.run_id = new_run_id()
-        self.output = cfg.resolved_output()
+        from .storage import absolute_local
+
+        self.output = absolute_local(cfg.resolved_output())  # writers may run in another directory
         self.so = dict(cfg.storage_options) or None  # fsspec options (endpoint, credentials): config only
 
     # ------------------------------------------------------------------------------------------ planning
@@ -331,12 +333,13 @@ class Runner:
         run_prior = bool(rows) and cfg.stage != "decoder"
         run_decoder = bool(rows) and cfg.stage != "prior"
         shapes = sorted({r.unet_shape() for r in rows})  # compiled before the first batch (models.compile)
-        self.decoders = ([DecoderA.remote(cfg, need_inpaint, shapes) for _ in range(res.decoder.replicas)]
+        wcfg = _worker_config(cfg)
+        self.decoders = ([DecoderA.remote(wcfg, need_inpaint, shapes) for _ in range(res.decoder.replicas)]
                          if run_decoder else [])
         if PriorA is None:  # resources.colocate: the decoder actors run the prior too
             self.priors, self.prior_method = list(self.decoders), "run_prior"
         else:
-            self.priors = [PriorA.remote(cfg) for _ in range(res.prior.replicas)] if run_prior else []
+            self.priors = [PriorA.remote(wcfg) for _ in range(res.prior.replicas)] if run_prior else []
             self.prior_method = "run"
         self.writers = ([DriverWriter()] if storage.process_local(self.output) else
                         [WriterA.remote() for _ in range(writer_count(res))])
@@ -628,6 +631,21 @@ def _sigterm_interrupts():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _worker_config(cfg: JobConfig) -> JobConfig:
+    """The config the model actors get: model folders that exist here, and the fault-injection file, as
+    absolute paths (actors run in the directory Ray started in). The job's own config, its fingerprint and
+    the model names in the records keep what the user wrote."""
+    from .storage import absolute_local
+
+    m = cfg.models
+    folders = {k: absolute_local(getattr(m, k)) for k in ("prior", "decoder", "inpaint")
+               if "://" not in str(getattr(m, k)) and os.path.isdir(os.path.expanduser(str(getattr(m, k))))}
+    f = cfg.faults
+    faults = dataclasses.replace(f, crash_decoder_once_file=absolute_local(f.crash_decoder_once_file)
+                                 if f.crash_decoder_once_file else None)
+    return dataclasses.replace(cfg, models=dataclasses.replace(m, **folders), faults=faults)
 
 
 def _driver_node(ray):

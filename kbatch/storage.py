@@ -58,6 +58,15 @@ def node_local(uri) -> bool:
     return proto in (None, "file", "local")
 
 
+def absolute_local(uri: str) -> str:
+    """A plain local path made absolute against this process's directory: Ray workers run in the directory
+    Ray was started in, which need not be the driver's (a running cluster, a notebook that changed directory).
+    URLs (``file://`` included) are returned as they are."""
+    if not isinstance(uri, str) or "://" in uri or "::" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def process_local(uri) -> bool:
     """True for fsspec's in-memory filesystem (``memory://``): its files live in the memory of one process, so
     only the driver of a job (the process that plans it and reads the results) can write or read them."""
