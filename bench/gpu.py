@@ -57,6 +57,8 @@ KBATCH_VARIANTS: dict[str, dict] = {
     "colocated": {"sets": ["resources.colocate=true"], "decoder_gpus": 1.0},  # one process, one CUDA context
     "lanes": {"sets": ["resources.decoder.concurrency=2"]},             # 2 batches at once, one copy of weights
     "compile": {"sets": ["models.compile=true"]},                       # compiled UNet, warm-up per shape
+    # compiled UNet at 32 images per pass: NOTES.md's best plain-diffusers setting on an H200 (4.44 img/s)
+    "compile32": {"sets": ["models.compile=true"], "batch": 32},
 }
 
 
@@ -360,9 +362,9 @@ def run_kbatch_variant(args, name: str, models: dict, manifest: str, wl: C.Workl
     """One ``kbatch run`` of the manifest in the layout ``KBATCH_VARIANTS[name]``, timed as a whole command."""
     v = KBATCH_VARIANTS[name]
     if device == "cuda":
-        dec_gpus = v.get("decoder_gpus", args.decoder_gpus)
-        res = dict(prior={"replicas": 1, "gpus": args.prior_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
-                   decoder={"replicas": 1, "gpus": dec_gpus, "cpus": 1, "batch_size": args.kbatch_batch},
+        dec_gpus, batch = v.get("decoder_gpus", args.decoder_gpus), v.get("batch", args.kbatch_batch)
+        res = dict(prior={"replicas": 1, "gpus": args.prior_gpus, "cpus": 1, "batch_size": batch},
+                   decoder={"replicas": 1, "gpus": dec_gpus, "cpus": 1, "batch_size": batch},
                    io_cpus=1, rows_per_shard=64)
     else:  # the 2-CPU preset of bench/cpu.py
         res = dict(prior={"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 8, "threads": 1},
