@@ -126,6 +126,10 @@ class Runner:
         from .storage import absolute_local
 
         self.output = absolute_local(cfg.resolved_output())  # writers may run in another directory
+        if self.output != cfg.resolved_output() and "_ray_pkg_" in self.output:
+            log.warning("kbatch: output %r is relative and this job runs in Ray's temporary copy of its working "
+                        "dir, so the images would land in %s and be deleted with it; use an absolute path, "
+                        "a shared filesystem or object storage", cfg.resolved_output(), self.output)
         self.so = dict(cfg.storage_options) or None  # fsspec options (endpoint, credentials): config only
 
     # ------------------------------------------------------------------------------------------ planning

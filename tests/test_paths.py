@@ -24,3 +24,19 @@ def test_relative_output_and_model_folders_resolve_in_the_driver(tiny_models, ra
     assert res.run.complete and res.run.rows_ok == 3, res.run
     assert (work / "out" / "_SUCCESS").exists() and len(list((work / "out" / "images").rglob("*.png"))) == 3
     assert set(res.df.model_decoder) == {"decoder"}  # the records keep the names the user wrote
+
+
+def test_relative_output_inside_a_ray_job_working_dir_warns(tmp_path, monkeypatch, caplog):
+    """`ray job submit --working-dir .` runs the driver in a temporary copy (…/_ray_pkg_<hash>): a relative
+    output would be written there and deleted with it."""
+    from kbatch.config import from_dict
+    from kbatch.runner import Runner
+
+    pkg = tmp_path / "working_dir_files" / "_ray_pkg_0123abcd"
+    pkg.mkdir(parents=True)
+    monkeypatch.chdir(pkg)
+    Runner(from_dict({"output": {"path": "/abs/out"}}))
+    assert "temporary copy" not in caplog.text
+    runner = Runner(from_dict({"output": {"path": "renders/run1"}}))
+    assert runner.output == str(pkg / "renders" / "run1")
+    assert "relative and this job runs in Ray's temporary copy" in caplog.text
