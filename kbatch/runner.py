@@ -277,7 +277,13 @@ class Runner:
             return []
         from .writer import list_committed_shards
 
-        unseen = sorted(set(self.committed) - set(list_committed_shards(self.output, self.so)))
+        try:
+            visible = set(list_committed_shards(self.output, self.so))
+        except Exception as e:  # a storage hiccup at the very end must not throw the finished run away
+            log.warning("kbatch: could not list %s to check the shards of this run: %s: %s", self.output,
+                        type(e).__name__, e)
+            return []
+        unseen = sorted(set(self.committed) - visible)
         if unseen:
             log.error("kbatch: %d of the %d shards written by this run are not visible from the driver at %s "
                       "(first: %s): written on another node's local disk? Use object storage (s3://, gs://) or a "
@@ -685,7 +691,8 @@ def _str(v):
 
 def _short(e: Exception) -> str:
     cause = getattr(e, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
+    lines = str(e).strip().splitlines()
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else (lines[-1] if lines else type(e).__name__)
     return text[:500]
 
 
