@@ -322,7 +322,10 @@ class Runner:
         gpus_in_cluster = cluster.get("GPU", 0)
         if res.device == "cuda" and not gpus_in_cluster:
             raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
-        _warn_if_cpus_short(cfg, cluster.get("CPU", 0))
+        from .storage import process_local
+
+        # a memory:// output has no writer actors (the driver writes it)
+        _warn_if_cpus_short(cfg, cluster.get("CPU", 0), 0 if process_local(self.output) else None)
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
         from . import storage
@@ -616,13 +619,13 @@ class Runner:
         self.shard_started = time.monotonic()
 
 
-def _warn_if_cpus_short(cfg: JobConfig, cluster_cpus: float):
+def _warn_if_cpus_short(cfg: JobConfig, cluster_cpus: float, writers: int | None = None):
     """The actors hold their CPU shares for the whole run; input loading needs one io share on top. More
     than the cluster has and Ray waits for resources that never come (unless an autoscaler adds nodes)."""
     r = cfg.resources
     prior = 0 if cfg.colocated or cfg.stage == "decoder" else r.prior.replicas * r.prior.cpus
     decoder = 0 if cfg.stage == "prior" else r.decoder.replicas * r.decoder.cpus
-    io = (writer_count(r) + 1) * r.io_cpus
+    io = ((writer_count(r) if writers is None else writers) + 1) * r.io_cpus
     if prior + decoder + io > cluster_cpus + 1e-9:
         log.warning("kbatch: the job asks for %.2f CPUs (resources.prior %.2f + resources.decoder %.2f + "
                     "(resources.writers + 1) x resources.io_cpus %.2f) but the cluster has %.2f: it waits "

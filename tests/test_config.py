@@ -71,6 +71,9 @@ def test_warns_when_actor_cpu_shares_exceed_the_cluster(caplog):
     with caplog.at_level("WARNING", logger="kbatch"):  # the prior inside the decoders: 1.5 + 0.5 fits
         _warn_if_cpus_short(from_dict({"resources": {**res, "colocate": True}}), 2)
     assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="kbatch"):  # no writer actors (memory:// output): 1 + 1.5 + 0.25
+        _warn_if_cpus_short(from_dict({"resources": res}), 2.75, writers=0)
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize("name", ["default", "nightly", "one_gpu", "cpu"])
