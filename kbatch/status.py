@@ -112,6 +112,10 @@ def format_summary(summary: dict) -> str:
                  + (" (a writer died before committing; a rerun rewrites them)" if s.get("uncommitted_shards") else ""))
     if s.get("duplicate_records"):
         lines.append(f"warning:  {s['duplicate_records']} duplicate (id, image_index) records")
+    unseen = job.get("unseen_shards") or []
+    if unseen:
+        lines.append(f"warning:  the last run committed {len(unseen)} shard(s) this location does not hold "
+                     f"(e.g. {unseen[0]}): written on another node's local disk? Use shared or object storage")
     if s.get("complete"):
         state = "COMPLETE"
     elif not s.get("success_marker") and (missing == 0):

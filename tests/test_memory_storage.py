@@ -108,5 +108,9 @@ def test_shards_the_driver_cannot_see_make_the_run_incomplete(tiny_models, ray_s
         assert not fs.exists("/kbt-unseen/job/_SUCCESS")
         job = json.loads(fs.cat("/kbt-unseen/job/_job.json"))
         assert job["status"] == "incomplete" and job["unseen_shards"] and job["unseen_shards"][0].startswith(job["run_id"])
+        from kbatch.status import format_summary, summarize
+
+        text = format_summary(summarize(out))
+        assert "shard(s) this location does not hold" in text and "status:   INCOMPLETE" in text
     finally:
         fsspec.filesystem("memory").rm("/kbt-unseen", recursive=True)
