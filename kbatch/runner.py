@@ -315,22 +315,18 @@ class Runner:
                     ray.kill(a)
 
     def _start_actors(self, ray, rows):
-        from .workers import remote_classes
+        from . import storage
+        from .workers import DriverWriter, InDriver, load_inputs, loader_task, remote_classes
 
         cfg, res = self.cfg, self.cfg.resources
         cluster = ray.cluster_resources()
         gpus_in_cluster = cluster.get("GPU", 0)
         if res.device == "cuda" and not gpus_in_cluster:
             raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
-        from .storage import process_local
-
         # a memory:// output has no writer actors (the driver writes it)
-        _warn_if_cpus_short(cfg, cluster.get("CPU", 0), 0 if process_local(self.output) else None)
+        _warn_if_cpus_short(cfg, cluster.get("CPU", 0), 0 if storage.process_local(self.output) else None)
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
-        from . import storage
-        from .workers import DriverWriter, InDriver, load_inputs, loader_task
-
         # memory:// lives in this process: its shards are written here, its input images read here. A local
         # path is this node's (or a shared mount): writers and the loading of local input files prefer the
         # driver's node, and a multi-node cluster gets a warning
