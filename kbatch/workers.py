@@ -161,13 +161,22 @@ class WriterWorker:
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
     def write(self, spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
-        return write_shard(spec, shard, ok_bases, error_records, *payloads)
+        return write_shard(_as_writer(spec), shard, ok_bases, error_records, *payloads)
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
     def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, outputs: list, error_records):
         from .embeddings import write_embeddings_shard
 
-        return write_embeddings_shard(spec, shard, bases, row_cells, outputs, error_records)
+        return write_embeddings_shard(_as_writer(spec), shard, bases, row_cells, outputs, error_records)
+
+
+def _as_writer(spec):
+    """``spec`` stamped with this process as the writer (recorded in each shard's stats)."""
+    import dataclasses
+    import os
+
+    node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
+    return dataclasses.replace(spec, writer=f"node:{node}/pid:{os.getpid()}")
 
 
 def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:
@@ -235,8 +244,8 @@ class DriverWriter:
     def __init__(self):
         from .embeddings import write_embeddings_shard
 
-        self.write = InDriver(write_shard)
-        self.write_embeddings = InDriver(write_embeddings_shard)
+        self.write = InDriver(lambda spec, *rest: write_shard(_as_writer(spec), *rest))
+        self.write_embeddings = InDriver(lambda spec, *rest: write_embeddings_shard(_as_writer(spec), *rest))
 
 
 def _omp(cfg: JobConfig, stage: str) -> dict:

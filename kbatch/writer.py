@@ -55,6 +55,7 @@ class OutputSpec:
     quality: int = 95  # jpeg / webp; webp at 100 is lossless
     fail_after_data: bool = False  # fault injection: raise after the data objects, before metadata/commit
     storage_options: dict | None = None  # fsspec options (endpoint, credentials from the job config only)
+    writer: str = ""  # who writes: "node:<id8>/pid:<pid>", set by the writer; goes into the shard's stats
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -78,6 +79,7 @@ class ShardStats:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of write_shard (encoding + writing)
     bytes: int = 0  # bytes written (data, metadata, stats)
+    writer: str = ""  # the process that wrote it ("node:<id8>/pid:<pid>")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -328,7 +330,7 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
     files.append(meta_rel)
     n_err = len(records) - n_ok
     stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=n_ok, errors=n_err,
-                       errors_by_reason=by_reason, seconds=0.0, bytes=0)
+                       errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer)
     stats_rel = f"stats/{shard}.json"
     stats_blob = storage.dumps_json(stats.to_dict())  # size estimate for the bytes count
     stats.bytes = nbytes + len(stats_blob)

@@ -21,9 +21,10 @@ SCRIPT = textwrap.dedent("""
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         nodes = [n["NodeID"][:8] for n in ray.nodes() if n["Alive"]]
+        driver_node = ray.get_runtime_context().get_node_id()[:8]
         df = pd.DataFrame([{"id": f"p{i}", "prompt": f"thing {i}"} for i in range(8)])
         res = kbatch.render(df, cfg["output"]["path"], cfg)
-        print("RESULT" + json.dumps({"nodes": nodes, "exit": res.run.exit_code,
+        print("RESULT" + json.dumps({"nodes": nodes, "driver_node": driver_node, "exit": res.run.exit_code,
                                      "records": res.df[["id", "prior_worker", "decoder_worker"]].to_dict("records")}))
     finally:
         ray.shutdown()
@@ -40,7 +41,8 @@ def _where(worker):  # "node:ab12cd34/gpu:1(cpu)" -> ("ab12cd34", {"1"})
 def test_two_nodes_fake_gpus_disjoint_stages(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models, tmp_path / "out",
                       resources={"device": "cpu", "prior": {"replicas": 1, "gpus": 1, "cpus": 0.5},
-                                 "decoder": {"replicas": 2, "gpus": 1, "cpus": 0.5, "batch_size": 2}})
+                                 "decoder": {"replicas": 2, "gpus": 1, "cpus": 0.5, "batch_size": 2},
+                                 "writers": 2})  # spread, they would land one per node
     p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
                        env=env(), timeout=400)
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT")), None)
@@ -56,3 +58,5 @@ def test_two_nodes_fake_gpus_disjoint_stages(tiny_models, tmp_path):
     # a local output path on several nodes: warned (writers prefer the driver's node; a shared mount or object
     # storage is what keeps every shard where the driver looks)
     assert "is a local path on a cluster of several nodes" in p.stderr
+    writers = {json.loads(f.read_text())["writer"] for f in (tmp_path / "out" / "stats").glob("*.json")}
+    assert writers and {w.split("/")[0] for w in writers} == {"node:" + out["driver_node"]}, writers
