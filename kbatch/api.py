@@ -122,13 +122,6 @@ def _has_protocol(uri: str) -> bool:
     return "://" in str(uri)
 
 
-def _absolute(uri: str | None) -> str | None:
-    """A local path made absolute (the job's working directory on the cluster is a temporary copy)."""
-    if uri is None or _has_protocol(uri):
-        return uri
-    return os.path.abspath(os.path.expanduser(str(uri)))
-
-
 def _project_root() -> str | None:
     """The source checkout holding this package and ``jobs/render.py``, or None for an installed package."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,22 +153,21 @@ def submit(config: str | JobConfig | Mapping, address: str | None = None, *, wor
     """
     from ray.job_submission import JobSubmissionClient
 
-    from .storage import process_local
+    from .storage import absolute_if_exists, absolute_local, process_local
 
     cfg = _config(config, sets, manifest, output, **overrides)
     if process_local(cfg.resolved_output()):
         raise ConfigError(f"config key 'output.path' is {cfg.resolved_output()!r}: memory:// is the memory of the "
                           "job's driver process on the cluster and is gone when the job ends; submit with object "
                           "storage or a shared path, or render to memory:// here with kbatch.render")
-    out = _absolute(cfg.resolved_output())
+    # local paths made absolute: the job's working directory on the cluster is a temporary copy
+    out = absolute_local(cfg.resolved_output())
     data = cfg.to_dict()
     data["output"]["path"] = out
     if data.get("manifest"):
-        data["manifest"] = _absolute(data["manifest"])
+        data["manifest"] = absolute_local(data["manifest"])
     for k in ("prior", "decoder", "inpaint"):
-        p = data["models"][k]
-        if not _has_protocol(p) and os.path.exists(os.path.expanduser(p)):
-            data["models"][k] = _absolute(p)
+        data["models"][k] = absolute_if_exists(data["models"][k])
     blob = base64.b64encode(yaml.safe_dump(data).encode()).decode()
 
     env = dict(runtime_env or {})

@@ -323,8 +323,8 @@ class Runner:
         gpus_in_cluster = cluster.get("GPU", 0)
         if res.device == "cuda" and not gpus_in_cluster:
             raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
-        # a memory:// output has no writer actors (the driver writes it)
-        _warn_if_cpus_short(cfg, cluster.get("CPU", 0), 0 if storage.process_local(self.output) else None)
+        in_driver = storage.process_local(self.output)  # memory://: the driver writes it, no writer actors
+        _warn_if_cpus_short(cfg, cluster.get("CPU", 0), 0 if in_driver else None)
         prior_gpus = res.prior.gpus if gpus_in_cluster else 0
         decoder_gpus = res.decoder.gpus if gpus_in_cluster else 0
         # memory:// lives in this process: its shards are written here, its input images read here. A local
@@ -350,7 +350,7 @@ class Runner:
         else:
             self.priors = [PriorA.remote(wcfg) for _ in range(res.prior.replicas)] if run_prior else []
             self.prior_method = "run"
-        self.writers = ([DriverWriter()] if storage.process_local(self.output) else
+        self.writers = ([DriverWriter()] if in_driver else
                         [WriterA.remote() for _ in range(writer_count(res))])
         self.local_loader = InDriver(load_inputs, num_returns=2)
         self.here_loader = loader_task(cfg, here)
@@ -646,14 +646,11 @@ def _worker_config(cfg: JobConfig) -> JobConfig:
     """The config the model actors get: model folders that exist here, and the fault-injection file, as
     absolute paths (actors run in the directory Ray started in). The job's own config, its fingerprint and
     the model names in the records keep what the user wrote."""
-    from .storage import absolute_local
+    from .storage import absolute_if_exists, absolute_local
 
-    m = cfg.models
-    folders = {k: absolute_local(getattr(m, k)) for k in ("prior", "decoder", "inpaint")
-               if "://" not in str(getattr(m, k)) and os.path.isdir(os.path.expanduser(str(getattr(m, k))))}
-    f = cfg.faults
-    faults = dataclasses.replace(f, crash_decoder_once_file=absolute_local(f.crash_decoder_once_file)
-                                 if f.crash_decoder_once_file else None)
+    m, f = cfg.models, cfg.faults
+    folders = {k: absolute_if_exists(getattr(m, k)) for k in ("prior", "decoder", "inpaint")}
+    faults = dataclasses.replace(f, crash_decoder_once_file=absolute_local(f.crash_decoder_once_file))
     return dataclasses.replace(cfg, models=dataclasses.replace(m, **folders), faults=faults)
 
 
@@ -664,19 +661,23 @@ def _driver_node(ray):
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
 
 
+def _input_uris(r: Row) -> list:
+    """The inputs a row reads by URI (bytes and None are skipped by the storage predicates)."""
+    return [r.init_image, r.mask, *(it.image_uri for it in r.mix)]
+
+
 def _node_inputs(r: Row) -> bool:
     """Whether a row reads an input file from a local path (the driver's node's, or a shared mount)."""
     from .storage import node_local
 
-    return (node_local(r.init_image) or node_local(r.mask) or any(node_local(it.image_uri) for it in r.mix))
+    return any(node_local(u) for u in _input_uris(r))
 
 
 def _local_inputs(r: Row) -> bool:
     """Whether a row reads an input from process-local storage (memory://), which only the driver can see."""
     from .storage import process_local
 
-    return (process_local(r.init_image) or process_local(r.mask)
-            or any(process_local(it.image_uri) for it in r.mix))
+    return any(process_local(u) for u in _input_uris(r))
 
 
 def _needs_inputs(r: Row) -> bool:

@@ -67,6 +67,14 @@ def absolute_local(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute_if_exists(uri: str) -> str:
+    """A plain local path that exists here (a model folder), made absolute; anything else (a hub id, a URL)
+    unchanged."""
+    if isinstance(uri, str) and "://" not in uri and os.path.exists(os.path.expanduser(uri)):
+        return absolute_local(uri)
+    return uri
+
+
 def process_local(uri) -> bool:
     """True for fsspec's in-memory filesystem (``memory://``): its files live in the memory of one process, so
     only the driver of a job (the process that plans it and reads the results) can write or read them."""
