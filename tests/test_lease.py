@@ -1,0 +1,430 @@
+"""SPEC §6 "One run per output at a time": the output lease (``kbatch/lease.py``) on a local disk, on S3
+(a moto server on loopback) and on ``memory://``.
+
+A second run on a held output gets LeaseHeld (a ConfigError: exit 2) naming the holder; a holder whose
+process is gone (this machine) or that stopped renewing (any machine) does not block; of runs racing for the
+same lease exactly one wins; a run whose lease was taken over learns it at its next renewal (LeaseLost).
+"""
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+
+from kbatch.config import ConfigError
+from kbatch.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, _machine, read_lease, stale_reason
+from kbatch.storage import get_fs, join
+
+OTHER_HOST = "some-other-host.invalid"
+
+
+def _record(**over):
+    """A lease as another run would have written it: this machine, this process, renewed just now."""
+    now = time.time()
+    rec = {"run_id": "earlier-run", **_machine(), "pid": os.getpid(), "pid_started": None,
+           "started": "2026-01-01T00:00:00+00:00", "started_epoch": now, "renewed": "recently",
+           "renewed_epoch": now, "ttl": 120.0, "token": uuid.uuid4().hex}
+    rec.update(over)
+    return rec
+
+
+def _put(root, rec, storage_options=None):
+    """Write a lease object directly (bypassing the module), as a crashed or foreign run left it."""
+    fs, path = get_fs(root, storage_options)
+    data = rec if isinstance(rec, bytes) else json.dumps(rec).encode()
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(join(path, LEASE_NAME), data)
+    fs.invalidate_cache()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # exited and reaped: the pid is gone
+    return proc.pid
+
+
+# ---------------------------------------------------------------------------------------- local disk
+def test_acquire_held_release(tmp_path):
+    root = str(tmp_path / "out")
+    a = Lease.acquire(root, "run-a")
+    content = read_lease(root)
+    assert content == a.holder()
+    assert content["run_id"] == "run-a" and content["pid"] == os.getpid()
+    assert content["host"] == socket.gethostname() and content["token"] and content["ttl"] == 120.0
+    assert content["renewed"].endswith("+00:00") and content["pid_started"] > 0
+
+    with pytest.raises(LeaseHeld) as err:
+        Lease.acquire(root, "run-b")
+    msg = str(err.value)
+    assert isinstance(err.value, ConfigError)  # -> exit code 2
+    assert "'run-a'" in msg and socket.gethostname() in msg and f"pid {os.getpid()}" in msg
+    assert os.path.join(root, LEASE_NAME) in msg
+    assert err.value.holder["run_id"] == "run-a"
+    assert read_lease(root)["token"] == a.token  # the loser changed nothing
+
+    a.release()
+    assert read_lease(root) is None
+    a.release()  # twice: no error
+    b = Lease.acquire(root, "run-b")
+    assert read_lease(root)["run_id"] == "run-b"
+    os.unlink(os.path.join(root, LEASE_NAME))
+    b.release()  # already gone: no error
+
+
+def test_renew_refreshes_and_context_manager_releases(tmp_path):
+    root = str(tmp_path)
+    with Lease.acquire(root, "run-a") as a:
+        first = read_lease(root)["renewed_epoch"]
+        time.sleep(0.05)
+        a.renew()
+        assert read_lease(root)["renewed_epoch"] > first
+        assert read_lease(root)["started_epoch"] == a.holder()["started_epoch"]
+    assert read_lease(root) is None
+
+
+def test_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    root = str(tmp_path)
+    _put(root, _record(pid=_dead_pid()))  # renewed just now, but its process is gone
+    lease = Lease.acquire(root, "rerun")
+    assert read_lease(root)["run_id"] == "rerun"
+    assert "is gone" in lease.holder()["took_over"]["reason"]
+
+
+def test_reused_pid_is_not_the_holder(tmp_path):
+    root = str(tmp_path)
+    started = psutil.Process().create_time()
+    # our own (live) pid, but a process start time that is not ours: the pid was reused
+    _put(root, _record(pid=os.getpid(), pid_started=started - 1000))
+    Lease.acquire(root, "rerun")
+    # the same pid with the right start time is a live holder
+    _put(root, _record(pid=os.getpid(), pid_started=started))
+    with pytest.raises(LeaseHeld):
+        Lease.acquire(root, "rerun-2")
+
+
+def test_other_machine_held_until_ttl(tmp_path):
+    root = str(tmp_path)
+    lease_file = os.path.join(root, LEASE_NAME)
+    now = time.time()
+    # a live pid, but on another host: it cannot be probed, only the ttl counts
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 5, ttl=120))
+    with pytest.raises(LeaseHeld, match=OTHER_HOST):
+        Lease.acquire(root, "b")
+
+    # its own clock says "renewed long ago", but the file was written just now: the holder's clock may be
+    # behind, so it is not taken over until the storage's clock agrees
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 500, ttl=120))
+    with pytest.raises(LeaseHeld):
+        Lease.acquire(root, "b")
+
+    os.utime(lease_file, (now - 500, now - 500))
+    lease = Lease.acquire(root, "b")
+    assert read_lease(root)["run_id"] == "b"
+    assert "not renewed" in lease.holder()["took_over"]["reason"]
+    # the holder's own ttl counts, not the newcomer's
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 200, ttl=300))
+    os.utime(lease_file, (now - 200, now - 200))
+    with pytest.raises(LeaseHeld):
+        Lease.acquire(root, "c", ttl=10)
+
+
+def test_corrupt_lease_is_held_until_ttl(tmp_path):
+    root = str(tmp_path)
+    _put(root, b'{"run_id": "half-writ')
+    with pytest.raises(LeaseHeld, match="unreadable"):
+        Lease.acquire(root, "b", ttl=60)
+    assert read_lease(root)["unreadable"] is True
+    old = time.time() - 120
+    os.utime(os.path.join(root, LEASE_NAME), (old, old))
+    Lease.acquire(root, "b", ttl=60)
+    assert read_lease(root)["run_id"] == "b"
+
+
+def test_renew_after_takeover_raises_lease_lost(tmp_path):
+    root = str(tmp_path)
+    a = Lease.acquire(root, "run-a", ttl=0.3)
+    time.sleep(1.2)  # a stops renewing (hung): both its clock and the file's mtime pass the ttl
+    b = Lease.acquire(root, "run-b")
+    with pytest.raises(LeaseLost, match="run-b"):
+        a.renew()
+    assert not a.held
+    a.release()  # not ours any more: b's lease stays
+    assert read_lease(root)["run_id"] == "run-b"
+    b.renew()
+    b.release()
+    assert read_lease(root) is None
+
+
+def test_lease_removed_under_a_run_is_lost(tmp_path):
+    a = Lease.acquire(str(tmp_path), "run-a")
+    os.unlink(os.path.join(tmp_path, LEASE_NAME))
+    with pytest.raises(LeaseLost, match="removed"):
+        a.renew()
+
+
+def _contend(root, start_at, results, done):
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        lease = Lease.acquire(root, f"racer-{os.getpid()}")
+        results.put(("won", lease.token))
+    except LeaseHeld:
+        results.put(("held", None))
+    except Exception as e:  # noqa: BLE001
+        results.put(("error", repr(e)))
+    done.wait(30)  # stay alive (a live holder) until every racer has tried
+
+
+@pytest.mark.parametrize("initial", ["stale", "dead", "none"])
+def test_processes_racing_exactly_one_wins(tmp_path, initial):
+    root = str(tmp_path)
+    if initial == "stale":
+        old = time.time() - 1000
+        _put(root, _record(host=OTHER_HOST, renewed_epoch=old))
+        os.utime(os.path.join(root, LEASE_NAME), (old, old))
+    elif initial == "dead":
+        _put(root, _record(pid=_dead_pid()))
+    ctx = multiprocessing.get_context("fork")
+    results, done = ctx.Queue(), ctx.Event()
+    start_at = time.time() + 0.5
+    procs = [ctx.Process(target=_contend, args=(root, start_at, results, done)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=30) for _ in procs]
+        winners = [token for kind, token in outcomes if kind == "won"]
+        assert sorted(kind for kind, _ in outcomes) == ["held"] * 7 + ["won"], outcomes
+        assert read_lease(root)["token"] == winners[0]
+    finally:
+        done.set()
+        for p in procs:
+            p.join(10)
+
+
+def test_stale_reason_rules():
+    now = time.time()
+    assert stale_reason(_record(renewed_epoch=now), now, now=now) is None
+    assert stale_reason(_record(pid=_dead_pid()), now, now=now)
+    assert stale_reason(_record(host=OTHER_HOST, pid=_dead_pid()), now, now=now) is None  # not probed
+    # same host name, but another boot or pid namespace (a container, a rebooted machine): not probed either
+    assert stale_reason(_record(pid=_dead_pid(), boot_id="another-boot"), now, now=now) is None
+    assert stale_reason(_record(pid=_dead_pid(), pid_namespace="pid:[1]"), now, now=now) is None
+    assert stale_reason(_record(host=OTHER_HOST, renewed_epoch=now - 121), now - 121, now=now)
+    assert stale_reason(None, now - 10, ttl=60, now=now) is None
+    assert stale_reason(None, now - 61, ttl=60, now=now)
+
+
+# ---------------------------------------------------------------------------------------- memory://
+def test_memory_lease():
+    root = f"memory://lease-{uuid.uuid4().hex}/out"
+    a = Lease.acquire(root, "run-a")
+    assert a.path.startswith("memory://") and a.path.endswith(f"/out/{LEASE_NAME}")
+    with pytest.raises(LeaseHeld, match="'run-a'"):
+        Lease.acquire(root, "run-b")
+    a.release()
+    b = Lease.acquire(root, "run-b")
+    _put(root, _record(pid=_dead_pid()))
+    c = Lease.acquire(root, "run-c")
+    with pytest.raises(LeaseLost):
+        b.renew()
+    c.renew()
+    c.release()
+    assert read_lease(root) is None
+
+
+def _race_threads(root, n=8, storage_options=None):
+    barrier = threading.Barrier(n)
+    outcomes = []
+
+    def go(i):
+        barrier.wait()
+        try:
+            Lease.acquire(root, f"racer-{i}", storage_options)
+            outcomes.append("won")
+        except LeaseHeld:
+            outcomes.append("held")
+        except Exception as e:  # noqa: BLE001
+            outcomes.append(repr(e))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return sorted(outcomes)
+
+
+def test_memory_threads_racing_exactly_one_wins(monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    slow_read = MemoryFileSystem.cat_file
+
+    def cat_file(self, path, *args, **kwargs):
+        data = slow_read(self, path, *args, **kwargs)
+        time.sleep(0.005)  # widen the window between a check and a write, as a busy machine would
+        return data
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    for initial in ("none", "dead", "dead"):
+        root = f"memory://lease-{uuid.uuid4().hex}"
+        if initial == "dead":
+            _put(root, _record(pid=_dead_pid()))
+        assert _race_threads(root) == ["held"] * 7 + ["won"], initial
+
+
+# ---------------------------------------------------------------------------------------- S3 (moto)
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "kbatch-lease"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAKBATCHLEASETEST1", "AWS_SECRET_ACCESS_KEY": "kbatch-lease-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback; this process's env points botocore (and so s3fs) at it."""
+    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _s3_root():
+    return f"s3://{BUCKET}/out/{uuid.uuid4().hex}"
+
+
+def test_s3_acquire_held_release(s3):
+    root = _s3_root()
+    a = Lease.acquire(root, "run-a")
+    assert a.path == f"{root}/{LEASE_NAME}"
+    assert read_lease(root) == a.holder()
+    with pytest.raises(LeaseHeld) as err:
+        Lease.acquire(root, "run-b")
+    assert "'run-a'" in str(err.value) and f"pid {os.getpid()}" in str(err.value) and a.path in str(err.value)
+    a.renew()
+    a.release()
+    assert read_lease(root) is None
+    a.release()
+    Lease.acquire(root, "run-b").release()
+
+
+def test_s3_takeover_and_lease_lost(s3):
+    root = _s3_root()
+    b = Lease.acquire(root, "run-b")
+    _put(root, _record(pid=_dead_pid()))  # another run took over from b meanwhile, then died
+    with pytest.raises(LeaseLost):
+        b.renew()  # If-Match on b's etag fails
+    b.release()  # not ours: stays
+    assert read_lease(root)["run_id"] == "earlier-run"
+
+    c = Lease.acquire(root, "run-c")  # dead process on this machine: taken over at once
+    assert "is gone" in c.holder()["took_over"]["reason"]
+
+    # a holder on another machine whose own clock says "renewed long ago": held while the object's
+    # LastModified (the server's clock) is younger than the ttl, taken over once both agree
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=time.time() - 600, ttl=2))
+    with pytest.raises(LeaseLost):
+        c.renew()
+    with pytest.raises(LeaseHeld, match=OTHER_HOST):
+        Lease.acquire(root, "run-d")
+    time.sleep(3.1)  # S3's LastModified has one-second resolution
+    d = Lease.acquire(root, "run-d")
+    assert "not renewed" in d.holder()["took_over"]["reason"]
+    d.release()
+
+
+def test_s3_threads_racing_exactly_one_wins(s3):
+    for initial in ("none", "dead"):
+        root = _s3_root()
+        if initial == "dead":
+            _put(root, _record(pid=_dead_pid()))
+        outcomes = _race_threads(root)
+        assert outcomes == ["held"] * 7 + ["won"], (initial, outcomes)
+
+
+# ---------------------------------------------------------------------------------------- every backend
+@pytest.fixture(params=["local", "memory", "s3"])
+def any_root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    if request.param == "memory":
+        return f"memory://lease-{uuid.uuid4().hex}"
+    request.getfixturevalue("s3")
+    return _s3_root()
+
+
+def _store_class(root):
+    return type(Lease(root, "probe")._store)
+
+
+def test_create_does_not_overwrite_a_lease_created_meanwhile(any_root, monkeypatch):
+    """Another run creates the lease between this run's look (nothing there) and its create: the create
+    must fail (O_EXCL / If-None-Match), not overwrite the other run's lease."""
+    cls = _store_class(any_root)
+    real_read = cls.read
+    calls = []
+
+    def read(self):
+        calls.append(1)
+        if len(calls) == 1:
+            Lease.acquire(any_root, "sneaky")  # lands just after our look
+            return None
+        return real_read(self)
+
+    monkeypatch.setattr(cls, "read", read)
+    with pytest.raises(LeaseHeld, match="sneaky"):
+        Lease.acquire(any_root, "slow")
+    monkeypatch.setattr(cls, "read", real_read)
+    assert read_lease(any_root)["run_id"] == "sneaky"
+
+
+def test_takeover_does_not_overwrite_a_lease_changed_meanwhile(any_root, monkeypatch):
+    """This run judged the lease stale, but another run took it over before this run's swap: the swap must
+    fail (compare against what was judged: bytes under a lock / If-Match), not overwrite the new holder."""
+    _put(any_root, _record(pid=_dead_pid()))
+    cls = _store_class(any_root)
+    real_read = cls.read
+    stale = real_read(Lease(any_root, "probe")._store)
+    Lease.acquire(any_root, "quick")  # took it over first
+    calls = []
+
+    def read(self):
+        calls.append(1)
+        return stale if len(calls) == 1 else real_read(self)  # our look saw the dead holder
+
+    monkeypatch.setattr(cls, "read", read)
+    with pytest.raises(LeaseHeld, match="quick"):
+        Lease.acquire(any_root, "slow")
+    monkeypatch.setattr(cls, "read", real_read)
+    assert read_lease(any_root)["run_id"] == "quick"
