@@ -1,7 +1,10 @@
 """Loading the diffusers pipelines: device, dtype, scheduler, offload, compile.
 
-Models load only through ``from_pretrained(hub_id_or_folder, use_safetensors=True)``: the same path for the
-real ``kandinsky-community`` weights and for the tiny offline folders of ``kbatch models tiny``.
+Models load only through ``from_pretrained(local_folder, use_safetensors=True)``: the same path for the real
+``kandinsky-community`` weights and for the tiny offline folders of ``kbatch models tiny``. A hub id or an
+``s3://`` / ``gs://`` folder is first made local by ``kbatch.model_store.stage_model`` (huggingface_hub's cache,
+or one verified copy per node), with retries on transient errors, so a 429 at actor start costs a retry, not
+the actor.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_store import same_weights, stage_model, with_retries
 from .schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS, make_scheduler
 
 log = logging.getLogger("kbatch")
@@ -80,51 +84,71 @@ def _finish(pipe, place: Placement, offload: bool):
     return pipe
 
 
+def _from_pretrained(cls, model: str, path: str, place: Placement, **components):
+    """``cls.from_pretrained`` of the staged local folder, safetensors only. Retried on transient errors too
+    (a network filesystem mounted as a local folder can time out); a bad model fails at once."""
+    return with_retries(lambda: cls.from_pretrained(path, torch_dtype=place.dtype, use_safetensors=True,
+                                                    **components),
+                        what=f"loading {cls.__name__} from {model}")
+
+
 def load_prior(model: str, place: Placement, *, scheduler: str = "unclip", offload: bool = False,
-               revision: str | None = None):
+               revision: str | None = None, storage_options: dict | None = None, cache_dir: str | None = None):
+    """``storage_options``: fsspec options for a URL model; ``cache_dir``: the node-local copy (model_store)."""
     quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyPriorPipeline
 
-    pipe = KandinskyPriorPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
-                                                  revision=revision)
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, PRIOR_SCHEDULERS)
+    path = stage_model(model, storage_options, cache_dir, revision)
+    pipe = _from_pretrained(KandinskyPriorPipeline, model, path, place)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, PRIOR_SCHEDULERS, folder=path)
     return _finish(pipe, place, offload)
 
 
 def load_decoder(model: str, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
-                 channels_last: bool = False, compile: bool = False, revision: str | None = None):
+                 channels_last: bool = False, compile: bool = False, revision: str | None = None,
+                 storage_options: dict | None = None, cache_dir: str | None = None):
+    """The scheduler comes from the repo's own subfolder for it when it has one (``ddpm_scheduler/``)."""
     quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyPipeline
 
-    pipe = KandinskyPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
-                                             revision=revision)
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS)
+    path = stage_model(model, storage_options, cache_dir, revision)
+    pipe = _from_pretrained(KandinskyPipeline, model, path, place)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS, folder=path)
     _speedups(pipe, place, channels_last, compile)
     return _finish(pipe, place, offload)
+
+
+#: Inpaint components that may be the decoder's own objects: equal files mean equal modules.
+SHAREABLE = ("text_encoder", "movq", "tokenizer")
+
+
+def shared_with_decoder(decoder, inpaint_folder: str) -> dict:
+    """{name: decoder's module} for each of ``SHAREABLE`` whose folder in ``inpaint_folder`` holds the same files
+    as the decoder's (``model_store.same_weights``: sizes and sha256, no tensors loaded)."""
+    dec_folder = getattr(decoder, "name_or_path", None)
+    if not dec_folder or not os.path.isdir(dec_folder):
+        return {}
+    return {name: getattr(decoder, name) for name in SHAREABLE
+            if getattr(decoder, name, None) is not None
+            and same_weights(os.path.join(dec_folder, name), os.path.join(inpaint_folder, name))}
 
 
 def load_inpaint(model: str, decoder, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
-                 channels_last: bool = False, compile: bool = False, revision: str | None = None):
-    """The inpaint pipeline; text encoder, tokenizer and MoVQ are shared with ``decoder`` when equal."""
+                 channels_last: bool = False, compile: bool = False, revision: str | None = None,
+                 storage_options: dict | None = None, cache_dir: str | None = None):
+    """The inpaint pipeline. Text encoder, tokenizer and MoVQ are ``decoder``'s own objects when their files
+    are equal (decided from file hashes), and are then not read from disk at all: on the real weights the
+    text encoder and MoVQ are ~2.5 GB that a load-then-compare would read and hold a second time."""
     quiet()  # first: importing the pipeline logs transformers' torchvision notice
     from diffusers import KandinskyInpaintPipeline
 
-    pipe = KandinskyInpaintPipeline.from_pretrained(model, torch_dtype=place.dtype, use_safetensors=True,
-                                                    revision=revision)
-    for name in ("text_encoder", "movq"):
-        if _same_weights(getattr(pipe, name), getattr(decoder, name)):
-            setattr(pipe, name, getattr(decoder, name))
-            pipe.register_modules(**{name: getattr(decoder, name)})
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS)
+    path = stage_model(model, storage_options, cache_dir, revision)
+    shared = shared_with_decoder(decoder, path)
+    log.info("inpaint model %s: sharing %s with the decoder", model, sorted(shared) or "nothing")
+    pipe = _from_pretrained(KandinskyInpaintPipeline, model, path, place, **shared)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS, folder=path)
     _speedups(pipe, place, channels_last, compile)
     return _finish(pipe, place, offload)
-
-
-def _same_weights(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 def compiles(place: Placement, compile: bool) -> bool:

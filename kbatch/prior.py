@@ -23,11 +23,14 @@ from .schema import Row
 
 class PriorPredictor:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str = "unclip",
-                 offload: bool = False, threads: int = 0, revision: str | None = None, concurrency: int = 1):
+                 offload: bool = False, threads: int = 0, revision: str | None = None, concurrency: int = 1,
+                 storage_options: dict | None = None, cache_dir: str | None = None):
         """``concurrency``: batches that may run at once from different threads (``kbatch.lanes``); each
-        uses ``threads`` torch threads."""
+        uses ``threads`` torch threads. ``storage_options`` / ``cache_dir``: for a model URL
+        (``kbatch.model_store.stage_model``)."""
         self.place: Placement = placement(device, dtype, threads)
-        self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision)
+        self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision,
+                               storage_options=storage_options, cache_dir=cache_dir)
         self.lanes = Lanes(concurrency, lambda i: self.pipe if i == 0 else clone_pipeline(self.pipe))
 
     @property

@@ -3,7 +3,8 @@
 ``write_tiny_models(root)`` writes three diffusers-format folders::
 
     root/prior     KandinskyPriorPipeline   (PriorTransformer + CLIP text/vision + CLIPTokenizer + UnCLIPScheduler)
-    root/decoder   KandinskyPipeline        (MultilingualCLIP + XLMRobertaTokenizer + UNet + DDIMScheduler + MoVQ)
+    root/decoder   KandinskyPipeline        (MultilingualCLIP + XLMRobertaTokenizer + UNet + DDIMScheduler + MoVQ,
+                                             and ddpm_scheduler/: the DDPM config beside the pipeline, as in the hub repo)
     root/inpaint   KandinskyInpaintPipeline (same as decoder, UNet with in_channels=9)
 
 They load through exactly the same ``from_pretrained(..., use_safetensors=True)`` calls as the real hub
@@ -562,10 +563,23 @@ def _save_all(staging: Path) -> None:
     _fix_model_index(staging / "prior")
     decoder_pipe.save_pretrained(staging / "decoder", safe_serialization=True)
     inpaint_pipe.save_pretrained(staging / "inpaint", safe_serialization=True)
+    _save_ddpm_scheduler(decoder_pipe.scheduler, staging / "decoder")
     # Guarantee the shared components are byte-identical copies of the decoder's.
-    for sub in ("text_encoder", "tokenizer", "movq", "scheduler"):
-        shutil.rmtree(staging / "inpaint" / sub)
+    for sub in ("text_encoder", "tokenizer", "movq", "scheduler", "ddpm_scheduler"):
+        shutil.rmtree(staging / "inpaint" / sub, ignore_errors=True)
         shutil.copytree(staging / "decoder" / sub, staging / "inpaint" / sub)
+
+
+def _save_ddpm_scheduler(ddim, folder: Path) -> None:
+    """``folder/ddpm_scheduler/``: the hub repo kandinsky-community/kandinsky-2-1 keeps the DDPM scheduler config
+    beside the pipeline (not in model_index.json), and ``models.scheduler: ddpm`` loads it from there.
+
+    The tiny folder mirrors the DDIM config with the DDPM class (what ``DDPMScheduler.from_config`` of the DDIM
+    config gives), so a diffusers user who swaps the scheduler by ``from_config`` gets the same pixels here.
+    """
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler.from_config(ddim.config).save_pretrained(folder / "ddpm_scheduler")
 
 
 def tiny_models_complete(root: str | os.PathLike) -> bool:

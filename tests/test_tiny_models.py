@@ -106,8 +106,8 @@ def test_folders_are_complete_and_safetensors_only(tiny_root):
     assert sorted(p.name for p in tiny_root.iterdir() if p.is_dir()) == sorted(COMPONENTS)
     expected = {
         "prior": {"prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor"},
-        "decoder": {"text_encoder", "tokenizer", "unet", "scheduler", "movq"},
-        "inpaint": {"text_encoder", "tokenizer", "unet", "scheduler", "movq"},
+        "decoder": {"text_encoder", "tokenizer", "unet", "scheduler", "ddpm_scheduler", "movq"},
+        "inpaint": {"text_encoder", "tokenizer", "unet", "scheduler", "ddpm_scheduler", "movq"},
     }
     for name, subs in expected.items():
         assert {p.name for p in (tiny_root / name).iterdir() if p.is_dir()} == subs
