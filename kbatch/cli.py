@@ -1,12 +1,15 @@
 """The ``kbatch`` command. Exit codes: 0 complete, 1 failed rows above tolerance or invalid input,
-2 usage/config error (before any model loads), 3 interrupted/incomplete."""
+2 usage/config error (before any model loads), 3 interrupted/incomplete, and any unexpected error (never 1,
+so that 1 always means failed rows)."""
 from __future__ import annotations
 
 import argparse
 import base64
 import json
 import logging
+import os
 import sys
+import traceback
 
 import yaml
 
@@ -27,6 +30,8 @@ def _run_args(p: argparse.ArgumentParser, config_positional: bool):
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config key, e.g. --set defaults.height=768 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="delete the output location's contents first")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also render again every row whose only records are errors")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None)
 
 
@@ -46,21 +51,69 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-images", action="store_true", help="skip decoding init images and masks")
     s = sub.add_parser("status", help="summary of an output location; exit 0 only when complete")
     s.add_argument("output")
+    s.add_argument("--config", help="YAML config whose storage_options (endpoint, credentials) open OUTPUT")
     s.add_argument("--json", action="store_true")
+    j = sub.add_parser("submit", help="submit a render job to a Ray cluster's job server")
+    j.add_argument("config", help="YAML config (path or fsspec URL)")
+    j.add_argument("--address", help="the job server (dashboard) address, e.g. http://head:8265; "
+                                     "default: RAY_ADDRESS")
+    j.add_argument("--manifest", help="override config 'manifest'")
+    j.add_argument("--output", help="override config 'output.path'")
+    j.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override any config key (repeatable)")
+    j.add_argument("--wait", action="store_true",
+                   help="follow the job's logs until it ends and exit with kbatch's exit code")
+    j.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="with --wait: stop waiting after S seconds and exit 3 (the job keeps running)")
     m = sub.add_parser("models", help="model folders")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     t = msub.add_parser("tiny", help="write tiny random-weight prior/, decoder/, inpaint/ folders, offline")
     t.add_argument("dir")
     t.add_argument("--overwrite", action="store_true")
+    pl = msub.add_parser("pull", help="stage a hub repo or model folder (safetensors only) into a folder or "
+                                      "bucket, once for a whole fleet")
+    pl.add_argument("source", help="hub id (owner/name), local folder or fsspec URL")
+    pl.add_argument("dest", help="folder or fsspec URL (s3://bucket/models/kandinsky-2-1)")
+    pl.add_argument("--revision", default=None)
+    pl.add_argument("--config", default=None, help="a job config whose storage_options reach the destination")
     return p
+
+
+def env_storage_options() -> dict:
+    """The storage options ``kbatch.submit`` sends in the job's runtime_env (``KBATCH_STORAGE_OPTIONS``, a JSON
+    object) rather than in the entrypoint, where ``ray job list`` and ``ps`` would show them."""
+    from .api import STORAGE_OPTIONS_ENV
+
+    text = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not text:
+        return {}
+    try:  # the value holds credentials: errors name the variable, never echo it
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"environment variable {STORAGE_OPTIONS_ENV} is not valid JSON ({e.msg} at "
+                          f"position {e.pos})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"environment variable {STORAGE_OPTIONS_ENV} must hold a JSON object, got a "
+                          f"{type(value).__name__}")
+    return value
+
+
+def with_env_storage_options(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with ``KBATCH_STORAGE_OPTIONS`` merged into ``storage_options``. The variable supplies
+    defaults: a key the config sets itself (YAML, ``--set``) wins, as the more specific, per-job setting."""
+    env = env_storage_options()
+    if env:
+        cfg.storage_options = {**env, **cfg.storage_options}
+    return cfg
 
 
 def load_job_config(args) -> JobConfig:
     overrides = None
     if getattr(args, "config_b64", None):
         overrides = yaml.safe_load(base64.b64decode(args.config_b64))
-    return load_config(getattr(args, "config", None), sets=args.sets, manifest=args.manifest,
-                       output=getattr(args, "output", None), overrides=overrides)
+    cfg = load_config(getattr(args, "config", None), sets=args.sets, manifest=args.manifest,
+                      output=getattr(args, "output", None), overrides=overrides)
+    return with_env_storage_options(cfg)
 
 
 def cmd_run(args) -> int:
@@ -72,39 +125,101 @@ def cmd_run(args) -> int:
     if process_local(cfg.resolved_output()):
         print(f"kbatch: warning: output {cfg.resolved_output()} is memory of this process and is gone when it "
               "exits; render to memory:// from Python (kbatch.render) instead", file=sys.stderr)
-    result = run_job(cfg, overwrite=args.overwrite, progress=args.progress)
+    result = run_job(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed, progress=args.progress)
     print(result.summary_line())
     print(f"output: {result.output}")
     return result.exit_code
 
 
 def cmd_validate(args) -> int:
-    from .manifest import read_manifest
-    from .validate import format_problems, validate_manifest
+    """Every row checked as a run would check it (ids, values, URIs; input images unless --no-images),
+    streamed: problems are printed as they are found, then a summary line."""
+    from .index import scan
+    from .planner import Planner
+    from .schema import Row
+    from .validate import validate_images
 
-    cfg = load_config(args.config, sets=args.sets, manifest=args.manifest)
+    cfg = with_env_storage_options(load_config(args.config, sets=args.sets, manifest=args.manifest))
     if not cfg.manifest:
         raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
     check_storage(cfg)
-    table, base = read_manifest(cfg.manifest, dict(cfg.storage_options) or None)
-    rows, errors = validate_manifest(table, cfg, base, check_images=not args.no_images)
-    print(f"config ok; manifest {cfg.manifest}: {table.num_rows} rows, {len(rows)} valid, "
-          f"{len(errors)} with problems")
-    if errors:
-        print(format_problems(errors))
-        return EXIT_FAILED
-    return EXIT_OK
+    so = dict(cfg.storage_options) or None
+    if cfg.stage == "decoder":
+        from .embeddings import embeddings_source
+
+        source = embeddings_source(cfg.manifest, so)
+    else:
+        from .manifest import ManifestSource
+
+        source = ManifestSource.open(cfg.manifest, so)
+    planner = Planner(cfg, source, scan(source), "validate")
+    n_valid = n_bad = 0
+    for start, batch in source.batches(batch_size=1024):
+        valid, indices, bad = [], [], []
+        for k, cells in enumerate(batch.to_pylist()):
+            out = planner.validate(cells, start + k)
+            if isinstance(out, Row):
+                valid.append(out)
+                indices.append(start + k)
+            else:
+                bad.append(out)
+        images_bad = validate_images(valid, cfg.limits, storage_options=so, indices=indices) \
+            if valid and not args.no_images else []
+        for e in sorted(bad + images_bad, key=lambda e: e.index):
+            print(e)
+        n_bad += len(bad) + len(images_bad)
+        n_valid += len(valid) - len(images_bad)
+    print(f"config ok; manifest {cfg.manifest}: {source.total} rows, {n_valid} valid, {n_bad} with problems")
+    return EXIT_FAILED if n_bad else EXIT_OK
 
 
 def cmd_status(args) -> int:
     from .status import format_summary, summarize
 
-    summary = summarize(args.output)
+    # the config's storage_options (endpoint, credentials), with KBATCH_STORAGE_OPTIONS as defaults
+    options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
+    summary = summarize(args.output, dict(options) or None)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return EXIT_OK if summary.get("complete") else EXIT_INCOMPLETE
 
 
+def cmd_submit(args) -> int:
+    from .api import submit
+
+    handle = submit(args.config, args.address, sets=args.sets, manifest=args.manifest, output=args.output)
+    print(f"job: {handle.job_id}", flush=True)
+    print(f"output: {handle.output}", flush=True)
+    if not args.wait:
+        return EXIT_OK
+    try:
+        code = handle.wait(timeout=args.timeout, poll=2.0, logs=lambda text: print(text, end="", flush=True))
+    except TimeoutError:
+        print(f"kbatch: job {handle.job_id} still running after {args.timeout:g}s; it keeps running "
+              f"(ray job stop {handle.job_id} stops it)", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except KeyboardInterrupt:
+        print(f"kbatch: stopped waiting; job {handle.job_id} keeps running (ray job stop {handle.job_id} "
+              "stops it)", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    job = handle.job_record() or {}
+    cause = job.get("error")
+    print(f"kbatch: job {handle.job_id} ended {handle.status()}; exit code {code}"
+          + (f" ({job.get('status')})" if job.get("status") else "") + (f": {cause}" if cause else ""),
+          file=sys.stderr)
+    return code
+
+
 def cmd_models(args) -> int:
+    if args.models_cmd == "pull":
+        from .model_store import pull_model
+
+        options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
+        try:
+            summary = pull_model(args.source, args.dest, dict(options) or None, revision=args.revision)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"kbatch models pull {args.source} {args.dest}: {e}") from None
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
     from .tiny_models import write_tiny_models
 
     paths = write_tiny_models(args.dir, overwrite=args.overwrite)
@@ -124,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     handler = {"run": cmd_run, "job": cmd_run, "validate": cmd_validate, "status": cmd_status, "models": cmd_models,
-               "demo": cmd_demo}[args.cmd]
+               "demo": cmd_demo, "submit": cmd_submit}[args.cmd]
     try:
         return handler(args)
     except ConfigError as e:
@@ -136,7 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kbatch: interrupted", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except Exception as e:  # a bug or an environment problem: 3, never Python's 1 (which means failed rows)
+        traceback.print_exc()
+        print(f"kbatch: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+
+
+def job_entrypoint(argv: list[str]) -> int:
+    """``jobs/render.py``: ``kbatch job ARGS``, then ``kbatch-exit-code: N`` as the last line of the job's
+    logs, which ``JobHandle`` reads where ``_job.json`` is not readable and Ray has no exit code. The line is
+    printed only when kbatch's ``main`` returned, so a job whose logs lack it died before (or outside) it."""
+    from .api import EXIT_MARKER
+
+    try:
+        code = main(["job", *argv])
+    except SystemExit as e:  # argparse usage errors exit 2
+        code = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_CONFIG)
+    sys.stderr.flush()
+    print(f"{EXIT_MARKER} {code}", flush=True)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(job_entrypoint(sys.argv[2:]) if sys.argv[1:2] == ["job"] else main())
