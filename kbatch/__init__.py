@@ -1,7 +1,7 @@
 """kbatch: distributed batch rendering for Kandinsky 2.1 on Ray.
 
     import kbatch
-    res = kbatch.render(df, "out/run1", config="configs/demo.yaml")   # connected or local Ray
+    res = kbatch.render(df, "out/run1", config="configs/cpu.yaml")    # connected or local Ray
     res.df, res.image("row-1"), res.gallery()
     kbatch.open_results("s3://bucket/renders/2026-11-26")
 """

@@ -30,6 +30,18 @@ class ConfigError(ValueError):
     """A configuration problem found before any model is loaded."""
 
 
+SIM = "sim"  # models.*: simulated stage bodies (SPEC §7), for capacity planning and scale tests
+
+
+@dataclass
+class SimConfig:
+    """Speeds of the simulated models (``models.prior: sim`` etc.): seconds of (sleeping) work per image."""
+
+    prior_seconds_per_image: float = 0.0
+    decoder_seconds_per_image: float = 0.0
+    load_seconds: float = 0.0  # stands in for a worker's model load, once per actor
+
+
 @dataclass
 class ModelsConfig:
     prior: str = DEFAULT_MODELS["prior"]
@@ -42,6 +54,9 @@ class ModelsConfig:
     compile: bool = False  # torch.compile the decoder UNet (once per image size; calls padded to batch_size)
     channels_last: bool = True
     revision: str | None = None
+    cache_dir: str | None = None  # node-local copies of s3:// / gs:// model folders (None: KBATCH_MODEL_CACHE or
+    #                               ~/.cache/kbatch/models)
+    sim: SimConfig = field(default_factory=SimConfig)
 
 
 @dataclass
@@ -55,31 +70,45 @@ class OutputConfig:
     gallery_max_images: int = 200
 
 
+AUTO = "auto"
+
+
 @dataclass
 class StageResources:
-    replicas: int = 1
+    replicas: int | str = 1  # a number, or "auto": as many as the cluster can place, now and as nodes join
     gpus: float = 1.0
-    cpus: float = 0.5
+    cpus: float | str = 0.5  # "auto": the node's CPUs less the io shares (CPU layout), else 0.5
     batch_size: int = 16  # images per forward pass (rows x num_images)
     threads: int = 0  # torch threads per lane on a CPU device; 0: round(cpus / concurrency), at least 1
-    concurrency: int = 1  # batches one replica runs at once, in threads sharing its weights (kbatch/lanes.py)
+    concurrency: int | str = 1  # batches one replica runs at once, in threads sharing its weights
+    #                             (kbatch/lanes.py); "auto": the node's CPUs on a CPU cluster, else 1
+    max_replicas: int = 0  # cap for replicas: auto (0: no cap)
 
 
 @dataclass
 class ResourcesConfig:
     prior: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
-    decoder: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
+    decoder: StageResources = field(default_factory=lambda: StageResources(AUTO, 1.0, AUTO, 16, 0, AUTO))
     device: str = "auto"
     io_cpus: float = 0.25  # CPU share of each input-loading task and of each writer actor
     max_in_flight: int = 2  # batches queued per actor, keeps accelerators busy
     writers: int = 0  # long-lived actors that encode and write shards; 0: one per 4 decoder replicas
-    colocate: bool = False  # prior inside each decoder process: one model-loading process per replica
+    # prior inside each decoder process: one model-loading process per replica. auto: on a cluster without
+    # GPUs (where it is the faster layout: bench/RESULTS.md), not with GPUs
+    colocate: bool | str = AUTO
+    # bounds between stages (kbatch/bounds.py): the driver's memory and the object store's stay bounded
+    plan_window: int = 4096  # manifest rows read, validated and sorted by batch key at once
+    load_ahead: int = 2  # prior batches whose input images may be loaded ahead of the prior, per prior replica
+    prior_ahead: int = 2  # decoder batches of embeddings that may wait for the decoders, per decoder replica
+    pending_writes: int = 2  # shards queued per writer; beyond that, decoders pause
+    placement_timeout: float = 600.0  # seconds a stage may have no replica placed before the run ends (exit 3)
 
 
-def writer_count(r: ResourcesConfig) -> int:
-    """``resources.writers``, with 0 = one writer per 4 decoder replicas. One writer encodes 40 (noise) to
-    280 (smooth gradients) 512x512 PNGs per second on one core (bench/RESULTS.md)."""
-    return r.writers or max(1, -(-r.decoder.replicas // 4))
+def writer_count(r: ResourcesConfig, decoders: int) -> int:
+    """``resources.writers``, with 0 = one writer per 4 decoder replicas (``decoders``: the number expected
+    now). One writer encodes 40 (noise) to 280 (smooth gradients) 512x512 PNGs per second on one core
+    (bench/RESULTS.md)."""
+    return r.writers or max(1, -(-decoders // 4))
 
 
 @dataclass
@@ -123,6 +152,7 @@ class FaultsConfig:
     crash_decoder_once_file: str | None = None  # decoder os._exit(1)s mid-batch if this file is absent
     crash_on_prompt: str | None = None  # decoder os._exit(1)s on every batch holding this prompt
     fail_write_shard: int | None = None  # writer raises after writing data of the Nth shard of a run
+    crash_writer_once_file: str | None = None  # a writer os._exit(1)s mid-write if this file is absent
 
 
 @dataclass
@@ -144,8 +174,9 @@ class JobConfig:
 
     @property
     def colocated(self) -> bool:
-        """The prior runs inside the decoder processes (``resources.colocate``, a job with both stages)."""
-        return self.resources.colocate and self.stage == "all"
+        """The prior runs inside the decoder processes (``resources.colocate`` as resolved for the cluster by
+        ``kbatch.layout``, a job with both stages)."""
+        return self.resources.colocate is True and self.stage == "all"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,9 +197,12 @@ class JobConfig:
 # building from dicts
 
 
-def _build(cls, data: Any, path: str):
+def _build(cls, data: Any, path: str, default=None):
+    """``cls`` from a mapping; keys not given keep ``default``'s values (the parent's default for this
+    section: e.g. ``resources.decoder`` defaults differ from ``resources.prior``)."""
+    default = default if default is not None else cls()
     if data is None:
-        return cls()
+        return copy.deepcopy(default)
     if not isinstance(data, Mapping):
         raise ConfigError(f"config key '{path or '<root>'}' must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
@@ -179,12 +213,13 @@ def _build(cls, data: Any, path: str):
             raise ConfigError(f"unknown config key '{full}' (value {value!r}); known keys: {sorted(known)}")
         f = known[key]
         sub = _dataclass_type(cls, f)
-        kwargs[key] = _build(sub, value, full) if sub is not None else _coerce(f, value, full, cls)
-    return cls(**kwargs)
+        kwargs[key] = (_build(sub, value, full, getattr(default, key)) if sub is not None
+                       else _coerce(f, value, full, cls))
+    return dataclasses.replace(copy.deepcopy(default), **kwargs)
 
 
 def _dataclass_type(cls, f):
-    hints = {"ModelsConfig": ModelsConfig, "OutputConfig": OutputConfig, "StageResources": StageResources,
+    hints = {"ModelsConfig": ModelsConfig, "SimConfig": SimConfig, "OutputConfig": OutputConfig, "StageResources": StageResources,
              "ResourcesConfig": ResourcesConfig, "Defaults": Defaults, "LimitsConfig": LimitsConfig,
              "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig}
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
@@ -199,6 +234,17 @@ def _coerce(f, value, path, cls):
             return None
         raise ConfigError(f"config key '{path}' must not be null")
     base = t.replace(" | None", "").strip()
+    if base.endswith(" | str"):  # a number/bool, or the word "auto"
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        base = base[: -len(" | str")]
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, str) and base != "bool":
+            raise ConfigError(f"config key '{path}' must be {base} or 'auto', got {value!r}")
     try:
         if base == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -351,22 +397,39 @@ def validate_config(cfg: JobConfig) -> None:
     _check(r.device in DEVICES, "resources.device", r.device, f"must be one of {list(DEVICES)}")
     for stage in ("prior", "decoder"):
         s: StageResources = getattr(r, stage)
-        _check(s.replicas >= 1, f"resources.{stage}.replicas", s.replicas, "must be >= 1")
-        _check(s.batch_size >= 1, f"resources.{stage}.batch_size", s.batch_size, "must be >= 1")
-        _check(s.gpus >= 0 and (s.gpus <= 1 or float(s.gpus).is_integer()), f"resources.{stage}.gpus",
-               s.gpus, "must be a fraction in [0, 1] or a whole number of GPUs")
-        _check(s.cpus >= 0, f"resources.{stage}.cpus", s.cpus, "must be >= 0")
-        _check(s.threads >= 0, f"resources.{stage}.threads", s.threads, "must be >= 0")
-        _check(s.concurrency >= 1, f"resources.{stage}.concurrency", s.concurrency, "must be >= 1")
+        key = f"resources.{stage}"
+        _check(s.replicas == AUTO or s.replicas >= 1, f"{key}.replicas", s.replicas, "must be >= 1 or 'auto'")
+        _check(s.max_replicas >= 0, f"{key}.max_replicas", s.max_replicas, "must be >= 0 (0: no cap)")
+        _check(s.batch_size >= 1, f"{key}.batch_size", s.batch_size, "must be >= 1")
+        # one replica drives one device: a second whole GPU would idle (use more replicas instead)
+        _check(0 <= s.gpus <= 1, f"{key}.gpus", s.gpus,
+               "must be a share of one GPU in [0, 1] (a replica uses one device; for more GPUs use more "
+               "replicas, or replicas: auto)")
+        _check(s.cpus == AUTO or s.cpus >= 0, f"{key}.cpus", s.cpus, "must be >= 0 or 'auto'")
+        _check(s.threads >= 0, f"{key}.threads", s.threads, "must be >= 0")
+        _check(s.concurrency == AUTO or s.concurrency >= 1, f"{key}.concurrency", s.concurrency,
+               "must be >= 1 or 'auto'")
         # lanes share modules: offload hooks move them between devices under the other lane's feet, and
         # torch.compile of a shared UNet from several threads is not tested (no GPU yet)
-        _check(s.concurrency == 1 or not m.offload, f"resources.{stage}.concurrency", s.concurrency,
+        _check(s.concurrency in (1, AUTO) or not m.offload, f"{key}.concurrency", s.concurrency,
                "must be 1 with models.offload (offload moves the shared modules between devices)")
-        _check(s.concurrency == 1 or not m.compile or stage == "prior", f"resources.{stage}.concurrency",
+        _check(s.concurrency in (1, AUTO) or not m.compile or stage == "prior", f"{key}.concurrency",
                s.concurrency, "must be 1 with models.compile (a compiled UNet shared by threads is untested)")
+    _check(r.colocate in (True, False, AUTO), "resources.colocate", r.colocate, "must be true, false or 'auto'")
     _check(r.io_cpus > 0, "resources.io_cpus", r.io_cpus, "must be > 0")
     _check(r.max_in_flight >= 1, "resources.max_in_flight", r.max_in_flight, "must be >= 1")
     _check(r.writers >= 0, "resources.writers", r.writers, "must be >= 0 (0: one per 4 decoder replicas)")
+    for k in ("plan_window", "load_ahead", "prior_ahead", "pending_writes"):
+        _check(getattr(r, k) >= 1, f"resources.{k}", getattr(r, k), "must be >= 1")
+    _check(r.placement_timeout > 0, "resources.placement_timeout", r.placement_timeout, "must be > 0 seconds")
+    sim = m.sim
+    for k in ("prior_seconds_per_image", "decoder_seconds_per_image", "load_seconds"):
+        _check(getattr(sim, k) >= 0, f"models.sim.{k}", getattr(sim, k), "must be >= 0")
+    # a simulated prior makes no torch generator state or real embeddings: a real decoder cannot use them
+    _check(m.prior != SIM or m.decoder == SIM or cfg.stage == "prior", "models.prior", m.prior,
+           "can be 'sim' only with models.decoder: sim (a real decoder needs real embeddings)")
+    _check(m.inpaint != SIM or m.decoder == SIM, "models.inpaint", m.inpaint,
+           "can be 'sim' only with models.decoder: sim (one decoder process runs both)")
     _check(cfg.stage in ("all", "prior", "decoder"), "stage", cfg.stage, "must be all | prior | decoder")
     _check(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto|bar|log|off")
     _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
@@ -380,7 +443,7 @@ def validate_config(cfg: JobConfig) -> None:
     for k in ("max_pixels", "max_num_images", "max_steps", "max_image_bytes", "max_image_pixels", "max_mix_items"):
         _check(getattr(lim, k) >= 1, f"limits.{k}", getattr(lim, k), "must be >= 1")
     # the job defaults are checked with the same rules as manifest rows
-    from .validate import check_params
+    from .params import check_params
 
     problems = check_params(dataclasses.asdict(cfg.defaults), cfg.limits)
     if problems:

@@ -1,15 +1,14 @@
 """The decoder stage: image-embedding pairs (+ init image / mask) -> uint8 images.
 
 ``DecoderPredictor`` loads once and maps a batch in ``__call__`` with the diffusers pipelines themselves
-(``KandinskyPipeline``, ``KandinskyImg2ImgPipeline`` sharing its modules, ``KandinskyInpaintPipeline``
-loaded on first use). Rows in one call share ``Row.decoder_key()`` (mode, size, steps, guidance, strength).
+(``KandinskyPipeline``, ``KandinskyImg2ImgPipeline`` sharing its modules, ``KandinskyInpaintPipeline`` loaded
+at start when the job has inpaint rows, sharing the decoder's text encoder and MoVQ when their files are
+equal). Rows in one call share ``Row.decoder_key()`` (mode, size, steps, guidance, strength).
 Each image is its own batch element with its row's generator (restored from the state the prior left), so
 a row's pixels do not depend on which rows share its batch.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,22 +18,6 @@ from .models import Placement, dtype_name, load_decoder, load_inpaint, placement
 from .outputs import DecoderOutput, PriorOutput
 from .prior import generator_from_state
 from .schema import Row
-
-
-@dataclass
-class DecoderFaults:
-    """Fault injection for tests and drills (config ``faults``)."""
-
-    crash_once_file: str | None = None
-    crash_on_prompt: str | None = None
-
-    def maybe_crash(self, rows: list[Row]):
-        if self.crash_on_prompt is not None and any(r.prompt == self.crash_on_prompt for r in rows):
-            os._exit(1)
-        if self.crash_once_file and not os.path.exists(self.crash_once_file):
-            with open(self.crash_once_file, "w") as fh:
-                fh.write("crashed\n")
-            os._exit(1)
 
 
 class _HeightWidthFix:
@@ -66,21 +49,25 @@ class DecoderPredictor:
     def __init__(self, model: str, inpaint_model: str | None = None, *, device: str = "auto",
                  dtype: str = "float32", scheduler: str = "ddim", offload: bool = False, threads: int = 0,
                  channels_last: bool = True, compile: bool = False, revision: str | None = None,
-                 faults: DecoderFaults | None = None, pad_to: int = 0, concurrency: int = 1):
+                 pad_to: int = 0, concurrency: int = 1,
+                 storage_options: dict | None = None, cache_dir: str | None = None):
         """``pad_to``: fill every call up to this many images with throw-away copies of its last image, so
         that a compiled UNet sees one batch size per shape (a key's last, partial batch would otherwise
         recompile it: minutes on full-size models). The padding never changes the real images.
         ``concurrency``: batches that may run at once from different threads (``kbatch.lanes``), sharing
-        the weights; each uses ``threads`` torch threads."""
+        the weights; each uses ``threads`` torch threads.
+        ``inpaint_model``: given when the job has inpaint rows; loaded here, at actor start, so that a bad
+        inpaint model fails the start with one clear error instead of every inpaint row.
+        ``storage_options`` / ``cache_dir``: for model URLs (``kbatch.model_store.stage_model``)."""
         self.place: Placement = placement(device, dtype, threads)
         self.pad_to = pad_to
         self._opts = dict(scheduler=scheduler, offload=offload, channels_last=channels_last, compile=compile,
-                          revision=revision)
+                          revision=revision, storage_options=storage_options, cache_dir=cache_dir)
         self.pipe = load_decoder(model, self.place, **self._opts)
         self.lanes = Lanes(concurrency, lambda i: _Lane(self.pipe if i == 0 else clone_pipeline(self.pipe)))
         self.inpaint_model = inpaint_model
-        self._inpaint = None  # loaded once, on the first inpaint row, and shared by the lanes
-        self.faults = faults or DecoderFaults()
+        # one copy shared by the lanes (each lane clones its scheduler and tokenizer on first use)
+        self._inpaint = load_inpaint(inpaint_model, self.pipe, self.place, **self._opts) if inpaint_model else None
 
     @property
     def worker(self) -> str:
@@ -97,11 +84,8 @@ class DecoderPredictor:
 
     def _inpaint_pipe(self, lane: _Lane):
         if lane.inpaint is None:
-            if not self.inpaint_model:
+            if self._inpaint is None:
                 raise ValueError("mode: 'inpaint' rows need models.inpaint")
-            with self.lanes.lock:
-                if self._inpaint is None:
-                    self._inpaint = load_inpaint(self.inpaint_model, self.pipe, self.place, **self._opts)
             lane.inpaint = self._inpaint if lane is self.lanes.all[0] else clone_pipeline(self._inpaint)
         return lane.inpaint
 
@@ -136,7 +120,6 @@ class DecoderPredictor:
                  ) -> list[DecoderOutput]:
         if not rows:
             return []
-        self.faults.maybe_crash(rows)
         with self.lanes.take() as lane:
             return self._run(lane, rows, priors, inputs)
 

@@ -76,26 +76,45 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
     return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records))
 
 
-def read_embeddings(uri: str, storage_options: dict | None = None) -> tuple[pa.Table, dict[str, PriorOutput]]:
-    """The committed rows of an embeddings output: (cells table for validation, prior outputs by id)."""
+def embeddings_source(uri: str, storage_options: dict | None = None):
+    """An embeddings output as a manifest (``stage: decoder``): its committed shards' ``embeddings/*.parquet``
+    files, streamed like any manifest (the embedding columns are read by the decoding tasks, not the driver).
+    Relative URIs resolve against the prior job's own manifest folder."""
+    from .jobstate import JOB_FILE
+    from .manifest import ManifestError, ManifestSource
     from .writer import list_committed_shards
 
     fs, root = storage.get_fs(uri, storage_options)
-    shards = list_committed_shards(uri, storage_options)
-    tables = []
-    for shard in shards:
-        path = storage.join(root, "embeddings", f"{shard}.parquet")
-        if fs.exists(path):
-            with fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh))
-    if not tables:
-        raise ValueError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")
-    table = pa.concat_tables(tables)
-    outputs = {}
-    for r in table.select(["id", "num_images", "image_embeds", "negative_image_embeds", "embed_dim",
-                           "generator_state", "prior_worker"]).to_pylist():
-        shape = (r["num_images"], r["embed_dim"])
-        outputs[r["id"]] = PriorOutput(r["id"], np.asarray(r["image_embeds"], np.float32).reshape(shape),
-                                       np.asarray(r["negative_image_embeds"], np.float32).reshape(shape),
-                                       r["generator_state"], r["prior_worker"])
-    return table.select([name for name, _ in CELL_FIELDS]), outputs
+    paths = [storage.join(root, "embeddings", f"{s}.parquet") for s in list_committed_shards(uri, storage_options)]
+    paths = [p for p in paths if fs.exists(p)]
+    if not paths:
+        raise ManifestError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")
+    prior_job = storage.read_json(uri, JOB_FILE, storage_options) or {}
+    src = ManifestSource.from_files(fs, paths, prior_job.get("manifest_base") or uri, uri, storage_options)
+    src.read_columns = [name for name, _ in CELL_FIELDS]  # not the embeddings: the decoding tasks read those
+    return src
+
+
+def read_prior_outputs(locations: list[tuple[str, int, str]], storage_options: dict | None = None
+                       ) -> list[PriorOutput]:
+    """The stored prior outputs at ``locations`` ((embeddings file URI, row index, id)), in that order."""
+    import fsspec
+
+    by_file: dict[str, list[tuple[int, str]]] = {}
+    for uri, index, rid in locations:
+        by_file.setdefault(uri, []).append((index, rid))
+    found: dict[str, PriorOutput] = {}
+    cols = ["id", "num_images", "image_embeds", "negative_image_embeds", "embed_dim", "generator_state",
+            "prior_worker"]
+    for uri, wanted in by_file.items():
+        with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
+            table = pq.read_table(fh, columns=cols)
+        rows = table.take(pa.array([i for i, _ in wanted])).to_pylist()
+        for r, (_, rid) in zip(rows, wanted):
+            if r["id"] != rid:
+                raise ValueError(f"embeddings file {uri!r} changed: row {rid!r} is not where it was")
+            shape = (r["num_images"], r["embed_dim"])
+            found[rid] = PriorOutput(rid, np.asarray(r["image_embeds"], np.float32).reshape(shape),
+                                     np.asarray(r["negative_image_embeds"], np.float32).reshape(shape),
+                                     r["generator_state"], r["prior_worker"])
+    return [found[rid] for _, _, rid in locations]

@@ -18,6 +18,8 @@ from typing import Any
 from . import storage
 from .writer import EXTENSIONS
 
+MAX_ERRORS = 1000  # error records shown (and read) at most
+
 _PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:20px;margin:0 0 4px} .sub{color:#666;font-size:13px;margin-bottom:12px}
@@ -122,12 +124,12 @@ class _Item:
     href: str | None
 
 
-def _load_items(results, recs: list[dict], thumb: int, copy_full: bool) -> list[_Item]:
+def _load_items(reader, recs: list[dict], thumb: int, copy_full: bool) -> list[_Item]:
     """Thumbnails for ``recs``; for tar/parquet formats (``copy_full``) also full-size copies under gallery/."""
-    fs, root = results._fs
+    fs, root = reader.fs
 
     def one(rec: dict) -> _Item:
-        data = results._bytes_of(rec, verify=False)
+        data = reader.bytes_of(rec, verify=False)
         img, size = _thumbnail(data, thumb)
         rel = str(rec.get("path") or "")
         href = None
@@ -191,18 +193,23 @@ def contact_sheet(thumbs: list, thumb: int = 128, labels: list[str] | None = Non
 
 
 def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
-                  storage_options: dict | None = None) -> dict:
+                  storage_options: dict | None = None, counts: dict | None = None) -> dict:
     """Write ``gallery.html`` and ``contact_sheet.png`` at ``root`` (atomically); returns their paths.
 
-    ``df`` defaults to the metadata of the committed shards. At most ``max_images`` ok images are shown."""
-    from .results import Results
+    Bounded whatever the size of the output: ``df`` defaults to a sample of the committed shards' metadata,
+    read shard by shard until ``max_images`` ok images and ``MAX_ERRORS`` error records are found
+    (``writer.sample_records``). ``counts``: the numbers for the header (rows, images, errors, shards: e.g. a
+    run's own accounting), default the sample's."""
+    from .reader import ImageReader
+    from .writer import sample_records
 
-    res = Results(root, storage_options=storage_options, df=df, job={})
-    df = res.df
-    fs, base = res._fs
+    if df is None:
+        df = sample_records(root, storage_options, max_images, MAX_ERRORS)
+    reader = ImageReader(root, storage_options)
+    fs, base = reader.fs
     recs = _ok_records(df, max_images)
-    items = _load_items(res, recs, thumb, copy_full=True)
-    counts = _counts(df)
+    items = _load_items(reader, recs, thumb, copy_full=True)
+    counts = counts or _counts(df)
     errors = _error_records(df)
     job = storage.read_json(root, "_job.json", storage_options) or {}
     run = job.get("run_id")
@@ -238,13 +245,13 @@ class InlineGallery:
         self.n = n
 
     @classmethod
-    def from_results(cls, results, max_images: int = 50, thumb: int = 160) -> "InlineGallery":
-        recs = _ok_records(results.df, max_images)
-        items = _load_items(results, recs, thumb, copy_full=False)
+    def from_records(cls, df, reader, root: str, max_images: int = 50, thumb: int = 160) -> "InlineGallery":
+        recs = _ok_records(df, max_images)
+        items = _load_items(reader, recs, thumb, copy_full=False)
         for it in items:
             it.href = None  # inline view: no links to files the notebook cannot serve
-        counts = _counts(results.df)
-        header = (f"<div><b>{_esc(results.root)}</b>: {counts['rows']} rows, {counts['images']} images, "
+        counts = _counts(df)
+        header = (f"<div><b>{_esc(root)}</b>: {counts['rows']} rows, {counts['images']} images, "
                   f"{counts['errors']} failed rows; showing {len(items)}</div>")
         style = _GRID_CSS % {"w": thumb + 12}
         return cls(f"<div class=\"kbatch-gallery\"><style>{style}</style>{header}{_cards(items, thumb)}</div>",

@@ -8,7 +8,6 @@ import platform
 import secrets
 
 from .config import ConfigError, JobConfig
-from .schema import Row
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -51,19 +50,15 @@ def versions() -> dict:
     return out
 
 
-def check_resume(previous: dict | None, cfg: JobConfig, done_hashes: dict[str, str], rows: list[Row]) -> None:
-    """Refuse to mix records of a different job into this output."""
+def check_config(previous: dict | None, cfg: JobConfig) -> None:
+    """Refuse to mix records of a job that meant something else into this output (rows are compared with
+    their records by ``kbatch.index``)."""
     if previous and previous.get("fingerprint") and previous["fingerprint"] != fingerprint(cfg):
         old, new = previous.get("meaning", {}), meaning(cfg)
         changed = sorted(_diff(old, new)) or ["(fingerprint)"]
         raise ResumeError(
             f"output {previous.get('output')!r} holds records of a job with a different config "
             f"(changed: {', '.join(changed)}); use a new output path, or --overwrite to start over")
-    changed_rows = [r.id for r in rows if r.id in done_hashes and done_hashes[r.id] not in (None, r.row_hash)]
-    if changed_rows:
-        raise ResumeError(
-            f"manifest rows changed since their records were written (ids: {changed_rows[:5]}"
-            f"{' ...' if len(changed_rows) > 5 else ''}); use a new output path, or --overwrite to start over")
 
 
 def _diff(old, new, prefix="") -> list[str]:

@@ -1,4 +1,5 @@
-"""Stage result types, torch-free: the driver and the writer tasks unpickle them without importing torch."""
+"""Stage result types, torch-free: writer actors (and, for ``memory://`` outputs, the driver) unpickle them
+without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,12 +7,11 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import tarfile
 from typing import Any, Iterable
 
 from . import storage
+from .reader import ImageReader
 from .writer import list_committed_shards, read_records
 
 
@@ -24,19 +23,14 @@ class Results:
         self.storage_options = dict(storage_options or {})
         self.df = read_records(self.root, storage_options=self.storage_options) if df is None else df
         self.job = storage.read_json(self.root, "_job.json", self.storage_options) if job is None else job
-        self._tar_index: dict[str, dict[str, tuple[int, int]]] = {}  # tar path -> member -> (offset, size)
-        self._pq_index: dict[str, dict[str, tuple[int, int]]] = {}  # parquet path -> key -> (group, row)
+        self.reader = ImageReader(self.root, self.storage_options)
         self._lookup: dict[tuple[str, int], int] | None = None
 
     # -- pickling: the filesystem and caches are rebuilt on demand -------------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_tar_index"], d["_pq_index"], d["_lookup"] = {}, {}, None
+        d["reader"], d["_lookup"] = ImageReader(self.root, self.storage_options), None
         return d
-
-    @property
-    def _fs(self):
-        return storage.get_fs(self.root, self.storage_options)
 
     # -- counts ------------------------------------------------------------------------------------------
     def _count(self, status: str) -> int:
@@ -100,64 +94,9 @@ class Results:
         return self._record(id, image_index)
 
     # -- image bytes -------------------------------------------------------------------------------------
-    def _tar_member(self, fs, tar_path: str, member: str) -> bytes:
-        index = self._tar_index.get(tar_path)
-        if index is None:
-            index = {}
-            with fs.open(tar_path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-                for info in tar:
-                    if info.isfile():
-                        index[info.name] = (info.offset_data, info.size)
-            self._tar_index[tar_path] = index
-        if member not in index:
-            raise KeyError(f"{member!r} not found in {tar_path}")
-        off, size = index[member]
-        return fs.cat_file(tar_path, start=off, end=off + size)
-
-    def _parquet_image(self, fs, pq_path: str, key: str) -> bytes:
-        import pyarrow.parquet as pq
-
-        with fs.open(pq_path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            index = self._pq_index.get(pq_path)
-            if index is None:
-                index = {}
-                for g in range(pf.num_row_groups):
-                    keys = pf.read_row_group(g, columns=["key"]).column("key").to_pylist()
-                    for r, k in enumerate(keys):
-                        index.setdefault(k, (g, r))
-                self._pq_index[pq_path] = index
-            if key not in index:
-                raise KeyError(f"key {key!r} not found in {pq_path}")
-            g, r = index[key]
-            col = pf.read_row_group(g, columns=["image"]).column("image")
-            return col[r].as_py()
-
     def image_bytes(self, id: str, image_index: int = 0, verify: bool = True) -> bytes:
         """The encoded bytes of one image (checked against the record's sha256 when ``verify``)."""
-        rec = self._record(id, image_index)
-        return self._bytes_of(rec, verify)
-
-    def _bytes_of(self, rec: dict, verify: bool = True) -> bytes:
-        fs, root = self._fs
-        rel = rec.get("path")
-        if not rel:
-            raise KeyError(f"record id={rec.get('id')!r} image_index={rec.get('image_index')} has no path")
-        file_part, _, member = str(rel).partition("#")
-        full = storage.join(root, storage.check_relative(file_part))
-        if not member:
-            data = fs.cat_file(full)
-        elif file_part.endswith(".tar"):
-            data = self._tar_member(fs, full, member)
-        elif file_part.endswith(".parquet"):
-            data = self._parquet_image(fs, full, member)
-        else:
-            raise ValueError(f"cannot read image path {rel!r}")
-        sha = rec.get("sha256")
-        if verify and sha and hashlib.sha256(data).hexdigest() != sha:
-            raise ValueError(f"sha256 mismatch for id={rec.get('id')!r} image_index={rec.get('image_index')} "
-                             f"at {rel!r}: the stored file is corrupt")
-        return data
+        return self.reader.bytes_of(self._record(id, image_index), verify)
 
     # -- images --------------------------------------------------------------------------------------------
     def image(self, id: str, image_index: int = 0):
@@ -194,7 +133,7 @@ class Results:
         """An object that Jupyter shows as a grid of thumbnails with prompt and seed."""
         from .gallery import InlineGallery
 
-        return InlineGallery.from_results(self, max_images=max_images, thumb=thumb)
+        return InlineGallery.from_records(self.df, self.reader, self.root, max_images=max_images, thumb=thumb)
 
     def _repr_html_(self) -> str:
         import html

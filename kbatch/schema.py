@@ -5,7 +5,6 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import pyarrow as pa
 
@@ -78,8 +77,13 @@ class Row:
         d.pop("row_hash")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=_jsonable).encode()).hexdigest()[:16]
 
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PARAM_FIELDS}
+
+
+def raw_fingerprint(cells: dict) -> str:
+    """Fingerprint of a manifest row as given (an invalid row has no ``Row``): a rerun renders a failed row
+    again when this changes. Prefixed so it never equals a ``Row.fingerprint``."""
+    blob = json.dumps(cells, sort_keys=True, default=_jsonable)
+    return "r" + hashlib.sha256(blob.encode()).hexdigest()[:15]
 
 
 def _jsonable(v):

@@ -1,10 +1,15 @@
 """Summary of an output location: rows done / failed (by reason) / missing, and whether the run is complete.
 
-Only committed shards count (a shard without ``_commits/<shard>.json`` is reported as uncommitted). The run is
-complete when the completion marker ``_SUCCESS`` exists and no manifest row is missing.
+Counts are for the ids of the manifest the last run was given (SPEC §6), when that manifest can still be
+read: the same scan a run does before it starts (``kbatch.index``), in bounded memory. Records of ids that
+are not in that manifest are left alone and reported apart. Without a readable manifest (an in-memory
+DataFrame, a deleted file) the records themselves are counted. Only committed shards count, and a row
+rendered again supersedes its old error records. A run in progress shows its ``progress`` and who holds the
+output's lease. The output is complete when the completion marker ``_SUCCESS`` exists and no row is missing.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from . import storage
@@ -25,67 +30,97 @@ def _uncommitted(fs, base: str, committed: set[str]) -> list[str]:
     return sorted(names - committed)
 
 
+def _manifest_of(job: dict | None, storage_options) -> tuple[Any, str]:
+    """(ManifestSource of the last run's manifest, or None; how the rows are counted)."""
+    if not job or not job.get("manifest") or str(job["manifest"]).startswith("<"):
+        return None, "records (the last run's manifest was not a file: counts are of the records found)"
+    uri = job["manifest"]
+    try:
+        if (job.get("config") or {}).get("stage") == "decoder":
+            from .embeddings import embeddings_source
+
+            return embeddings_source(uri, storage_options), f"manifest {uri}"
+        from .manifest import ManifestSource
+
+        return ManifestSource.open(uri, storage_options), f"manifest {uri}"
+    except Exception as e:  # noqa: BLE001 - gone, moved, no credentials: count the records instead
+        return None, f"records (manifest {uri} cannot be read: {type(e).__name__}: {e})"
+
+
 def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Counts of an output location (see module docstring); plain JSON-able values."""
+    from .lease import read_lease
+
     fs, base = storage.get_fs(root, storage_options)
     job = storage.read_json(root, JOB_FILE, storage_options)
     committed = list_committed_shards(root, storage_options)
-    df = read_records(root, columns=["id", "image_index", "status", "error"], storage_options=storage_options)
     success = storage.exists(root, SUCCESS_MARKER, storage_options)
+    source, basis = _manifest_of(job, storage_options)
+    out: dict[str, Any] = {"root": root, "run_id": (job or {}).get("run_id"), "counted_against": basis}
+    if source is not None:
+        out.update(_from_manifest(source, root, storage_options))
+    else:
+        out.update(_from_records(root, storage_options, job))
+    uncommitted = _uncommitted(fs, base, set(committed))
+    lease = read_lease(root, storage_options)
+    running = bool(job and job.get("status") == "running" and lease and lease.get("run_id") == job.get("run_id"))
+    out.update({
+        "shards": len(committed),
+        "uncommitted_shards": len(uncommitted),
+        "uncommitted_shard_names": uncommitted[:20],
+        "success_marker": bool(success),
+        "complete": bool(success and out["rows_missing"] == 0),
+        "running": running,
+        "progress": (job or {}).get("progress"),
+        "lease": lease,
+        "job": job,
+    })
+    return out
 
-    rows_done = rows_ok = images = 0
+
+def _from_manifest(source, root: str, storage_options) -> dict:
+    from .index import DONE_ERR, DONE_OK, SKIP_FAILED, SKIP_OK, scan
+
+    s = scan(source, root, storage_options)
+    ok, failed = s.count(SKIP_OK, DONE_OK), s.count(SKIP_FAILED, DONE_ERR)
+    return {"rows_total": s.total, "rows_done": ok + failed, "rows_ok": ok, "rows_failed": failed,
+            "rows_missing": s.total - ok - failed, "images": s.images,
+            "failed_by_reason": dict(sorted(s.failed_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "failed_examples": s.failed_examples, "duplicate_records": s.duplicate_records,
+            "records_not_in_manifest": max(0, s.records_ids - ok - failed)}
+
+
+def _from_records(root: str, storage_options, job: dict | None) -> dict:
+    """Counts from the records alone (every committed record in memory: for outputs whose manifest is
+    gone; a run's own manifest is counted by ``_from_manifest``)."""
+    df = read_records(root, columns=["id", "image_index", "status", "error"], storage_options=storage_options)
+    rows_done = rows_ok = images = duplicates = 0
     failed_by_reason: dict[str, int] = {}
     failed_examples: list[dict] = []
-    duplicates = 0
     if len(df):
         is_ok = df["status"] == "ok"
         images = int(is_ok.sum())
-        all_ok = is_ok.groupby(df["id"]).all()
-        rows_done = int(len(all_ok))
-        rows_ok = int(all_ok.sum())
-        failed_ids = set(all_ok.index[~all_ok.values])
-        if failed_ids:
-            err = df[df["id"].isin(failed_ids) & ~is_ok].drop_duplicates("id")
-            for rid, e in zip(err["id"].tolist(), err["error"].tolist()):
-                e = None if e is None or e != e else str(e)
-                r = reason_of(e)
-                failed_by_reason[r] = failed_by_reason.get(r, 0) + 1
-                if len(failed_examples) < 5:
-                    failed_examples.append({"id": str(rid), "error": e})
-            # failed ids whose only non-ok records lack an error record still count
-            missing_reason = len(failed_ids) - int(err["id"].nunique())
-            if missing_reason > 0:
-                failed_by_reason["unknown"] = failed_by_reason.get("unknown", 0) + missing_reason
-        duplicates = int(df.duplicated(["id", "image_index"]).sum())
-    rows_failed = rows_done - rows_ok
-
+        any_ok = is_ok.groupby(df["id"]).any()
+        rows_done = int(len(any_ok))
+        rows_ok = int(any_ok.sum())
+        err = df[~is_ok & ~df["id"].isin(set(any_ok.index[any_ok.values]))].drop_duplicates("id", keep="last")
+        for rid, e in zip(err["id"].tolist(), err["error"].tolist()):
+            e = None if e is None or e != e else str(e)
+            r = reason_of(e)
+            failed_by_reason[r] = failed_by_reason.get(r, 0) + 1
+            if len(failed_examples) < 5:
+                failed_examples.append({"id": str(rid), "error": e})
+        duplicates = int(df[is_ok].duplicated(["id", "image_index"]).sum())
     total = None
     if job is not None and job.get("total_rows") is not None:
         try:
             total = int(job["total_rows"])
         except (TypeError, ValueError):
             total = None
-    rows_missing = max(total - rows_done, 0) if total is not None else None
-    uncommitted = _uncommitted(fs, base, set(committed))
-    return {
-        "root": root,
-        "run_id": (job or {}).get("run_id"),
-        "rows_total": total,
-        "rows_done": rows_done,
-        "rows_ok": rows_ok,
-        "rows_failed": rows_failed,
-        "failed_by_reason": dict(sorted(failed_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "failed_examples": failed_examples,
-        "rows_missing": rows_missing,
-        "images": images,
-        "shards": len(committed),
-        "uncommitted_shards": len(uncommitted),
-        "uncommitted_shard_names": uncommitted[:20],
-        "duplicate_records": duplicates,
-        "success_marker": bool(success),
-        "complete": bool(success and rows_missing == 0),
-        "job": job,
-    }
+    return {"rows_total": total, "rows_done": rows_done, "rows_ok": rows_ok, "rows_failed": rows_done - rows_ok,
+            "rows_missing": max(total - rows_done, 0) if total is not None else None, "images": images,
+            "failed_by_reason": dict(sorted(failed_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "failed_examples": failed_examples, "duplicate_records": duplicates, "records_not_in_manifest": None}
 
 
 def format_summary(summary: dict) -> str:
@@ -98,6 +133,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"run:      {s['run_id']}")
     if job.get("started") or job.get("finished"):
         lines.append(f"started:  {job.get('started') or '-'}   finished: {job.get('finished') or '-'}")
+    lines.append(f"counted:  against {s.get('counted_against')}")
     lines.append(f"rows:     {s.get('rows_done', 0)} done of {total if total is not None else '? (no _job.json total)'}")
     lines.append(f"  ok:      {s.get('rows_ok', 0)}")
     lines.append(f"  failed:  {s.get('rows_failed', 0)}")
@@ -107,6 +143,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"    e.g. {ex['id']}: {ex['error']}")
     missing = s.get("rows_missing")
     lines.append(f"  missing: {missing if missing is not None else 'unknown'}")
+    if s.get("records_not_in_manifest"):
+        lines.append(f"  (and {s['records_not_in_manifest']} ids with records that are not in this manifest: "
+                     "left alone, not counted)")
     lines.append(f"images:   {s.get('images', 0)}")
     lines.append(f"shards:   {s.get('shards', 0)} committed, {s.get('uncommitted_shards', 0)} uncommitted"
                  + (" (a writer died before committing; a rerun rewrites them)" if s.get("uncommitted_shards") else ""))
@@ -116,8 +155,27 @@ def format_summary(summary: dict) -> str:
     if unseen:
         lines.append(f"warning:  the last run committed {len(unseen)} shard(s) this location does not hold "
                      f"(e.g. {unseen[0]}): written on another node's local disk? Use shared or object storage")
+    if job.get("error"):
+        lines.append(f"stopped:  {job['error']}")
+    progress, lease = s.get("progress") or {}, s.get("lease") or {}
+    if s.get("running"):
+        age = time.time() - float(lease.get("renewed_epoch") or 0)
+        eta = progress.get("eta_seconds")
+        lines.append(f"running:  {progress.get('rows_done', '?')}/{progress.get('rows_total', '?')} rows, "
+                     f"{progress.get('images_per_second', 0):.2f} img/s, ETA {f'{eta:.0f}s' if eta is not None else '?'} "
+                     f"(progress at {progress.get('updated', '?')})")
+        lines.append(f"          held by run {lease.get('run_id')} on {lease.get('host')} pid {lease.get('pid')}, "
+                     f"lease renewed {age:.0f} s ago (ttl {lease.get('ttl')} s)")
+        queues = progress.get("queues") or {}
+        if queues:
+            lines.append("queues:   " + ", ".join(f"{k} {v}" for k, v in queues.items() if k != "replicas"))
+            if queues.get("replicas"):
+                lines.append("replicas: " + ", ".join(f"{k} {v.get('running')} running + {v.get('pending')} pending"
+                                                     for k, v in queues["replicas"].items()))
     if s.get("complete"):
         state = "COMPLETE"
+    elif s.get("running"):
+        state = "RUNNING"
     elif not s.get("success_marker") and (missing == 0):
         state = "INCOMPLETE (all rows have records, but the completion marker _SUCCESS is missing)"
     else:

@@ -12,7 +12,6 @@ Messages name the field and the value, e.g. ``"height: must be a multiple of 64,
 from __future__ import annotations
 
 import math
-import numbers
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -20,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import pyarrow as pa
 
 from .images import InputError, describe, load_row_inputs, resolve_uri
-from .schema import ID_RE, PARAM_FIELDS, MixItem, Row, derive_seed
+from .params import check_params, is_int as _is_int, is_real as _is_real
+from .schema import ID_RE, PARAM_FIELDS, MixItem, Row, derive_seed, raw_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import JobConfig
@@ -28,66 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 MODES = ("text2img", "img2img", "inpaint", "interpolate")  # same as kbatch.config.MODES
 _INT_FIELDS = ("num_images", "height", "width", "num_inference_steps", "prior_num_inference_steps")
 _MIX_SOURCES = ("prompt", "image", "image_uri")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# parameters
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def check_params(params: dict, limits) -> list[tuple[str, object, str]]:
-    """Check the generation parameters present (non-None) in ``params``.
-
-    Returns ``[(field, value, "must be ...")]`` in field order; ``[]`` when all is well. Other keys are
-    ignored. Types are strict: ints must be ints (not floats, strings or bools); floats must be finite numbers.
-    """
-    problems: list[tuple[str, object, str]] = []
-    for f, hi in (("num_images", limits.max_num_images), ("num_inference_steps", limits.max_steps),
-                  ("prior_num_inference_steps", limits.max_steps)):
-        v = params.get(f)
-        if v is None:
-            continue
-        if not _is_int(v):
-            problems.append((f, v, f"must be an integer in [1, {hi}]"))
-        elif not 1 <= v <= hi:
-            limit = "limits.max_num_images" if f == "num_images" else "limits.max_steps"
-            problems.append((f, v, f"must be in [1, {hi}] ({limit})"))
-    sizes = {}
-    for f in ("height", "width"):
-        v = params.get(f)
-        if v is None:
-            continue
-        if not _is_int(v):
-            problems.append((f, v, "must be an integer multiple of 64"))
-        elif v < 64:
-            problems.append((f, v, "must be >= 64"))
-        elif v % 64:
-            problems.append((f, v, "must be a multiple of 64"))
-        else:
-            sizes[f] = int(v)
-    if len(sizes) == 2 and sizes["height"] * sizes["width"] > limits.max_pixels:
-        h, w = sizes["height"], sizes["width"]
-        problems.append(("height", h, f"must keep height*width <= {limits.max_pixels} (limits.max_pixels); "
-                                      f"height*width = {h}*{w} = {h * w}"))
-    for f in ("guidance_scale", "prior_guidance_scale"):
-        v = params.get(f)
-        if v is None:
-            continue
-        if not _is_real(v) or v < 0:
-            problems.append((f, v, "must be a finite number >= 0"))
-    v = params.get("strength")
-    if v is not None and (not _is_real(v) or not 0 < v <= 1):
-        problems.append(("strength", v, "must be a number in (0, 1]"))
-    order = {f: i for i, f in enumerate(PARAM_FIELDS)}
-    problems.sort(key=lambda p: order.get(p[0], len(order)))
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,6 +46,7 @@ class RowError:
     field: str
     value: object
     message: str
+    raw_hash: str | None = None  # fingerprint of the row's cells: a rerun can tell whether it changed
 
     def __str__(self) -> str:
         return f"row {self.index} (id {self.id}): {self.message}"
@@ -213,7 +154,7 @@ def _check_mix(mix: Any, base_uri: str, limits, probs: _Problems) -> list[MixIte
     return items
 
 
-def _validate_row(r: dict, index: int, cfg, base_uri: str, seen: dict[str, int],
+def _validate_row(r: dict, index: int, cfg, base_uri: str, first_at: int | None,
                   columns: set[str]) -> tuple[Row | None, RowError | None]:
     limits = cfg.limits
     defaults = cfg.defaults
@@ -229,10 +170,9 @@ def _validate_row(r: dict, index: int, cfg, base_uri: str, seen: dict[str, int],
     elif not ID_RE.fullmatch(rid):
         probs.add("id", rid, f"must match {ID_RE.pattern} (letters, digits, '.', '_', '-'; at most 128 "
                              "characters; starting with a letter or digit)")
-    elif rid in seen:
-        probs.items.append(("id", rid, f"id: duplicate id {rid!r} (first at row {seen[rid]})"))
+    elif first_at is not None:
+        probs.items.append(("id", rid, f"id: duplicate id {rid!r} (first at row {first_at})"))
     else:
-        seen[rid] = index
         id_ok = True
 
     # mode
@@ -298,7 +238,8 @@ def _validate_row(r: dict, index: int, cfg, base_uri: str, seen: dict[str, int],
     if probs:
         field, value, _ = probs.items[0]
         message = "; ".join(text for _, _, text in probs.items)
-        return None, RowError(index, rid if id_ok else synthetic_id(index), field, value, message)
+        return None, RowError(index, rid if id_ok else synthetic_id(index), field, value, message,
+                              raw_fingerprint(r))
 
     row = Row(
         id=rid,
@@ -322,9 +263,25 @@ def _validate_row(r: dict, index: int, cfg, base_uri: str, seen: dict[str, int],
     return row, None
 
 
+def validate_record(r: dict, index: int, cfg: "JobConfig", base_uri: str, columns: set[str],
+                    first_at: int | None = None) -> Row | RowError:
+    """One manifest row (a dict of its cells) at manifest position ``index``: a :class:`Row`, or exactly one
+    :class:`RowError`. ``first_at``: the position of an earlier row with the same id, when this row is a
+    duplicate (the caller knows: a whole-manifest question). Never raises for odd cells."""
+    try:
+        row, err = _validate_row(r, index, cfg, base_uri, first_at, columns)
+    except Exception as e:  # noqa: BLE001 - never let one odd cell stop the other rows
+        rid = r.get("id")
+        safe = rid if isinstance(rid, str) and ID_RE.fullmatch(rid) and first_at is None else synthetic_id(index)
+        return RowError(index, safe, "?", None, f"row could not be validated: {type(e).__name__}: {e}",
+                        raw_fingerprint(r))
+    return row if row is not None else err
+
+
 def validate_indexed(table: pa.Table, cfg: "JobConfig", base_uri: str,
                      start_index: int = 0) -> tuple[list[tuple[int, Row]], list[RowError]]:
-    """Like :func:`validate_table`, but each valid row comes with its manifest row index."""
+    """Like :func:`validate_table`, but each valid row comes with its manifest row index. Keeps a dict of
+    every id (duplicates): for tables that fit in memory; jobs stream (``kbatch.planner``)."""
     rows: list[tuple[int, Row]] = []
     errors: list[RowError] = []
     seen: dict[str, int] = {}
@@ -332,18 +289,15 @@ def validate_indexed(table: pa.Table, cfg: "JobConfig", base_uri: str,
     index = start_index
     for batch in table.to_batches(max_chunksize=4096):
         for r in batch.to_pylist():
-            try:
-                row, err = _validate_row(r, index, cfg, base_uri, seen, columns)
-            except Exception as e:  # noqa: BLE001 - never let one odd cell stop the other rows
-                rid = r.get("id")
-                safe = rid if isinstance(rid, str) and ID_RE.fullmatch(rid) and seen.get(rid) == index \
-                    else synthetic_id(index)
-                row, err = None, RowError(index, safe, "?", None, f"row could not be validated: "
-                                                                   f"{type(e).__name__}: {e}")
-            if row is not None:
-                rows.append((index, row))
+            rid = r.get("id")
+            first_at = seen.get(rid) if isinstance(rid, str) else None
+            out = validate_record(r, index, cfg, base_uri, columns, first_at)
+            if isinstance(out, Row):
+                rows.append((index, out))
             else:
-                errors.append(err)
+                errors.append(out)
+            if first_at is None and isinstance(rid, str) and ID_RE.fullmatch(rid):
+                seen[rid] = index
             index += 1
     return rows, errors
 

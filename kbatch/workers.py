@@ -1,10 +1,15 @@
-"""Ray wrappers around the pure stage classes: model actors, writer actors, and the CPU task that loads inputs.
+"""Ray wrappers around the pure stage classes: model actors, writer actors, and the CPU tasks that load inputs.
 
-Nothing here holds logic worth testing on its own: the predictors (``prior.py``, ``decoder.py``), the
-input checks (``images.py``) and the writer (``writer.py``) are plain Python, tested without a cluster.
+Nothing here holds logic worth testing on its own: the predictors (``prior.py``, ``decoder.py``, ``sim.py``),
+the input checks (``images.py``) and the writer (``writer.py``) are plain Python, tested without a cluster.
+
+Every stage call returns two objects: a small status for the driver, and the payload (embeddings, images)
+that the next stage receives as an object ref. The driver only ever ``ray.get``s the status.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -12,9 +17,44 @@ from dataclasses import dataclass
 
 import ray
 
-from .config import JobConfig
+from .config import SIM, JobConfig
 from .outputs import DecoderOutput, PriorOutput
 from .schema import Row, record_key
+
+KV_NAMESPACE = "kbatch"
+
+
+def _kv_put(key: str, value: str):
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+def kv_get(key: str) -> str | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    v = _internal_kv_get(key, namespace=KV_NAMESPACE)
+    return v.decode() if v else None
+
+
+def kv_del_prefix(prefix: str):
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    try:
+        _internal_kv_del(prefix, del_by_prefix=True, namespace=KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - best effort cleanup at the end of a run
+        pass
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def note_placed(slot: str | None):
+    """First thing an actor does: tell the driver which node it was placed on (``<slot>/placed``), so that a
+    replica still loading its models is not mistaken for one the cluster cannot place."""
+    if slot:
+        _kv_put(f"{slot}/placed", _node_id())
 
 
 class Running:
@@ -22,38 +62,31 @@ class Running:
     driver can tell the batches that may have killed it from those queued behind them. With lanes
     (``concurrency`` > 1) several run at once; the driver then reruns each suspect alone."""
 
-    def __init__(self):
+    def __init__(self, slot: str | None = None):
+        self.slot = slot
         self.tokens: list[str] = []
         self.lock = threading.Lock()
 
     @contextmanager
-    def batch(self, slot: str | None, token: str | None):
-        if not (slot and token):
+    def batch(self, token: str | None):
+        if not (self.slot and token):
             yield
             return
         with self.lock:
             self.tokens.append(token)
-            _put(slot, self.tokens)
+            _kv_put(self.slot, " ".join(self.tokens))
         try:
             yield
         finally:
             with self.lock:
                 self.tokens.remove(token)
-                _put(slot, self.tokens)
-
-
-def _put(slot: str, tokens: list[str]):
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(slot, " ".join(tokens), overwrite=True, namespace="kbatch")
+                _kv_put(self.slot, " ".join(self.tokens))
 
 
 def running_batches(slot: str) -> set[str]:
     """The tokens of the batches an actor was running (see ``Running``)."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    v = _internal_kv_get(slot, namespace="kbatch")
-    return set(v.decode().split()) if v else set()
+    v = kv_get(slot)
+    return set(v.split()) if v else set()
 
 
 def _merge(input_maps) -> dict:
@@ -64,13 +97,12 @@ def _merge(input_maps) -> dict:
 
 
 def _memory() -> dict:
-    """Peak host RSS of this worker process and peak GPU memory allocated by torch (GiB)."""
+    """Peak host RSS of this worker process and, where torch runs CUDA, peak GPU memory allocated (GiB)."""
     import resource
 
-    import torch
-
     out = {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # never imported for it: simulated models run without torch
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
@@ -81,61 +113,101 @@ def _threads(cfg: JobConfig, stage: str) -> int:
     return s.threads or max(1, round(s.cpus / s.concurrency))
 
 
+@dataclass
+class Status:
+    """What the driver receives from a stage call: no embeddings, no images."""
+
+    seconds: float
+    memory: dict
+    warmup: float = 0.0  # decoder: compile warm-up seconds spent before this batch (models.compile)
+
+
 class PriorWorker:
-    def __init__(self, cfg: JobConfig, stage: str = "prior", running: Running | None = None):
+    def __init__(self, cfg: JobConfig, slot: str | None = None, stage: str = "prior", running: Running | None = None):
         """``stage``: whose threads and concurrency to use ("decoder" when colocated in a StagesWorker)."""
-        from .prior import PriorPredictor  # torch and diffusers: only in the actor process
-
+        if running is None:
+            note_placed(slot)
         m = cfg.models
-        self.running = running or Running()
-        self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
-                                        scheduler=m.prior_scheduler, offload=m.offload,
-                                        threads=_threads(cfg, stage), revision=m.revision,
-                                        concurrency=getattr(cfg.resources, stage).concurrency)
+        self.running = running or Running(slot)
+        if m.prior == SIM:
+            from .sim import SimPrior
 
-    def worker(self) -> str:
-        return self.predictor.worker
+            self.predictor = SimPrior(m.sim.prior_seconds_per_image, m.sim.load_seconds)
+        else:
+            from .prior import PriorPredictor  # torch and diffusers: only in the actor process
 
-    def run(self, slot: str, token: str, rows: list[Row], *input_maps) -> tuple[list[PriorOutput], float, dict]:
-        with self.running.batch(slot, token):
+            self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
+                                            scheduler=m.prior_scheduler, offload=m.offload,
+                                            threads=_threads(cfg, stage), revision=m.revision,
+                                            concurrency=getattr(cfg.resources, stage).concurrency,
+                                            storage_options=dict(cfg.storage_options) or None,
+                                            cache_dir=m.cache_dir)
+
+    def ready(self) -> dict:
+        return {"worker": self.predictor.worker, "node": _node_id()}
+
+    @ray.method(num_returns=2)
+    def run(self, token: str, rows: list[Row], *input_maps):
+        with self.running.batch(token):
             t0 = time.perf_counter()
             inputs = _merge(input_maps)
             out = self.predictor(rows, [inputs.get(r.id) for r in rows])
-            return out, time.perf_counter() - t0, _memory()
+            return Status(time.perf_counter() - t0, _memory()), out
+
+
+def maybe_crash(faults, rows: list[Row] = (), once_file: str | None = None):
+    """Fault injection for tests and drills (config ``faults``): the process exits mid-batch."""
+    if faults.crash_on_prompt is not None and any(r.prompt == faults.crash_on_prompt for r in rows):
+        os._exit(1)
+    once_file = once_file if once_file is not None else faults.crash_decoder_once_file
+    if once_file and not os.path.exists(once_file):
+        with open(once_file, "w") as fh:
+            fh.write("crashed\n")
+        os._exit(1)
 
 
 class DecoderWorker:
-    def __init__(self, cfg: JobConfig, need_inpaint: bool, shapes=()):
+    def __init__(self, cfg: JobConfig, slot: str | None = None, need_inpaint: bool = False, shapes=()):
         """``shapes``: the job's ``Row.unet_shape()`` buckets, compiled up front when ``models.compile``."""
-        from .decoder import DecoderFaults, DecoderPredictor  # torch and diffusers: only in the actor
+        note_placed(slot)
+        m = cfg.models
+        self.faults = cfg.faults
+        self.running = Running(slot)
+        self.warmup = 0.0  # seconds, reported with the first batch
+        if m.decoder == SIM:
+            from .sim import SimDecoder
+
+            self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds)
+            return
+        from .decoder import DecoderPredictor  # torch and diffusers: only in the actor
         from .models import compiles
 
-        m, f = cfg.models, cfg.faults
-        self.running = Running()
         self.predictor = DecoderPredictor(
             m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,
             scheduler=m.scheduler, offload=m.offload, threads=_threads(cfg, "decoder"),
             channels_last=m.channels_last, compile=m.compile, revision=m.revision,
-            faults=DecoderFaults(f.crash_decoder_once_file, f.crash_on_prompt),
-            concurrency=cfg.resources.decoder.concurrency)
-        self.warmup = 0.0  # seconds, reported with the first batch
+            concurrency=cfg.resources.decoder.concurrency, storage_options=dict(cfg.storage_options) or None,
+            cache_dir=m.cache_dir)
         if compiles(self.predictor.place, m.compile):  # one batch size per shape, every shape compiled now
             self.predictor.pad_to = cfg.resources.decoder.batch_size
             self.warmup = self.predictor.warmup(shapes)
 
-    def worker(self) -> str:
-        return self.predictor.worker
+    def ready(self) -> dict:
+        return {"worker": self.predictor.worker, "node": _node_id()}
 
     @ray.method(num_returns=2)
-    def run(self, slot: str, token: str, rows: list[Row], priors: list[PriorOutput], *input_maps):
-        """Returns (small status for the driver, images for the writer) as two objects."""
-        with self.running.batch(slot, token):
+    def run(self, token: str, rows: list[Row], n_priors: int, *payloads):
+        """``payloads``: ``n_priors`` prior payloads (lists of PriorOutput, resolved by Ray from the refs the
+        driver passed), then input maps. Returns (Status for the driver, images for the writer)."""
+        with self.running.batch(token):
+            maybe_crash(self.faults, rows)
             t0 = time.perf_counter()
-            inputs = _merge(input_maps)
-            out = self.predictor(rows, priors, [inputs.get(r.id) for r in rows])
+            priors = {p.id: p for payload in payloads[:n_priors] for p in payload}
+            inputs = _merge(payloads[n_priors:])
+            out = self.predictor(rows, [priors[r.id] for r in rows], [inputs.get(r.id) for r in rows])
             with self.running.lock:  # lanes: report it once
                 warmup, self.warmup = self.warmup, 0.0
-            return (time.perf_counter() - t0, _memory(), warmup), out
+            return Status(time.perf_counter() - t0, _memory(), warmup), out
 
 
 class StagesWorker(DecoderWorker):
@@ -144,38 +216,45 @@ class StagesWorker(DecoderWorker):
     Saves a model-loading process per replica (on a small CPU machine, importing torch + diffusers costs
     more than the prior's whole share of a short job) and a second CUDA context on a small GPU. Both
     stages run with the decoder's resources, torch threads and lanes (prior and decoder batches share the
-    actor's ``decoder.concurrency`` threads); embeddings still come back to the driver.
+    actor's ``decoder.concurrency`` threads).
     """
 
-    def __init__(self, cfg: JobConfig, need_inpaint: bool, shapes=()):
-        super().__init__(cfg, need_inpaint, shapes)
+    def __init__(self, cfg: JobConfig, slot: str | None = None, need_inpaint: bool = False, shapes=()):
+        super().__init__(cfg, slot, need_inpaint, shapes)
         self.prior = PriorWorker(cfg, stage="decoder", running=self.running)
 
-    def run_prior(self, slot: str, token: str, rows: list[Row], *input_maps):
-        return self.prior.run(slot, token, rows, *input_maps)
+    @ray.method(num_returns=2)
+    def run_prior(self, token: str, rows: list[Row], *input_maps):
+        return self.prior.run(token, rows, *input_maps)
 
 
 class WriterWorker:
     """Encodes and commits shards. Long-lived, so a shard write doesn't start (and import into) a fresh
     worker process; several writers (``resources.writers``) write shards in parallel."""
 
+    def __init__(self, slot: str | None = None, faults=None):
+        note_placed(slot)
+        self.faults = faults
+
+    def ready(self) -> dict:
+        return {"worker": f"node:{_node_id()[:8]}/pid:{os.getpid()}", "node": _node_id()}
+
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
     def write(self, spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
+        if self.faults is not None and self.faults.crash_writer_once_file:
+            maybe_crash(self.faults, once_file=self.faults.crash_writer_once_file)
         return write_shard(_as_writer(spec), shard, ok_bases, error_records, *payloads)
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
-    def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, outputs: list, error_records):
-        from .embeddings import write_embeddings_shard
-
-        return write_embeddings_shard(_as_writer(spec), shard, bases, row_cells, outputs, error_records)
+    def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, error_records, *payloads):
+        return write_embeddings(_as_writer(spec), shard, bases, row_cells, error_records, *payloads)
 
 
 def _as_writer(spec):
     """``spec`` stamped with this process as the writer (recorded in each shard's stats)."""
     import dataclasses
-    import os
 
-    node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
+    node = _node_id()[:8]
     return dataclasses.replace(spec, writer=f"node:{node}/pid:{os.getpid()}")
 
 
@@ -192,6 +271,17 @@ def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str
     return errors, inputs
 
 
+def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=None):
+    """CPU task (``stage: decoder``): the prior outputs of rows from an embeddings output, read by the
+    task itself; ``locations``: (embeddings file URI, row index in the file, id). Returns (Status, payload)
+    like a prior actor's call."""
+    from .embeddings import read_prior_outputs
+
+    t0 = time.perf_counter()
+    out = read_prior_outputs(locations, storage_options)
+    return Status(time.perf_counter() - t0, {}), out
+
+
 def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
     """Flatten decoder outputs into one record per image, encode and commit one shard."""
     from .writer import write_shard as _write
@@ -199,7 +289,9 @@ def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list
     records, images = [], []
     for payload in payloads:
         for out in payload:  # DecoderOutput
-            base = ok_bases[out.id]
+            base = ok_bases.get(out.id)
+            if base is None:  # a row of this batch that the driver moved elsewhere (e.g. redone after a loss)
+                continue
             for i, img in enumerate(out.images):
                 records.append({**base, "image_index": i, "status": "ok", "error": None,
                                 "key": record_key(out.id, i), "prior_worker": out.prior_worker,
@@ -210,6 +302,14 @@ def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list
         records.append(rec)
         images.append(None)
     return _write(spec, shard, records, images)
+
+
+def write_embeddings(spec, shard: str, bases: dict, row_cells: dict, error_records: list[dict], *payloads):
+    """Stage prior: the prior outputs of a shard's rows as ``embeddings/<shard>.parquet`` + metadata."""
+    from .embeddings import write_embeddings_shard
+
+    outputs = [p for payload in payloads for p in payload if p.id in bases]
+    return write_embeddings_shard(spec, shard, bases, row_cells, outputs, error_records)
 
 
 @dataclass
@@ -242,10 +342,9 @@ class DriverWriter:
     """The writer of a process-local output: a ``WriterWorker`` handle's interface, run in the driver."""
 
     def __init__(self):
-        from .embeddings import write_embeddings_shard
-
         self.write = InDriver(lambda spec, *rest: write_shard(_as_writer(spec), *rest))
-        self.write_embeddings = InDriver(lambda spec, *rest: write_embeddings_shard(_as_writer(spec), *rest))
+        self.write_embeddings = InDriver(lambda spec, *rest: write_embeddings(_as_writer(spec), *rest))
+        self.ready = InDriver(lambda: {"worker": f"node:{_node_id()[:8]}/pid:{os.getpid()}", "node": _node_id()})
 
 
 def _omp(cfg: JobConfig, stage: str) -> dict:
@@ -256,30 +355,30 @@ def _omp(cfg: JobConfig, stage: str) -> dict:
     return {}
 
 
-def loader_task(cfg: JobConfig, scheduling_strategy=None):
-    """The input-loading CPU task (``load_inputs``), optionally pinned (local input files: the driver's node)."""
+def io_task(fn, cfg: JobConfig, num_returns: int = 2, scheduling_strategy=None):
+    """A CPU task (input loading, stored priors) with the io CPU share, optionally pinned (local input files:
+    the driver's node). Tasks are retried by Ray, and their lost outputs rebuilt from lineage."""
     opts = {"scheduling_strategy": scheduling_strategy} if scheduling_strategy is not None else {}
-    return ray.remote(load_inputs).options(num_cpus=cfg.resources.io_cpus, num_returns=2, max_retries=2, **opts)
+    return ray.remote(fn).options(num_cpus=cfg.resources.io_cpus, num_returns=num_returns, max_retries=2, **opts)
 
 
-def remote_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float, writer_strategy=None):
-    """(prior actor class, decoder actor class, input-loading task, writer actor class). With
-    ``resources.colocate`` the prior class is None: decoder actors run the prior too. ``writer_strategy``:
-    where writers go (default: spread over the nodes)."""
-    r, rt = cfg.resources, cfg.retries
-    # SPREAD: replicas land on different nodes where they can (multi-node clusters)
-    common = dict(max_restarts=rt.max_actor_restarts, max_task_retries=0, scheduling_strategy="SPREAD")
+def actor_classes(cfg: JobConfig, prior_gpus: float, decoder_gpus: float, writer_strategy=None):
+    """Ray actor classes with their resource requests: (prior or None when colocated, decoder, writer).
+    No Ray restarts: the pools replace a dead actor themselves, knowing whether a row or a node killed it.
+    ``writer_strategy``: where writers go (default: spread over the nodes)."""
+    r = cfg.resources
+    common = dict(max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
     prior = None if cfg.colocated else ray.remote(PriorWorker).options(
         num_cpus=r.prior.cpus, num_gpus=prior_gpus, max_concurrency=r.prior.concurrency, **_omp(cfg, "prior"),
         **common)
     decoder = ray.remote(StagesWorker if cfg.colocated else DecoderWorker).options(
         num_cpus=r.decoder.cpus, num_gpus=decoder_gpus, max_concurrency=r.decoder.concurrency,
         **_omp(cfg, "decoder"), **common)
-    loader = loader_task(cfg)
-    writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=2,
+    writer = ray.remote(WriterWorker).options(num_cpus=r.io_cpus, max_restarts=0,
                                               scheduling_strategy=writer_strategy or "SPREAD")
-    return prior, decoder, loader, writer
+    return prior, decoder, writer
 
 
 __all__ = ["PriorWorker", "DecoderWorker", "StagesWorker", "WriterWorker", "DriverWriter", "InDriver", "Raised",
-           "DecoderOutput", "load_inputs", "loader_task", "write_shard", "remote_classes"]
+           "Status", "DecoderOutput", "PriorOutput", "load_inputs", "read_stored_priors", "io_task",
+           "write_shard", "actor_classes"]

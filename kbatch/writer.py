@@ -355,10 +355,6 @@ def list_committed_shards(root: str, storage_options: dict | None = None) -> lis
     return storage.list_names(fs, storage.join(path, "_commits"), ".json")
 
 
-def read_commit(root: str, shard: str, storage_options: dict | None = None) -> dict | None:
-    return storage.read_json(root, f"_commits/{_check_shard(shard)}.json", storage_options)
-
-
 def pandas_types_mapper():
     """Arrow -> pandas dtypes keeping integers exact when nulls are present (seeds are 63-bit)."""
     import pandas as pd
@@ -416,10 +412,59 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
     return pa.concat_tables(tables)
 
 
-def read_records(root: str, columns: list[str] | None = None, storage_options: dict | None = None):
-    """pandas DataFrame of the metadata records (ok and error) of committed shards, in shard order.
+def current(table: pa.Table) -> pa.Table:
+    """The records that stand: a row rendered again (``--retry-failed``, or a failed row that changed)
+    supersedes its old error records. Per id: its ok records if it has any, else its latest error record
+    (by run id, which starts with the run's UTC start time)."""
+    if table.num_rows == 0 or "status" not in table.column_names or "id" not in table.column_names:
+        return table
+    ids = table.column("id").to_pylist()
+    status = table.column("status").to_pylist()
+    runs = table.column("run_id").to_pylist() if "run_id" in table.column_names else [""] * len(ids)
+    has_ok = {i for i, s in zip(ids, status) if s == "ok"}
+    latest_error: dict = {}
+    for k, (i, s, r) in enumerate(zip(ids, status, runs)):
+        if s != "ok" and i not in has_ok and (i not in latest_error or (r or "") >= (runs[latest_error[i]] or "")):
+            latest_error[i] = k
+    keep = [s == "ok" or latest_error.get(i) == k for k, (i, s) in enumerate(zip(ids, status))]
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+def read_records(root: str, columns: list[str] | None = None, storage_options: dict | None = None,
+                 superseded: bool = False):
+    """pandas DataFrame of the metadata records of committed shards, in shard order: ok records and the
+    error records that stand (``current``; ``superseded=True``: every record ever committed).
 
     Empty (with the schema's columns) when nothing is committed. Integer columns use pandas' nullable
     integer dtypes so that 63-bit seeds stay exact."""
-    table = read_records_table(root, columns, storage_options)
+    cols = None if columns is None else list(dict.fromkeys(list(columns) + ["id", "status", "run_id"]))
+    table = read_records_table(root, cols, storage_options)
+    if not superseded:
+        table = current(table)
+    if columns is not None:
+        table = table.select(list(columns))
     return table.to_pandas(types_mapper=pandas_types_mapper())
+
+
+def sample_records(root: str, storage_options: dict | None = None, max_ok: int = 200, max_errors: int = 1000):
+    """A bounded sample of the records (for the gallery): committed shards read newest first, one at a
+    time, until ``max_ok`` ok records and ``max_errors`` error records are in; error records of ids with
+    an ok record in the sample are dropped (superseded)."""
+    import pandas as pd
+
+    frames, n_ok, n_err = [], 0, 0
+    for shard in reversed(list_committed_shards(root, storage_options)):
+        t = read_records_table(root, None, storage_options, shards=[shard])
+        df = t.to_pandas(types_mapper=pandas_types_mapper())
+        frames.append(df)
+        n_ok += int((df["status"] == "ok").sum())
+        n_err += int((df["status"] != "ok").sum())
+        if n_ok >= max_ok and n_err >= max_errors:
+            break
+    if not frames:
+        return read_records(root, storage_options=storage_options)
+    df = pd.concat(frames[::-1], ignore_index=True)
+    ok_ids = set(df.loc[df["status"] == "ok", "id"])
+    df = df[(df["status"] == "ok") | ~df["id"].isin(ok_ids)]
+    errors = df[df["status"] != "ok"].drop_duplicates("id", keep="last").head(max_errors)
+    return pd.concat([df[df["status"] == "ok"], errors], ignore_index=True)

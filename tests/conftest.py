@@ -40,9 +40,11 @@ def tiny_config(model_dirs, out_path, **over):
         "models": {**model_dirs, "dtype": "float32"},
         "output": {"path": str(out_path), "rows_per_shard": 4, "gallery": False},
         "seed": 0,
+        # explicit layout (not the CPU auto layout): one process per stage, one batch at a time
         "resources": {"prior": {"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 4},
-                      "decoder": {"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 4, "threads": 1},
-                      "device": "cpu", "io_cpus": 0.25},
+                      "decoder": {"replicas": 1, "gpus": 0, "cpus": 0.5, "batch_size": 4, "threads": 1,
+                                  "concurrency": 1},
+                      "device": "cpu", "io_cpus": 0.25, "colocate": False},
         "defaults": {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 4.0,
                      "prior_num_inference_steps": 3, "prior_guidance_scale": 4.0, "strength": 0.5},
         "progress": "off",

@@ -60,22 +60,6 @@ def test_progress_logs_sparingly(capsys):
     assert err.count("kbatch progress") == 1 and "100/100 rows" in err
 
 
-def test_warns_when_actor_cpu_shares_exceed_the_cluster(caplog):
-    from kbatch.runner import _warn_if_cpus_short
-
-    res = {"prior": {"replicas": 1, "cpus": 1}, "decoder": {"replicas": 2, "cpus": 0.75}, "io_cpus": 0.25}
-    with caplog.at_level("WARNING", logger="kbatch"):
-        _warn_if_cpus_short(from_dict({"resources": res}), 2)  # 1 + 1.5 + 2 x 0.25 = 3 > 2
-    assert "asks for 3.00 CPUs" in caplog.text and "resources.prior 1.00" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="kbatch"):  # the prior inside the decoders: 1.5 + 0.5 fits
-        _warn_if_cpus_short(from_dict({"resources": {**res, "colocate": True}}), 2)
-    assert caplog.text == ""
-    with caplog.at_level("WARNING", logger="kbatch"):  # no writer actors (memory:// output): 1 + 1.5 + 0.25
-        _warn_if_cpus_short(from_dict({"resources": res}), 2.75, writers=0)
-    assert caplog.text == ""
-
-
 @pytest.mark.parametrize("name", ["default", "nightly", "one_gpu", "cpu"])
 def test_shipped_configs_load(name):
     import os
@@ -89,11 +73,11 @@ def test_shipped_configs_load(name):
 def test_writer_count_follows_decoder_replicas():
     from kbatch.config import writer_count
 
-    def n(**res):
-        return writer_count(from_dict({"resources": res}).resources)
+    def n(decoders, **res):
+        return writer_count(from_dict({"resources": res}).resources, decoders)
 
-    assert n() == 1 and n(decoder={"replicas": 4}) == 1 and n(decoder={"replicas": 7}) == 2
-    assert n(writers=3, decoder={"replicas": 7}) == 3
+    assert n(1) == 1 and n(4) == 1 and n(7) == 2
+    assert n(7, writers=3) == 3
     with pytest.raises(ConfigError, match="resources.writers"):
         from_dict({"resources": {"writers": -1}})
 

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 import kbatch
-from kbatch.schema import MIX_TYPE
 
 from conftest import assert_pixels_close, tiny_config
 from reference import render_row

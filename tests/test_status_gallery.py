@@ -148,11 +148,13 @@ def test_status_without_job(tmp_path):
     assert "unknown" in format_summary(s)
 
 
-def test_status_mixed_row(tmp_path):
-    """A row with an ok image and an error record counts as failed, once."""
+def test_status_ok_supersedes_errors(tmp_path):
+    """A row with ok records and an error record (rendered again after failing) counts as ok, once; its
+    error record no longer stands for any reader."""
     root = str(tmp_path)
-    recs, imgs = shard(["m"], errors={"m": "decoder: CUDA error"})
-    write_shard(OutputSpec(root, "files", "png"), "s0", recs, imgs)
+    write_shard(OutputSpec(root, "files", "png"), "s0", *shard([], errors={"m": "decoder: CUDA error"}))
+    assert summarize(root)["failed_by_reason"] == {"decoder": 1}
+    write_shard(OutputSpec(root, "files", "png"), "s1", *shard(["m"]))
     s = summarize(root)
-    assert (s["rows_done"], s["rows_ok"], s["rows_failed"]) == (1, 0, 1)
-    assert s["failed_by_reason"] == {"decoder": 1}
+    assert (s["rows_done"], s["rows_ok"], s["rows_failed"], s["failed_by_reason"]) == (1, 1, 0, {})
+    assert list(open_results(root).df["status"]) == ["ok"]

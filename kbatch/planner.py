@@ -1,0 +1,191 @@
+"""The manifest stream: rows read, validated and batched a window at a time.
+
+The planner reads the manifest in record batches, skips the rows the scan (``kbatch.index``) found done,
+validates the others and collects ``resources.plan_window`` valid rows into a window. A window is sorted by
+(decoder key, prior key) and cut into prior batches, so rows that can share forward passes meet, without a
+global sort (memory: one window, whatever the manifest). Invalid rows become error records at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .config import JobConfig
+from .index import BADID, DUP, NEW, RETRY, Scan
+from .manifest import ManifestSource
+from .schema import Row, input_ref
+from .validate import RowError, synthetic_id, validate_record
+
+_TO_READ = np.array([NEW, RETRY, DUP, BADID], dtype=np.uint8)
+
+
+def images(rows) -> int:
+    return sum(r.num_images for r in rows)
+
+
+def chunk(rows: list[Row], key, max_images: int) -> list[list[Row]]:
+    """Consecutive runs of rows with equal ``key(row)``, each at most ``max_images`` images (>= 1 row)."""
+    out: list[list[Row]] = []
+    cur: list[Row] = []
+    k_cur = None
+    n_cur = 0
+    for r in rows:
+        k = key(r)
+        if cur and (k != k_cur or n_cur + r.num_images > max_images):
+            out.append(cur)
+            cur, n_cur = [], 0
+        if not cur:
+            k_cur = k
+        cur.append(r)
+        n_cur += r.num_images
+    if cur:
+        out.append(cur)
+    return out
+
+
+def sort_key(r: Row) -> tuple:
+    """Group rows that can share forward passes: decoder key first (the expensive stage), then prior key."""
+    return (repr(r.decoder_key()), repr(r.prior_key()))
+
+
+def base_record(row: Row, cfg: JobConfig, run_id: str) -> dict:
+    m = cfg.models
+    return {
+        "id": row.id, "mode": row.mode, "prompt": row.prompt, "negative_prompt": row.negative_prompt,
+        "seed": row.seed, "num_images": row.num_images, "height": row.height, "width": row.width,
+        "num_inference_steps": row.num_inference_steps, "guidance_scale": row.guidance_scale,
+        "prior_num_inference_steps": row.prior_num_inference_steps,
+        "prior_guidance_scale": row.prior_guidance_scale, "strength": row.strength,
+        "init_image": input_ref(row.init_image), "mask": input_ref(row.mask),
+        "mix": json.dumps([{k: (input_ref(v) if k == "image" else v) for k, v in dataclasses.asdict(it).items()
+                            if v is not None} for it in row.mix]) if row.mix else None,
+        "scheduler": m.scheduler, "prior_scheduler": m.prior_scheduler, "dtype": m.dtype,
+        "model_prior": m.prior, "model_decoder": m.inpaint if row.mode == "inpaint" else m.decoder,
+        "row_hash": row.row_hash, "run_id": run_id,
+    }
+
+
+def error_record(base: dict, message: str) -> dict:
+    return {**base, "image_index": -1, "status": "error", "error": message}
+
+
+def invalid_record(err: RowError, cells: dict, run_id: str) -> dict:
+    """The error record of a row that failed validation (or has an unusable or duplicate id)."""
+    base = {"id": err.id, "mode": _str(cells.get("mode")), "prompt": _str(cells.get("prompt")),
+            "negative_prompt": _str(cells.get("negative_prompt")), "run_id": run_id, "row_hash": err.raw_hash}
+    return error_record(base, err.message)
+
+
+def _str(v):
+    return v if isinstance(v, str) else None
+
+
+@dataclass
+class Window:
+    """What the planner hands the driver: prior batches (lists of rows sharing a prior key, sorted by
+    decoder key), error records of invalid rows, and per row what a stage needs besides the ``Row``:
+    ``extra[id]`` = the manifest cells of a ``stage: prior`` row, or the location of a ``stage: decoder``
+    row's stored embeddings."""
+
+    batches: list[list[Row]] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    rows: int = 0  # manifest rows this window accounts for (valid + invalid)
+
+
+class Planner:
+    """Streams ``source`` (after ``scan``) as windows. ``validate(cells, position)`` is also what the scan
+    uses to check rows that have records, so both see a row the same way."""
+
+    def __init__(self, cfg: JobConfig, source: ManifestSource, scan: Scan, run_id: str):
+        self.cfg, self.source, self.scan, self.run_id = cfg, source, scan, run_id
+        self.columns = set(source.columns)
+        self._stream: Iterator | None = None
+        self.exhausted = False
+        self.read_rows = 0  # manifest rows consumed (skipped ones included)
+        self.windows = 0
+
+    # -- one row ----------------------------------------------------------------------------------------
+    def validate(self, cells: dict, position: int, first_at: dict | None = None) -> Row | RowError:
+        interpolated = False
+        if self.cfg.stage == "decoder" and cells.get("mode") == "interpolate":
+            # an interpolate row decodes like text2img: its mix was used up by the prior
+            cells, interpolated = {**cells, "mode": "text2img"}, True
+        first_at = self.scan.first_at if first_at is None else first_at
+        out = validate_record(cells, position, self.cfg, self.source.base_uri, self.columns, first_at.get(position))
+        if interpolated and isinstance(out, Row):
+            out.mode = "interpolate"
+            out.row_hash = out.fingerprint()
+        return out
+
+    def fingerprints(self, rows: list[dict], positions, first_at: dict) -> list[str]:
+        """What the scan compares with the records' row_hash (``index.scan(check=...)``)."""
+        out = []
+        for cells, p in zip(rows, positions):
+            v = self.validate(cells, int(p), first_at)
+            out.append(v.row_hash if isinstance(v, Row) else v.raw_hash)
+        return out
+
+    # -- the stream ---------------------------------------------------------------------------------------
+    def _rows(self) -> Iterator[tuple[int, dict | None]]:
+        """(position, cells) of the rows this run renders; (position, None) for a skipped stretch."""
+        states = self.scan.states
+        for start, batch in self.source.batches(batch_size=4096):
+            st = states[start:start + batch.num_rows]
+            todo = np.flatnonzero(np.isin(st, _TO_READ))
+            if len(todo) == batch.num_rows:
+                for k, cells in enumerate(batch.to_pylist()):
+                    yield start + k, cells
+            elif len(todo):
+                for k, cells in zip(todo, batch.take(pa.array(todo)).to_pylist()):
+                    yield start + int(k), cells
+            self.read_rows += batch.num_rows - len(todo)
+
+    def next_window(self) -> Window | None:
+        """The next window, or None at the end of the manifest."""
+        if self.exhausted:
+            return None
+        if self._stream is None:
+            self._stream = self._rows()
+        w = Window()
+        valid: list[Row] = []
+        limit = self.cfg.resources.plan_window
+        for pos, cells in self._stream:
+            self.read_rows += 1
+            w.rows += 1
+            out = self.validate(cells, pos)
+            if isinstance(out, RowError):
+                if out.id is None:
+                    out.id = synthetic_id(pos)
+                w.errors.append(invalid_record(out, cells, self.run_id))
+            else:
+                valid.append(out)
+                self._extra(w, out, cells, pos)
+            if len(valid) >= limit:
+                break
+        else:
+            self.exhausted = True
+        valid.sort(key=sort_key)
+        w.batches = self._cut(valid)
+        self.windows += 1
+        return w if (w.rows or not self.exhausted) else None
+
+    def _extra(self, w: Window, row: Row, cells: dict, pos: int):
+        if self.cfg.stage == "prior":
+            from .embeddings import cells as prior_cells
+
+            w.extra[row.id] = prior_cells(row, cells)
+        elif self.cfg.stage == "decoder":
+            uri, index = self.source.locate(pos)
+            w.extra[row.id] = (uri, index, row.id)
+
+    def _cut(self, rows: list[Row]) -> list[list[Row]]:
+        res = self.cfg.resources
+        if self.cfg.stage == "decoder":  # stored embeddings are read in decoder batches
+            return chunk(rows, Row.decoder_key, res.decoder.batch_size)
+        return chunk(rows, Row.prior_key, res.prior.batch_size)

@@ -1,0 +1,267 @@
+"""Stage pools: the actors of one stage, their load, their placement and their deaths.
+
+A pool never waits for an actor. Each replica is *pending* (asked for; maybe not placed, maybe loading its
+models) until its ``ready()`` call returns, then *running*; only running replicas get work. A pending
+replica notes its node in Ray's KV store as the first thing it does (``workers.note_placed``), so the pool
+can tell "loading" from "the cluster has no room for it": a stage with no replica placed or running for
+``resources.placement_timeout`` seconds ends the run, naming what it asked for and what the cluster has.
+
+Deaths are classified before anyone is charged (``Death``): a replica whose node died (spot preemption, a
+node removed) costs nothing; a process that died on a live node (a row crashed it, OOM) is charged to the
+batches it was running. ``replicas: auto`` sets the target from the cluster's alive nodes at every tick, so
+the pool grows when nodes join and shrinks when they leave; a fixed ``replicas: N`` replaces what it loses.
+
+Picking a replica for a batch costs O(max load), not O(replicas): running replicas sit in buckets by load.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("kbatch")
+
+NODE, CRASH, STOPPED = "node", "crash", "stopped"  # why a replica is gone
+
+
+@dataclass(eq=False)
+class Replica:
+    handle: object
+    slot: str  # KV key: where it notes its node and the batches it runs
+    seq: int
+    created: float
+    limit: int  # batches in flight at once (lanes + queued)
+    state: str = "pending"  # pending | running | suspect | dead
+    node: str | None = None  # node id (hex), once known
+    placed: bool = False  # its process started (it noted its node), even if its models still load
+    worker: str = ""  # "node:.../gpu:.../pid:..." from ready()
+    load: int = 0
+    death: str | None = None  # NODE | CRASH | STOPPED
+    cause: str = ""  # the error it died with
+    limbo: list = field(default_factory=list)  # calls that failed while its fate was unknown
+    probing: bool = False
+
+
+class NodeTable:
+    """Which nodes are alive, from ``ray.nodes()``, refreshed at most every ``every`` seconds."""
+
+    def __init__(self, ray, every: float = 1.0):
+        self.ray, self.every = ray, every
+        self.alive: dict[str, dict] = {}  # node id -> its entry (Resources, NodeManagerAddress, ...)
+        self.dead: set[str] = set()
+        self.at = -math.inf
+
+    def refresh(self, force: bool = False) -> set[str]:
+        """Re-read the table; returns nodes that died since the last read."""
+        now = time.monotonic()
+        if not force and now - self.at < self.every:
+            return set()
+        self.at = now
+        alive = {}
+        for n in self.ray.nodes():
+            if n.get("Alive"):
+                alive[n["NodeID"]] = n
+            else:
+                self.dead.add(n["NodeID"])
+        newly_dead = set(self.alive) - set(alive)
+        self.alive = alive
+        return newly_dead
+
+    def is_dead(self, node: str | None) -> bool:
+        return node is not None and node in self.dead
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for n in self.alive.values():
+            for k, v in n.get("Resources", {}).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def fits(demand: dict[str, float], have: dict[str, float]) -> int:
+    """How many replicas asking ``demand`` fit in ``have`` (a large number when it asks for nothing)."""
+    counts = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0]
+    return max(0, min(counts)) if counts else 1 << 20
+
+
+class StagePool:
+    """The replicas of one stage (``name``: prior | decoder | writer).
+
+    ``factory(slot)`` creates one actor (a Ray actor handle, or an in-driver stand-in). ``demand``: what one
+    replica asks of a node ({"CPU": .., "GPU": ..}). ``replicas``: a number, or "auto" with
+    ``target_fn()`` giving the number the cluster can hold now."""
+
+    def __init__(self, name: str, factory: Callable[[str], object], demand: dict[str, float], replicas, *,
+                 limit: int, run_id: str, target_fn: Callable[[], int] | None = None, max_start_failures: int = 3,
+                 max_crashes: int = 8, kill: Callable[[object], None] | None = None):
+        self.name, self.factory, self.demand, self.replicas = name, factory, demand, replicas
+        self.limit, self.run_id, self.target_fn = limit, run_id, target_fn
+        self.max_start_failures, self.max_crashes = max_start_failures, max_crashes
+        self.kill = kill or (lambda handle: None)
+        self.all: dict[int, Replica] = {}  # seq -> replica (pending, running, suspect)
+        self._buckets: list[dict[Replica, None]] = [{} for _ in range(limit + 1)]  # running, by load
+        self._seq = 0
+        self.start_failures = 0  # in a row, without a replica starting in between
+        self.crashes = 0  # process deaths in a row, without a batch finishing in between
+        self.last_error = ""  # why the last replica could not start / died
+        self.started = 0  # replicas ever running
+        self.lost_to_nodes = 0
+        self.unplaced_since: float | None = None  # since when nothing of this stage is placed (checks)
+        self.broken: str | None = None  # set when the stage cannot go on: the run ends (exit 3)
+
+    # -- size --------------------------------------------------------------------------------------------
+    @property
+    def target(self) -> int:
+        if self.replicas == "auto":
+            return max(1, self.target_fn() if self.target_fn else 1)
+        return int(self.replicas)
+
+    def running(self) -> list[Replica]:
+        return [r for r in self.all.values() if r.state == "running"]
+
+    def n_running(self) -> int:
+        return sum(len(b) for b in self._buckets)
+
+    def pending(self) -> list[Replica]:
+        return [r for r in self.all.values() if r.state == "pending"]
+
+    def scale(self, now: float | None = None) -> list[Replica]:
+        """Create replicas up to the target (after start failures: none, until one starts); drop pending
+        ones above it (auto, when nodes left). Returns the new replicas: the caller tracks their ready()."""
+        new = []
+        if self.broken:
+            return new
+        target = self.target
+        alive = [r for r in self.all.values() if r.state != "dead"]
+        if self.start_failures and self.n_running() == 0 and len(alive) > 0:
+            return new  # one attempt at a time while replicas fail to start
+        while len(alive) + len(new) < target:
+            if self.start_failures >= self.max_start_failures:
+                break
+            new.append(self._create(now or time.monotonic()))
+            if self.start_failures:
+                break
+        extra = len(alive) - target
+        for r in sorted(self.pending(), key=lambda r: -r.seq):
+            if extra <= 0:
+                break
+            self.remove(r, STOPPED)
+            extra -= 1
+        return new
+
+    def _create(self, now: float) -> Replica:
+        self._seq += 1
+        slot = f"{self.run_id}/{self.name}/{self._seq}"
+        r = Replica(self.factory(slot), slot, self._seq, now, self.limit)
+        self.all[r.seq] = r
+        return r
+
+    # -- state changes -------------------------------------------------------------------------------------
+    def on_ready(self, r: Replica, info: dict) -> None:
+        if r.state == "dead":
+            return
+        r.state, r.placed = "running", True
+        r.node = info.get("node") or r.node
+        r.worker = info.get("worker", "")
+        self.start_failures = 0
+        self.started += 1
+        self._bucket(r, None)
+
+    def on_placed(self, r: Replica, node: str) -> None:
+        r.placed, r.node = True, node
+
+    def start_failed(self, r: Replica, cause: str) -> None:
+        """Its ``__init__`` raised (models that will not load): not a row's fault; after
+        ``max_start_failures`` in a row with nothing running, the stage is broken."""
+        self.start_failures += 1
+        self.last_error = cause
+        self.remove(r, CRASH)
+        if self.start_failures >= self.max_start_failures and self.n_running() == 0:
+            self.broken = (f"{self.name} workers cannot start ({self.start_failures} tries): {cause}")
+
+    def suspect(self, r: Replica) -> None:
+        """A call failed and the replica's fate is being found out: no new work meanwhile."""
+        if r.state == "running":
+            self._unbucket(r)
+        if r.state != "dead":
+            r.state = "suspect"
+
+    def revive(self, r: Replica) -> None:
+        if r.state == "suspect":
+            r.state = "running"
+            self._bucket(r, None)
+
+    def lost(self, r: Replica, why: str, cause: str = "") -> None:
+        """``r`` died: NODE (its node is gone: free) or CRASH (its process died on a live node)."""
+        if r.death is not None:
+            return
+        if why == NODE:
+            self.lost_to_nodes += 1
+        else:
+            self.crashes += 1
+            self.last_error = cause or self.last_error
+            if self.crashes > self.max_crashes:
+                self.broken = (f"{self.name} workers keep dying: {self.crashes} crashes in a row without a "
+                               f"finished batch (retries.max_actor_restarts = {self.max_crashes}); last: "
+                               f"{self.last_error}")
+        self.remove(r, why)
+
+    def remove(self, r: Replica, why: str) -> None:
+        if r.state == "running":
+            self._unbucket(r)
+        r.state, r.death = "dead", r.death or why
+        self.all.pop(r.seq, None)
+        self.kill(r.handle)
+
+    def on_success(self) -> None:
+        self.crashes = 0
+
+    def stop(self) -> None:
+        for r in list(self.all.values()):
+            self.remove(r, STOPPED)
+
+    # -- load ----------------------------------------------------------------------------------------------
+    def pick(self, solo: bool = False) -> Replica | None:
+        """The least loaded running replica with room; ``solo``: only an idle one."""
+        top = 1 if solo else self.limit
+        for load in range(top):
+            bucket = self._buckets[load]
+            if bucket:
+                return next(iter(bucket))
+        return None
+
+    def add_load(self, r: Replica, n: int) -> None:
+        old = r.load
+        r.load += n
+        if r.state == "running":
+            self._bucket(r, old)
+
+    def drop_load(self, r: Replica, n: int) -> None:
+        old = r.load
+        r.load = max(0, r.load - n)
+        if r.state == "running":
+            self._bucket(r, old)
+
+    def _bucket(self, r: Replica, old: int | None) -> None:
+        if old is not None and old < len(self._buckets):
+            self._buckets[old].pop(r, None)
+        if r.load < len(self._buckets):
+            self._buckets[r.load][r] = None
+
+    def _unbucket(self, r: Replica) -> None:
+        if r.load < len(self._buckets):
+            self._buckets[r.load].pop(r, None)
+
+    # -- placement -----------------------------------------------------------------------------------------
+    def placement_check(self, now: float, timeout: float, describe: Callable[[], str]) -> None:
+        """Track how long the stage has had no replica placed or running; past ``timeout``: broken."""
+        if any(r.state in ("running", "suspect") or r.placed for r in self.all.values()):
+            self.unplaced_since = None
+            return
+        if self.unplaced_since is None:
+            self.unplaced_since = now
+        elif now - self.unplaced_since > timeout and not self.broken:
+            self.broken = (f"no {self.name} replica could be placed in {timeout:.0f} s (resources.placement_timeout): "
+                           f"{describe()}")

@@ -1,0 +1,105 @@
+"""Simulated models (SPEC §7): ``models.prior: sim``, ``models.decoder: sim`` (inpaint rows included).
+
+For capacity planning and scale tests. Everything around the stage bodies is the real code path: Ray actors
+and their placement, batching, backpressure, retries, the object store between the stages, writers, the
+commit protocol, resume. Only the body of a stage call is a stand-in: it loads no weights, imports no torch,
+sleeps ``models.sim.<stage>_seconds_per_image`` per image, and returns data of the real shapes:
+
+* the prior: embedding pairs of the real width (768) drawn from the row's seed;
+* the decoder: checks that it was handed exactly those embeddings for each row (so the plumbing between
+  the stages is tested, not assumed), then returns images that are a deterministic function of
+  (seed, image_index, height, width): a smooth two-colour gradient, cheap to make and to encode.
+
+Records name the models ``sim``. The pixels mean nothing; use the tiny models (``kbatch models tiny``) to test
+what the pixels are.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .outputs import DecoderOutput, PriorOutput
+from .schema import Row
+
+EMBED_DIM = 768  # Kandinsky 2.1's CLIP image-embedding width
+_SIM_STATE = b"sim:"  # prefix of the stand-in "generator state": the seed as 8 bytes
+
+
+def sim_embeddings(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (image, negative) embedding pairs the simulated prior gives a row: a function of its seed."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, 1])
+    pair = rng.standard_normal((2, n, EMBED_DIM), dtype=np.float32)
+    return pair[0], pair[1]
+
+
+def sim_image(seed: int, image_index: int, height: int, width: int) -> np.ndarray:
+    """uint8 (height, width, 3): a gradient between two colours drawn from (seed, image_index)."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, 2, image_index])
+    c0, c1 = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    t = (0.5 * (x + y))[:, :, None]  # (h, w, 1): diagonal blend
+    return (c0 + (c1 - c0) * t).round().astype(np.uint8)
+
+
+def worker_label(kind: str = "sim") -> str:
+    """Where a stage body runs, like ``models.placement``: ``node:<id8>/gpu:<ids>(sim)/pid:<pid>``."""
+    node, gpus = "local", []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()[:8]
+            gpus = [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # pragma: no cover - outside Ray
+        pass
+    where = f"gpu:{','.join(gpus)}({kind})" if gpus else kind
+    return f"node:{node}/{where}/pid:{os.getpid()}"
+
+
+class SimPrior:
+    """Stands in for ``PriorPredictor``: same call, same output type."""
+
+    def __init__(self, seconds_per_image: float = 0.0, load_seconds: float = 0.0):
+        time.sleep(load_seconds)
+        self.seconds_per_image = seconds_per_image
+        self.worker = worker_label()
+
+    def __call__(self, rows: list[Row], inputs=None) -> list[PriorOutput]:
+        time.sleep(self.seconds_per_image * sum(r.num_images for r in rows))
+        out = []
+        for r in rows:
+            emb, neg = sim_embeddings(r.seed, r.num_images)
+            out.append(PriorOutput(r.id, emb, neg, _SIM_STATE + r.seed.to_bytes(8, "big"), self.worker))
+        return out
+
+
+class SimDecoder:
+    """Stands in for ``DecoderPredictor`` (every mode, inpaint included)."""
+
+    def __init__(self, seconds_per_image: float = 0.0, load_seconds: float = 0.0):
+        time.sleep(load_seconds)
+        self.seconds_per_image = seconds_per_image
+        self.worker = worker_label()
+
+    def __call__(self, rows: list[Row], priors: list[PriorOutput], inputs=None) -> list[DecoderOutput]:
+        t0 = time.perf_counter()
+        for r, p in zip(rows, priors):
+            _check_prior(r, p)
+        images = sum(r.num_images for r in rows)
+        time.sleep(self.seconds_per_image * images)
+        per_image = (time.perf_counter() - t0) / max(1, images)
+        return [DecoderOutput(r.id, np.stack([sim_image(r.seed, i, r.height, r.width) for i in range(r.num_images)]),
+                              p.prior_worker, self.worker, per_image, "sim") for r, p in zip(rows, priors)]
+
+
+def _check_prior(row: Row, prior: PriorOutput) -> None:
+    """The embeddings handed to the decoder for ``row`` are the ones the prior made for it."""
+    if prior.id != row.id:
+        raise ValueError(f"decoder got the embeddings of row {prior.id!r} for row {row.id!r}")
+    if prior.generator_state.startswith(_SIM_STATE):  # made by SimPrior: check the values too
+        emb, neg = sim_embeddings(row.seed, row.num_images)
+        if not (np.array_equal(prior.image_embeds, emb) and np.array_equal(prior.negative_image_embeds, neg)):
+            raise ValueError(f"row {row.id!r}: the embeddings the decoder got are not the ones the prior made")

@@ -1,0 +1,136 @@
+"""The stages of a run on the cluster it found: layout resolved, actor pools and tasks built.
+
+``build_stages`` is where a run meets Ray: it reads the alive nodes, makes the ``auto`` resources concrete
+(``kbatch.layout``), and builds one ``StagePool`` per actor stage (prior, decoder, writers) plus the CPU
+tasks (input loading; stored embeddings for ``stage: decoder``). Storage that lives in one process
+(``memory://``) is written and read in the driver; a local output path prefers the driver's node.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from .config import AUTO, ConfigError, JobConfig
+from .layout import auto_replicas, demand, expected_writers, resolve
+from .pool import NodeTable, StagePool
+
+log = logging.getLogger("kbatch")
+
+
+@dataclass
+class Stages:
+    cfg: JobConfig  # resolved for this cluster
+    layout: dict  # what the run got, for _job.json and the log
+    spec: object  # writer.OutputSpec
+    prior: StagePool | None
+    decoder: StagePool | None
+    writers: StagePool
+    loaders: tuple  # (task anywhere, task on the driver's node, in-driver stand-in)
+    stored_priors: object | None
+    describe: object  # pool -> "what it asks, what the cluster has"
+
+
+def _worker_config(cfg: JobConfig) -> JobConfig:
+    """The config the model actors get: model folders that exist here, and the fault-injection file, as
+    absolute paths (actors run in the directory Ray started in). The job's own config, its fingerprint and
+    the model names in the records keep what the user wrote."""
+    from .storage import absolute_if_exists, absolute_local
+
+    m, f = cfg.models, cfg.faults
+    folders = {k: absolute_if_exists(getattr(m, k)) for k in ("prior", "decoder", "inpaint")}
+    faults = dataclasses.replace(f, crash_decoder_once_file=absolute_local(f.crash_decoder_once_file),
+                                 crash_writer_once_file=absolute_local(f.crash_writer_once_file))
+    return dataclasses.replace(cfg, models=dataclasses.replace(m, **folders), faults=faults)
+
+
+def _driver_node(ray):
+    """Soft affinity to the driver's node: preferred, elsewhere when that node has no room or no CPUs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options, nodes: NodeTable,
+                 need_inpaint: bool, shapes: list) -> Stages:
+    from . import storage
+    from .workers import DriverWriter, InDriver, actor_classes, io_task, load_inputs, read_stored_priors
+    from .writer import OutputSpec
+
+    alive = list(nodes.alive.values())
+    gpus_in_cluster = sum(n.get("Resources", {}).get("GPU", 0.0) for n in alive)
+    if cfg.resources.device == "cuda" and not gpus_in_cluster:
+        raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
+    driver_node = ray.get_runtime_context().get_node_id()
+    rcfg = resolve(cfg, alive, driver_node)
+    r = rcfg.resources
+    in_driver = storage.process_local(output)  # memory://: the driver writes it, no writer actors
+    local_out = storage.node_local(output)
+    here = _driver_node(ray)
+    if local_out and len(alive) > 1:
+        log.warning("kbatch: output %s is a local path on a cluster of several nodes: writers prefer this "
+                    "node, but any that run elsewhere write to that node's disk unless the path is a shared "
+                    "mount; use object storage (s3://, gs://) or a shared filesystem", output)
+    PriorA, DecoderA, WriterA = actor_classes(rcfg, r.prior.gpus, r.decoder.gpus, here if local_out else None)
+    wcfg = _worker_config(rcfg)
+    n_writers = 1 if in_driver else expected_writers(rcfg, alive)
+
+    def target(stage: str):
+        return lambda: auto_replicas(rcfg, stage, list(nodes.alive.values()), n_writers)
+
+    def kill(handle):
+        if isinstance(handle, ray.actor.ActorHandle):
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    common = dict(run_id=run_id, max_crashes=rcfg.retries.max_actor_restarts, kill=kill)
+    decoder = prior = None
+    if cfg.stage != "prior":
+        s = r.decoder
+        decoder = StagePool("decoder", lambda slot: DecoderA.remote(wcfg, slot, need_inpaint, shapes),
+                            demand(rcfg, "decoder"), s.replicas, limit=r.max_in_flight + s.concurrency - 1,
+                            target_fn=target("decoder") if s.replicas == AUTO else None, **common)
+    if cfg.stage == "prior" or (cfg.stage == "all" and not rcfg.colocated):
+        s = r.prior
+        prior = StagePool("prior", lambda slot: PriorA.remote(wcfg, slot), demand(rcfg, "prior"), s.replicas,
+                          limit=r.max_in_flight + s.concurrency - 1,
+                          target_fn=target("prior") if s.replicas == AUTO else None, **common)
+    elif rcfg.colocated:
+        prior = decoder  # the decoder processes run the prior too
+    if in_driver:
+        writers = StagePool("writer", lambda slot: DriverWriter(), {}, 1, limit=r.pending_writes, **common)
+    else:
+        writers = StagePool("writer", lambda slot: WriterA.remote(slot, wcfg.faults), demand(rcfg, "writer"),
+                            r.writers or AUTO, limit=r.pending_writes,
+                            target_fn=lambda: expected_writers(rcfg, list(nodes.alive.values())), **common)
+    loaders = (io_task(load_inputs, rcfg), io_task(load_inputs, rcfg, scheduling_strategy=here),
+               InDriver(load_inputs, num_returns=2))
+    stored = None
+    if cfg.stage == "decoder":  # embeddings in memory:// are this process's: read them here
+        stored = (InDriver(read_stored_priors, num_returns=2) if storage.process_local(cfg.manifest)
+                  else io_task(read_stored_priors, rcfg))
+    spec = OutputSpec(root=output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
+                      image_format=cfg.output.image_format, quality=cfg.output.quality,
+                      storage_options=storage_options)
+    layout = {"colocate": rcfg.colocated, "device": r.device,
+              "prior": None if cfg.stage == "decoder" else dataclasses.asdict(r.prior),
+              "decoder": None if cfg.stage == "prior" else dataclasses.asdict(r.decoder),
+              "writers": "in driver" if in_driver else (r.writers or "auto"),
+              "nodes": len(alive), "cluster": {k: v for k, v in nodes.totals().items() if k in ("CPU", "GPU")}}
+    log.info("kbatch: layout %s", layout)
+
+    def describe(pool: StagePool) -> str:
+        try:
+            free = ray.available_resources()
+        except Exception:  # noqa: BLE001
+            free = {}
+        totals = nodes.totals()
+        have = ", ".join(f"{k} {totals.get(k, 0.0):g} ({free.get(k, 0.0):g} free)" for k in ("GPU", "CPU"))
+        asked = {k: v for k, v in pool.demand.items() if v}
+        n = pool.replicas if pool.replicas != AUTO else "auto"
+        return (f"resources.{pool.name} asks {n} replica(s) of {asked}; the cluster has {have} "
+                f"on {len(nodes.alive)} alive node(s)")
+
+    return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe)

@@ -1,0 +1,148 @@
+"""Layouts, bounds and stage pools as plain functions: what `auto` becomes on a cluster, and the policies
+the driver asks before it adds work (no Ray needed)."""
+import pytest
+
+from kbatch.bounds import Bounds
+from kbatch.config import ConfigError, from_dict
+from kbatch.layout import auto_replicas, expected_writers, resolve
+from kbatch.pool import CRASH, NODE, StagePool
+
+
+def node(cpu, gpu=0.0, nid="n1"):
+    res = {"CPU": float(cpu)}
+    if gpu:
+        res["GPU"] = float(gpu)
+    return {"NodeID": nid, "Alive": True, "Resources": res}
+
+
+def test_cpu_machine_gets_the_colocated_lanes_layout_without_a_resources_section():
+    """configs/cpu.yaml's layout (one process for both stages, a lane per core, one torch thread each) is
+    what a config without `resources:` gets on a 2-CPU machine."""
+    cfg = resolve(from_dict({}), [node(2)], "n1")
+    r = cfg.resources
+    assert cfg.colocated and r.decoder.gpus == 0 and r.prior.gpus == 0
+    assert (r.decoder.cpus, r.decoder.concurrency, r.decoder.threads) == (1.5, 2, 1)
+    assert auto_replicas(cfg, "decoder", [node(2)], writers=1) == 1
+    assert auto_replicas(cfg, "decoder", [node(2, nid="a"), node(2, nid="b")], writers=1) == 2  # one per node
+    big = resolve(from_dict({}), [node(16)], "n1").resources.decoder
+    assert big.concurrency == 4 and big.threads == 3  # lanes capped at 4
+
+
+def test_explicit_values_win_and_gpu_cluster_layout():
+    cfg = resolve(from_dict({"resources": {"colocate": False, "decoder": {"concurrency": 1, "cpus": 0.5}}}),
+                  [node(2)], "n1")
+    assert not cfg.colocated and cfg.resources.decoder.concurrency == 1 and cfg.resources.decoder.cpus == 0.5
+    gpu = [node(16, 8, "g1")]
+    cfg = resolve(from_dict({}), gpu, "g1")
+    r = cfg.resources
+    assert not cfg.colocated and r.decoder.gpus == 1 and r.decoder.concurrency == 1 and r.decoder.cpus == 0.5
+    # prior: 1 GPU, fixed; decoders: the 7 GPUs left
+    assert auto_replicas(cfg, "decoder", gpu, writers=2) == 7
+    two = [node(2, 1, "a"), node(2, 1, "b")]
+    assert auto_replicas(resolve(from_dict({}), two, "a"), "decoder", two, writers=1) == 1
+    assert expected_writers(cfg, gpu) == 2  # one per 4 decoders
+    capped = resolve(from_dict({"resources": {"decoder": {"max_replicas": 3}}}), gpu, "g1")
+    assert auto_replicas(capped, "decoder", gpu, writers=1) == 3
+    # fractions share a card: prior 0.2 + decoder 0.8 on one GPU
+    one = [node(4, 1)]
+    frac = resolve(from_dict({"resources": {"prior": {"gpus": 0.2}, "decoder": {"gpus": 0.8}}}), one, "n1")
+    assert auto_replicas(frac, "decoder", one, writers=1) == 1
+
+
+def test_gpus_above_one_are_refused():
+    with pytest.raises(ConfigError, match=r"resources.decoder.gpus.*one GPU"):
+        from_dict({"resources": {"decoder": {"gpus": 2}}})
+    with pytest.raises(ConfigError, match="resources.decoder.replicas"):
+        from_dict({"resources": {"decoder": {"replicas": "many"}}})
+
+
+def test_bounds():
+    b = Bounds(from_dict({"resources": {"plan_window": 10, "load_ahead": 2, "prior_ahead": 2,
+                                        "pending_writes": 2, "decoder": {"batch_size": 4}}}).resources)
+    assert b.plan(19) and not b.plan(20)
+    assert b.load(1, 0, 1) and not b.load(1, 1, 1) and b.load(3, 0, 2)
+    # the prior may run 2 decoder batches (of 4 images) ahead per decoder replica
+    assert b.prior_limit(3) == 24 and b.prior(20, 4, 3) and not b.prior(21, 4, 3)
+    assert b.prior(0, 100, 1)  # one batch always goes when nothing is ahead
+    assert b.write(3, 2) and not b.write(4, 2)
+    assert b.decode(4, 2, 3, 4) and not b.decode(4, 2, 4, 4)
+
+
+class Handle:
+    def __init__(self, slot):
+        self.slot = slot
+
+
+def _pool(replicas=2, target=None, **kw):
+    return StagePool("decoder", Handle, {"GPU": 1}, replicas, limit=2, run_id="r", target_fn=target, **kw)
+
+
+def test_pool_gives_work_only_to_running_replicas_least_loaded_first():
+    p = _pool()
+    a, b = p.scale()
+    assert p.pick() is None  # pending replicas get nothing
+    p.on_ready(a, {"node": "n1"})
+    assert p.pick() is a
+    p.add_load(a, 1)
+    p.on_ready(b, {"node": "n2"})
+    assert p.pick() is b  # least loaded
+    p.add_load(b, 1)
+    assert p.pick(solo=True) is None  # a solo batch needs an idle replica
+    p.add_load(a, 1)
+    p.add_load(b, 1)
+    assert p.pick() is None  # both full (limit 2)
+    p.drop_load(b, 2)
+    assert p.pick(solo=True) is b
+
+
+def test_pool_node_loss_is_free_and_crashes_are_bounded():
+    p = _pool(replicas=1, max_crashes=2)
+    (a,) = p.scale()
+    p.on_ready(a, {"node": "n1"})
+    p.lost(a, NODE)
+    assert p.crashes == 0 and p.lost_to_nodes == 1 and not p.broken
+    (b,) = p.scale()  # replaced
+    p.on_ready(b, {"node": "n2"})
+    for _ in range(2):
+        p.lost(b, CRASH, "boom")
+        (b,) = p.scale()
+        p.on_ready(b, {"node": "n2"})
+    assert not p.broken
+    p.on_success()  # a finished batch resets the streak
+    for _ in range(3):
+        p.lost(b, CRASH, "boom")
+        (b,) = p.scale() or (b,)
+    assert p.broken and "keep dying" in p.broken
+
+
+def test_pool_auto_follows_the_cluster_and_start_failures_stop_it():
+    size = {"n": 1}
+    p = _pool("auto", target=lambda: size["n"])
+    assert len(p.scale()) == 1
+    size["n"] = 3
+    assert len(p.scale()) == 2  # nodes joined: grow
+    size["n"] = 1
+    p.scale()
+    assert len(p.all) == 1  # nodes left: pending extras dropped
+    q = _pool(replicas=2, max_start_failures=2)
+    r1, _ = q.scale()
+    q.start_failed(r1, "bad weights")
+    assert q.scale() == []  # one replica still pending: no new attempts while starts fail
+    q.start_failed(next(iter(q.all.values())), "bad weights")
+    assert q.broken and "cannot start" in q.broken and "bad weights" in q.broken
+
+
+def test_pool_placement_timeout_names_ask_and_cluster():
+    p = _pool(replicas=1)
+    (a,) = p.scale()
+    p.placement_check(0.0, 10, lambda: "asks GPU 1; cluster has GPU 0")
+    p.placement_check(5.0, 10, lambda: "x")
+    assert not p.broken
+    p.placement_check(11.0, 10, lambda: "asks GPU 1; cluster has GPU 0")
+    assert "could be placed in 10 s" in p.broken and "cluster has GPU 0" in p.broken
+    q = _pool(replicas=1)
+    (b,) = q.scale()
+    q.placement_check(0.0, 10, str)
+    q.on_placed(b, "n1")  # placed, still loading its models: not a placement problem
+    q.placement_check(100.0, 10, str)
+    assert not q.broken
