@@ -41,8 +41,8 @@ class Bounds:
         return ahead_images == 0 or ahead_images + batch_images <= self.prior_limit(decoder_replicas)
 
     def write(self, pending: int, writers: int) -> bool:
-        """Queue another shard at the writers?"""
-        return pending < self.res.pending_writes * max(1, writers)
+        """Queue another shard at the writers? (``writers``: those running: none yet, no room.)"""
+        return pending < self.res.pending_writes * writers
 
     def decode(self, pending_writes: int, writers: int, buffered_rows: int, rows_per_shard: int) -> bool:
         """Start a decoder batch? Not while the writers are full and a whole shard already waits for them."""

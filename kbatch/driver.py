@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from .bounds import Bounds
 from .config import JobConfig
-from .planner import Planner, Window, base_record, chunk, error_record, images, sort_key
+from .planner import Planner, Window, chunk, images, sort_key
 from .pool import CRASH, NODE, NodeTable, Replica, StagePool
-from .schema import Row
+from .schema import Row, base_record, error_record, record_template
 from .shards import Entry, Shard, ShardBuffer, write_call
 
 log = logging.getLogger("kbatch")
@@ -96,6 +96,7 @@ class Driver:
         self.stored_priors = stored_priors  # stage decoder: the task reading stored embeddings
         self.nodes, self.describe_cluster, self.on_tick = nodes, describe_cluster, on_tick
         self.bounds = Bounds(cfg.resources)
+        self.template = record_template(cfg, run_id)  # what every record of the run shares
         self.colocated = prior is not None and prior is decoder
         self.prior_method = "run_prior" if self.colocated else "run"
         # queues (each bounded: kbatch.bounds)
@@ -109,6 +110,7 @@ class Driver:
         self.before_prior = 0  # all planned rows not past the prior (the plan bound)
         self.buffer = ShardBuffer(run_id, cfg.output.rows_per_shard)
         self.to_write: deque[Shard] = deque()  # shards taken from the buffer (or resent) not yet at a writer
+        self._due = False  # the buffer waited FLUSH_SECONDS: write it even if not full
         self.inflight: dict = {}  # ref -> Call
         self.counts = defaultdict(int)  # loading, prior_images, pending_writes
         self.seq = 0
@@ -167,6 +169,7 @@ class Driver:
         h["loading"] = max(h["loading"], self.counts["loading"])
         h["pending_writes"] = max(h["pending_writes"], self.counts["pending_writes"])
         h["shard_buffer"] = max(h["shard_buffer"], self.buffer.rows)
+        h["shards_waiting"] = max(h["shards_waiting"], len(self.to_write))
 
     def _pools(self) -> list[StagePool]:
         out = []
@@ -205,8 +208,8 @@ class Driver:
                 self._track_ready(pool, r)
             if pool.broken:
                 raise StageFailed(pool.broken)
-        if self.buffer.due(now):
-            self._flush()
+        if self.buffer.due(now):  # rows_per_shard, or FLUSH_SECONDS after its first row
+            self._due = True
         if self.on_tick is not None:
             self.on_tick(self)
 
@@ -306,8 +309,8 @@ class Driver:
         return self.counts["prior_images"] + sum(self.waiting_images.values()) + sum(u.images for u in self.decoder_q)
 
     def _can_decode(self) -> bool:
-        return self.bounds.decode(self.counts["pending_writes"], self._n(self.writers), self.buffer.rows,
-                                  self.cfg.output.rows_per_shard)
+        return self.bounds.decode(self.counts["pending_writes"] + len(self.to_write), self._n(self.writers),
+                                  self.buffer.rows, self.cfg.output.rows_per_shard)
 
     def _dispatch_loads(self) -> None:
         while self.planned:
@@ -386,12 +389,19 @@ class Driver:
         self.dirty.clear()
 
     def _dispatch_writes(self) -> None:
-        if self.buffer.rows >= self.buffer.rows_per_shard or (self.buffer.rows and self._drained()):
-            self._flush()
-        while self.to_write and self.bounds.write(self.counts["pending_writes"], self._n(self.writers)):
+        """Shards go to writers with room: those sent again first (their writer died), then the buffer, when
+        it is full or nothing else can add to it. The buffer is the queue the decode bound watches: while
+        the writers are full it grows to a shard, and the decoders pause."""
+        buffer = self.buffer
+        while self.bounds.write(self.counts["pending_writes"], self._n(self.writers)):
+            if not self.to_write:
+                if not (buffer.rows >= buffer.rows_per_shard or (buffer.rows and (self._drained() or self._due))):
+                    return
+                self.to_write.append(buffer.take())
+                self._due = False
             r = self.writers.pick()
             if r is None:
-                break
+                return
             self._submit_write(r, self.to_write.popleft())
 
     def _drained(self) -> bool:
@@ -400,17 +410,8 @@ class Driver:
                 and not any(self.waiting.values())
                 and not any(c.kind in ("load", "prior", "decoder") for c in self.inflight.values()))
 
-    def _flush(self) -> None:
-        if self.buffer.rows:
-            self.to_write.append(self.buffer.take())
-        while self.to_write and self.bounds.write(self.counts["pending_writes"], self._n(self.writers)):
-            r = self.writers.pick()
-            if r is None:
-                break
-            self._submit_write(r, self.to_write.popleft())
-
     def _submit_write(self, r: Replica, shard: Shard) -> None:
-        ref = write_call(r.handle, shard, self.spec, self.cfg, self.run_id)
+        ref = write_call(r.handle, shard, self.spec, self.cfg, self.template)
         self.writers.add_load(r, 1)
         self.counts["pending_writes"] += 1
         self.inflight[ref] = Call("write", None, r, self.writers, shard=shard)
@@ -671,7 +672,7 @@ class Driver:
     def _fail(self, row: Row, message: str, before_decoder: bool = False) -> None:
         if before_decoder:
             self._past_prior(row)
-        self._fail_record(error_record(base_record(row, self.cfg, self.run_id), message))
+        self._fail_record(error_record(base_record(row, self.template), message))
 
     def _fail_record(self, rec: dict) -> None:
         self.failed_by_reason[_reason(rec["error"])] += 1

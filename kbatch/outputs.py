@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .schema import Row
+
 
 @dataclass
 class PriorOutput:
@@ -24,3 +26,4 @@ class DecoderOutput:
     decoder_worker: str
     seconds: float  # wall seconds of the batch, per image
     dtype: str = ""  # the dtype the decoder really ran in (float16 falls back to float32 on CPU)
+    row: Row | None = None  # the request (set by the worker): the writer makes the record from it

@@ -7,8 +7,6 @@ global sort (memory: one window, whatever the manifest). Invalid rows become err
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -18,7 +16,7 @@ import pyarrow as pa
 from .config import JobConfig
 from .index import BADID, DUP, NEW, RETRY, Scan
 from .manifest import ManifestSource
-from .schema import Row, input_ref
+from .schema import Row, error_record
 from .validate import RowError, synthetic_id, validate_record
 
 _TO_READ = np.array([NEW, RETRY, DUP, BADID], dtype=np.uint8)
@@ -51,27 +49,6 @@ def chunk(rows: list[Row], key, max_images: int) -> list[list[Row]]:
 def sort_key(r: Row) -> tuple:
     """Group rows that can share forward passes: decoder key first (the expensive stage), then prior key."""
     return (repr(r.decoder_key()), repr(r.prior_key()))
-
-
-def base_record(row: Row, cfg: JobConfig, run_id: str) -> dict:
-    m = cfg.models
-    return {
-        "id": row.id, "mode": row.mode, "prompt": row.prompt, "negative_prompt": row.negative_prompt,
-        "seed": row.seed, "num_images": row.num_images, "height": row.height, "width": row.width,
-        "num_inference_steps": row.num_inference_steps, "guidance_scale": row.guidance_scale,
-        "prior_num_inference_steps": row.prior_num_inference_steps,
-        "prior_guidance_scale": row.prior_guidance_scale, "strength": row.strength,
-        "init_image": input_ref(row.init_image), "mask": input_ref(row.mask),
-        "mix": json.dumps([{k: (input_ref(v) if k == "image" else v) for k, v in dataclasses.asdict(it).items()
-                            if v is not None} for it in row.mix]) if row.mix else None,
-        "scheduler": m.scheduler, "prior_scheduler": m.prior_scheduler, "dtype": m.dtype,
-        "model_prior": m.prior, "model_decoder": m.inpaint if row.mode == "inpaint" else m.decoder,
-        "row_hash": row.row_hash, "run_id": run_id,
-    }
-
-
-def error_record(base: dict, message: str) -> dict:
-    return {**base, "image_index": -1, "status": "error", "error": message}
 
 
 def invalid_record(err: RowError, cells: dict, run_id: str) -> dict:

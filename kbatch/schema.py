@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -73,10 +73,16 @@ class Row:
         return ("inpaint" if self.mode == "inpaint" else "base", self.height, self.width, self.guidance_scale > 1)
 
     def fingerprint(self) -> str:
-        d = asdict(self)
-        d.pop("row_hash")
+        """sha256 of every field but ``row_hash`` (the same JSON as ``dataclasses.asdict`` gives, built
+        without its deep copies: this runs once per manifest row)."""
+        d = {name: getattr(self, name) for name in _ROW_FIELDS}
+        d["mix"] = [{"weight": it.weight, "prompt": it.prompt, "image": it.image, "image_uri": it.image_uri}
+                    for it in self.mix]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=_jsonable).encode()).hexdigest()[:16]
 
+
+
+_ROW_FIELDS = [f for f in Row.__dataclass_fields__ if f != "row_hash"]
 
 
 def raw_fingerprint(cells: dict) -> str:
@@ -97,6 +103,40 @@ def input_ref(v: bytes | str | None) -> str | None:
     if v is None:
         return None
     return _jsonable(v) if isinstance(v, bytes) else v
+
+
+def record_template(cfg, run_id: str) -> dict:
+    """What every record of a run shares (models, schedulers, dtype, run id): sent to a writer once per shard;
+    the writer makes each row's record from it (``base_record``)."""
+    m = cfg.models
+    return {"scheduler": m.scheduler, "prior_scheduler": m.prior_scheduler, "dtype": m.dtype,
+            "model_prior": m.prior, "model_decoder": m.decoder, "model_inpaint": m.inpaint, "run_id": run_id}
+
+
+def base_record(row: Row, template: dict) -> dict:
+    """The metadata of a row (without image fields): its request as run, and the run's ``template``."""
+    mix = None
+    if row.mix:
+        mix = json.dumps([{k: (input_ref(v) if k == "image" else v) for k, v in
+                           (("weight", it.weight), ("prompt", it.prompt), ("image", it.image),
+                            ("image_uri", it.image_uri)) if v is not None} for it in row.mix])
+    t = template
+    return {
+        "id": row.id, "mode": row.mode, "prompt": row.prompt, "negative_prompt": row.negative_prompt,
+        "seed": row.seed, "num_images": row.num_images, "height": row.height, "width": row.width,
+        "num_inference_steps": row.num_inference_steps, "guidance_scale": row.guidance_scale,
+        "prior_num_inference_steps": row.prior_num_inference_steps,
+        "prior_guidance_scale": row.prior_guidance_scale, "strength": row.strength,
+        "init_image": input_ref(row.init_image), "mask": input_ref(row.mask), "mix": mix,
+        "scheduler": t["scheduler"], "prior_scheduler": t["prior_scheduler"], "dtype": t["dtype"],
+        "model_prior": t["model_prior"],
+        "model_decoder": t["model_inpaint"] if row.mode == "inpaint" else t["model_decoder"],
+        "row_hash": row.row_hash, "run_id": t["run_id"],
+    }
+
+
+def error_record(base: dict, message: str) -> dict:
+    return {**base, "image_index": -1, "status": "error", "error": message}
 
 
 def derive_seed(job_seed: int, row_id: str) -> int:

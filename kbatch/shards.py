@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import JobConfig
-from .planner import base_record
-from .schema import Row
+from .schema import Row, base_record
 
 FLUSH_SECONDS = 60  # a shard is written at rows_per_shard rows or after this long, whichever comes first
 
@@ -89,12 +88,14 @@ class ShardBuffer:
         return [r for e in lost for r in e.rows]
 
 
-def write_call(writer, shard: Shard, spec, cfg: JobConfig, run_id: str):
-    """Submit ``shard`` to ``writer`` (an actor handle or the in-driver writer); returns the stats ref."""
+def write_call(writer, shard: Shard, spec, cfg: JobConfig, template: dict):
+    """Submit ``shard`` to ``writer`` (an actor handle or the in-driver writer); returns the stats ref. The
+    images travel as refs and each row's record is made by the writer from the row that comes with them:
+    the call itself stays small (a large argument would be copied into the object store by the driver)."""
     spec = dataclasses.replace(spec, fail_after_data=cfg.faults.fail_write_shard == shard.seq)
-    bases = {r.id: base_record(r, cfg, run_id) for e in shard.entries for r in e.rows}
     payloads = [e.payload for e in shard.entries]
-    if cfg.stage == "prior":
+    if cfg.stage == "prior":  # prior outputs carry no row: the records and manifest cells go along
+        bases = {r.id: base_record(r, template) for e in shard.entries for r in e.rows}
         cells = {k: v for e in shard.entries for k, v in e.extra.items()}
         return writer.write_embeddings.remote(spec, shard.name, bases, cells, shard.errors, *payloads)
-    return writer.write.remote(spec, shard.name, bases, shard.errors, *payloads)
+    return writer.write.remote(spec, shard.name, template, shard.errors, *payloads)

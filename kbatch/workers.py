@@ -19,7 +19,7 @@ import ray
 
 from .config import SIM, JobConfig
 from .outputs import DecoderOutput, PriorOutput
-from .schema import Row, record_key
+from .schema import Row, base_record, record_key
 
 KV_NAMESPACE = "kbatch"
 
@@ -205,6 +205,8 @@ class DecoderWorker:
             priors = {p.id: p for payload in payloads[:n_priors] for p in payload}
             inputs = _merge(payloads[n_priors:])
             out = self.predictor(rows, [priors[r.id] for r in rows], [inputs.get(r.id) for r in rows])
+            for o, r in zip(out, rows):  # the writer makes each record from its row
+                o.row = r
             with self.running.lock:  # lanes: report it once
                 warmup, self.warmup = self.warmup, 0.0
             return Status(time.perf_counter() - t0, _memory(), warmup), out
@@ -240,10 +242,10 @@ class WriterWorker:
         return {"worker": f"node:{_node_id()[:8]}/pid:{os.getpid()}", "node": _node_id()}
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
-    def write(self, spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
+    def write(self, spec, shard: str, template: dict, error_records: list[dict], *payloads):
         if self.faults is not None and self.faults.crash_writer_once_file:
             maybe_crash(self.faults, once_file=self.faults.crash_writer_once_file)
-        return write_shard(_as_writer(spec), shard, ok_bases, error_records, *payloads)
+        return write_shard(_as_writer(spec), shard, template, error_records, *payloads)
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
     def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, error_records, *payloads):
@@ -282,16 +284,15 @@ def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=No
     return Status(time.perf_counter() - t0, {}), out
 
 
-def write_shard(spec, shard: str, ok_bases: dict[str, dict], error_records: list[dict], *payloads):
-    """Flatten decoder outputs into one record per image, encode and commit one shard."""
+def write_shard(spec, shard: str, template: dict, error_records: list[dict], *payloads):
+    """Flatten decoder outputs into one record per image, encode and commit one shard. ``template``: what
+    every record of the run shares (``schema.record_template``); each row's part comes with its images."""
     from .writer import write_shard as _write
 
     records, images = [], []
     for payload in payloads:
         for out in payload:  # DecoderOutput
-            base = ok_bases.get(out.id)
-            if base is None:  # a row of this batch that the driver moved elsewhere (e.g. redone after a loss)
-                continue
+            base = base_record(out.row, template)
             for i, img in enumerate(out.images):
                 records.append({**base, "image_index": i, "status": "ok", "error": None,
                                 "key": record_key(out.id, i), "prior_worker": out.prior_worker,

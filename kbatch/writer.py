@@ -161,7 +161,17 @@ def normalize_record(rec: dict) -> dict:
 
 
 def records_table(records: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([normalize_record(r) for r in records], schema=RECORD_SCHEMA)
+    """RECORD_SCHEMA table of ``records``: column by column (Arrow converts plain values itself); a column
+    holding values Arrow cannot take as they are (numpy scalars, dicts, bytes for strings) is coerced value
+    by value (``normalize_record``'s rules)."""
+    arrays = []
+    for f in RECORD_SCHEMA:
+        values = [r.get(f.name) for r in records]
+        try:
+            arrays.append(pa.array(values, type=f.type))
+        except (pa.ArrowException, TypeError, ValueError):
+            arrays.append(pa.array([_coerce(v, f.type) for v in values], type=f.type))
+    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
 
 
 def _parquet_bytes(table: pa.Table, **kw) -> bytes:
@@ -250,11 +260,13 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
         seen.add(key)
         rec["shard"] = shard
 
-    # 2. encode (CPU); PNG/WebP encoders release the GIL, so threads help on multi-CPU tasks
+    # 2. encode (CPU); PNG/WebP encoders release the GIL, so threads help on multi-CPU tasks, for images
+    #    large enough that the encoding outweighs a thread hand-off
     def _enc(i: int) -> bytes:
         return encode_image(images[i], spec.image_format, spec.quality)
 
-    if len(ok_idx) > 1:
+    big = bool(ok_idx) and np.asarray(images[ok_idx[0]]).size > 128 * 128 * 3
+    if len(ok_idx) > 1 and big:
         with cf.ThreadPoolExecutor(max_workers=min(4, len(ok_idx))) as ex:
             encoded = dict(zip(ok_idx, ex.map(_enc, ok_idx)))
     else:
@@ -296,7 +308,7 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
         nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), _tar_bytes(members, t0))
         files.append(rel)
     else:
-        table = records_table([records[i] for i in ok_idx])
+        table = records_table(records).take(pa.array(ok_idx, pa.int64()))
         table = table.append_column(pa.field("image", pa.binary()),
                                     pa.array([encoded[i] for i in ok_idx], type=pa.binary()))
         compression = {name: "zstd" for name in RECORD_FIELDS}

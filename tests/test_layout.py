@@ -64,7 +64,7 @@ def test_bounds():
     # the prior may run 2 decoder batches (of 4 images) ahead per decoder replica
     assert b.prior_limit(3) == 24 and b.prior(20, 4, 3) and not b.prior(21, 4, 3)
     assert b.prior(0, 100, 1)  # one batch always goes when nothing is ahead
-    assert b.write(3, 2) and not b.write(4, 2)
+    assert b.write(3, 2) and not b.write(4, 2) and not b.write(0, 0)  # no writer running yet: no room
     assert b.decode(4, 2, 3, 4) and not b.decode(4, 2, 4, 4)
 
 
