@@ -58,6 +58,27 @@ class Unit:
         return images(self.rows)
 
 
+class UnitQueue(deque):
+    """A deque of units that keeps the count of their images (the bounds read it on every dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def append(self, unit: Unit) -> None:
+        super().append(unit)
+        self.images += unit.images
+
+    def appendleft(self, unit: Unit) -> None:
+        super().appendleft(unit)
+        self.images += unit.images
+
+    def popleft(self) -> Unit:
+        unit = super().popleft()
+        self.images -= unit.images
+        return unit
+
+
 @dataclass
 class Call:
     kind: str  # ready | probe | load | prior | decoder | write
@@ -105,13 +126,14 @@ class Driver:
         self.waiting: dict[tuple, deque] = defaultdict(deque)  # decoder key -> (row, prior ref, input refs, node)
         self.waiting_images: dict[tuple, int] = defaultdict(int)
         self.dirty: set[tuple] = set()  # decoder keys whose waiting rows changed
-        self.decoder_q: deque[Unit] = deque()
+        self.decoder_q = UnitQueue()
         self.before_decoder: dict[tuple, int] = defaultdict(int)  # decoder key -> planned rows not past the prior
         self.before_prior = 0  # all planned rows not past the prior (the plan bound)
         self.buffer = ShardBuffer(run_id, cfg.output.rows_per_shard)
         self.to_write: deque[Shard] = deque()  # shards taken from the buffer (or resent) not yet at a writer
         self._due = False  # the buffer waited FLUSH_SECONDS: write it even if not full
         self.inflight: dict = {}  # ref -> Call
+        self.kinds: dict[str, int] = defaultdict(int)  # calls in flight by kind
         self.counts = defaultdict(int)  # loading, prior_images, pending_writes
         self.seq = 0
         # results
@@ -179,7 +201,7 @@ class Driver:
         return out
 
     def _done(self) -> bool:
-        busy = any(c.kind not in ("ready", "probe") for c in self.inflight.values())
+        busy = any(self.kinds[k] for k in ("load", "prior", "decoder", "write"))
         if busy or self.planned or self.loaded or self.decoder_q or self.to_write or not self.planner.exhausted:
             return False
         if any(self.waiting.values()):
@@ -220,7 +242,7 @@ class Driver:
         if pool is self.decoder:
             return True
         return bool(self.planned or self.loaded or not self.planner.exhausted
-                    or any(c.kind == "prior" for c in self.inflight.values()))
+                    or self.kinds["prior"] > 0)
 
     def _node_lost(self, node: str) -> None:
         log.warning("kbatch: node %s left the cluster; its work is redone elsewhere", node[:8])
@@ -306,7 +328,7 @@ class Driver:
         return pool.n_running() if pool is not None else 0
 
     def _ahead(self) -> int:
-        return self.counts["prior_images"] + sum(self.waiting_images.values()) + sum(u.images for u in self.decoder_q)
+        return self.counts["prior_images"] + sum(self.waiting_images.values()) + self.decoder_q.images
 
     def _can_decode(self) -> bool:
         return self.bounds.decode(self.counts["pending_writes"] + len(self.to_write), self._n(self.writers),
@@ -331,7 +353,7 @@ class Driver:
             err_ref, inputs_ref = task.remote(needy, self.cfg.limits, self.spec.storage_options)
             unit.inputs = [inputs_ref]
             self.counts["loading"] += 1
-            self.inflight[err_ref] = Call("load", unit, payload=inputs_ref)
+            self._track(err_ref, Call("load", unit, payload=inputs_ref))
 
     def _token(self, unit: Unit) -> str:
         self.seq += 1
@@ -342,7 +364,7 @@ class Driver:
         status_ref, payload_ref = refs
         unit.weight = r.limit if unit.solo else 1
         pool.add_load(r, unit.weight)
-        self.inflight[status_ref] = Call(kind, unit, r, pool, payload=payload_ref)
+        self._track(status_ref, Call(kind, unit, r, pool, payload=payload_ref))
 
     def _submit_prior(self, r: Replica, unit: Unit) -> None:
         refs = getattr(r.handle, self.prior_method).remote(self._token(unit), unit.rows, *unit.inputs)
@@ -353,7 +375,7 @@ class Driver:
         locations = [unit.extra[r.id] for r in unit.rows]
         status_ref, payload_ref = self.stored_priors.remote(locations, self.spec.storage_options)
         self.counts["prior_images"] += unit.images
-        self.inflight[status_ref] = Call("prior", unit, payload=payload_ref)
+        self._track(status_ref, Call("prior", unit, payload=payload_ref))
 
     def _submit_decoder(self, r: Replica, unit: Unit) -> None:
         refs = r.handle.run.remote(self._token(unit), unit.rows, len(unit.priors), *unit.priors, *unit.inputs)
@@ -408,21 +430,26 @@ class Driver:
         """Nothing else can add to the shard buffer: write what is there now."""
         return (self.planner.exhausted and not self.planned and not self.loaded and not self.decoder_q
                 and not any(self.waiting.values())
-                and not any(c.kind in ("load", "prior", "decoder") for c in self.inflight.values()))
+                and not any(self.kinds[k] for k in ("load", "prior", "decoder")))
 
     def _submit_write(self, r: Replica, shard: Shard) -> None:
         ref = write_call(r.handle, shard, self.spec, self.cfg, self.template)
         self.writers.add_load(r, 1)
         self.counts["pending_writes"] += 1
-        self.inflight[ref] = Call("write", None, r, self.writers, shard=shard)
+        self._track(ref, Call("write", None, r, self.writers, shard=shard))
+
+    def _track(self, ref, call: Call) -> None:
+        self.inflight[ref] = call
+        self.kinds[call.kind] += 1
 
     def _track_ready(self, pool: StagePool, r: Replica) -> None:
-        self.inflight[r.handle.ready.remote()] = Call("ready", None, r, pool)
+        self._track(r.handle.ready.remote(), Call("ready", None, r, pool))
 
     # ======================================================================================= completion
     def _complete(self, ref) -> None:
         ray = self.ray
         call = self.inflight.pop(ref)
+        self.kinds[call.kind] -= 1
         self._release(call)
         try:
             value = ray.get(ref)
@@ -545,7 +572,7 @@ class Driver:
 
     def _probe(self, pool: StagePool, r: Replica) -> None:
         r.probing = True
-        self.inflight[r.handle.ready.remote()] = Call("probe", None, r, pool)
+        self._track(r.handle.ready.remote(), Call("probe", None, r, pool))
 
     def _death(self, pool: StagePool, r: Replica, e) -> None:
         """``r`` is dead: why? Its node is gone (the node table, or Ray's own death cause), or its process
