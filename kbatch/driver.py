@@ -223,7 +223,8 @@ class Driver:
                     if node:
                         pool.on_placed(r, node)
             if self._needs(pool):
-                pool.placement_check(now, self.cfg.resources.placement_timeout, lambda p=pool: self.describe_cluster(p))
+                pool.placement_check(now, self.cfg.resources.placement_timeout, lambda p=pool: self.describe_cluster(p),
+                                     self.nodes.room_for)
             else:
                 pool.unplaced_since = None
             for r in pool.scale(now):

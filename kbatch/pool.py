@@ -52,6 +52,8 @@ class NodeTable:
         self.alive: dict[str, dict] = {}  # node id -> its entry (Resources, NodeManagerAddress, ...)
         self.dead: set[str] = set()
         self.at = -math.inf
+        self._free: dict[str, dict] = {}  # node id -> free resources (room_for)
+        self._free_at = -math.inf
 
     def refresh(self, force: bool = False) -> set[str]:
         """Re-read the table; returns nodes that died since the last read."""
@@ -71,6 +73,19 @@ class NodeTable:
 
     def is_dead(self, node: str | None) -> bool:
         return node is not None and node in self.dead
+
+    def room_for(self, demand: dict[str, float]) -> bool:
+        """Whether some alive node has ``demand`` free right now (Ray places a replica there at once)."""
+        now = time.monotonic()
+        if now - self._free_at >= self.every:
+            self._free_at = now
+            try:
+                from ray._private.state import available_resources_per_node
+
+                self._free = available_resources_per_node()
+            except Exception:  # noqa: BLE001 - no per-node view: never claim room
+                self._free = {}
+        return any(fits(demand, free) > 0 for node, free in self._free.items() if node in self.alive)
 
     def totals(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -255,9 +270,12 @@ class StagePool:
             self._buckets[r.load].pop(r, None)
 
     # -- placement -----------------------------------------------------------------------------------------
-    def placement_check(self, now: float, timeout: float, describe: Callable[[], str]) -> None:
-        """Track how long the stage has had no replica placed or running; past ``timeout``: broken."""
-        if any(r.state in ("running", "suspect") or r.placed for r in self.all.values()):
+    def placement_check(self, now: float, timeout: float, describe: Callable[[], str],
+                        room: Callable[[dict], bool] = lambda demand: False) -> None:
+        """Track how long the stage has had no replica placed or running while no node had room for one
+        (``room(demand)``: a replica still starting its process is not a cluster too small); past
+        ``timeout``: broken."""
+        if any(r.state in ("running", "suspect") or r.placed for r in self.all.values()) or room(self.demand):
             self.unplaced_since = None
             return
         if self.unplaced_since is None:

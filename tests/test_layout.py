@@ -146,3 +146,30 @@ def test_pool_placement_timeout_names_ask_and_cluster():
     q.on_placed(b, "n1")  # placed, still loading its models: not a placement problem
     q.placement_check(100.0, 10, str)
     assert not q.broken
+
+
+def test_pool_placement_timer_waits_while_a_node_has_room():
+    """A replica whose process is slow to start (a node has room for it) is not a cluster too small."""
+    p = _pool(replicas=1)
+    p.scale()
+    p.placement_check(0.0, 10, str, room=lambda demand: True)
+    p.placement_check(100.0, 10, str, room=lambda demand: True)
+    assert not p.broken and p.unplaced_since is None
+    p.placement_check(101.0, 10, str, room=lambda demand: False)
+    p.placement_check(112.0, 10, str, room=lambda demand: False)
+    assert p.broken
+
+
+def test_node_table_room_for_reads_free_resources_per_alive_node(monkeypatch):
+    import ray._private.state as state
+    from kbatch.pool import NodeTable
+
+    class FakeRay:
+        def nodes(self):
+            return [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 4.0}},
+                    {"NodeID": "b", "Alive": False, "Resources": {"CPU": 8.0}}]
+
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"a": {"CPU": 1.5}, "b": {"CPU": 8.0}})
+    t = NodeTable(FakeRay())
+    t.refresh(force=True)
+    assert t.room_for({"CPU": 1.0}) and not t.room_for({"CPU": 4.0})  # b is dead: its room does not count
