@@ -32,6 +32,13 @@ def ray_session():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sim_models(decoder_seconds=0.0, prior_seconds=0.0):
+    """``models`` for tiny_config with the simulated models (SPEC §7): for tests of the driver's mechanics
+    (faults, placement, accounting), where the pixels do not matter and loading torch per actor is waste."""
+    return {"prior": "sim", "decoder": "sim",
+            "sim": {"decoder_seconds_per_image": decoder_seconds, "prior_seconds_per_image": prior_seconds}}
+
+
 def tiny_config(model_dirs, out_path, **over):
     """A job config for the tiny models: 64x64, few steps, CPU-sized resources."""
     from kbatch.config import deep_merge

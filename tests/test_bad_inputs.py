@@ -13,7 +13,10 @@ import kbatch
 from kbatch.config import from_dict
 from kbatch.runner import run_job
 
-from conftest import tiny_config
+from conftest import sim_models, tiny_config
+
+# Bad rows are the validator's and the loaders' business: the simulated models (SPEC §7) render the good ones.
+SIM = sim_models()
 
 
 def _png(arr):
@@ -29,7 +32,7 @@ def _bomb():
     return buf.getvalue()
 
 
-def test_bad_rows_become_error_records(tiny_models, ray_session, tmp_path, capsys):
+def test_bad_rows_become_error_records(ray_session, tmp_path, capsys):
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     good_png = _png(rgb)
     (tmp_path / "ok.png").write_bytes(good_png)
@@ -72,7 +75,7 @@ def test_bad_rows_become_error_records(tiny_models, ray_session, tmp_path, capsy
         table = table.set_column(table.schema.get_field_index(col), col,
                                  pa.array([r.get(col) for r, _ in rows], pa.float64()))
     pq.write_table(table, tmp_path / "m.parquet")
-    cfg = tiny_config(tiny_models, tmp_path / "out", manifest=str(tmp_path / "m.parquet"))
+    cfg = tiny_config(SIM, tmp_path / "out", manifest=str(tmp_path / "m.parquet"))
     result = run_job(from_dict(cfg))
     assert result.complete and result.exit_code == 1  # failures above the default tolerance of 0
     res = kbatch.open_results(str(tmp_path / "out"))

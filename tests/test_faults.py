@@ -13,7 +13,11 @@ import kbatch
 from kbatch.status import summarize
 
 from cli_helpers import env, kbatch as run_cli, write_job
-from conftest import tiny_config
+from conftest import sim_models, tiny_config
+
+# The driver's fault handling does not depend on what a stage computes: the simulated models (SPEC §7), with
+# a decoder slow enough that batches overlap and a run can be interrupted midway.
+SIM = sim_models(decoder_seconds=0.1)
 
 
 def _rows(n, prefix="r"):
@@ -32,9 +36,9 @@ def _once_each(df, ids):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session, tmp_path, layout):
+def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(ray_session, tmp_path, layout):
     flag = tmp_path / "crashed"
-    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)},
+    cfg = tiny_config(SIM, tmp_path / "out", faults={"crash_decoder_once_file": str(flag)},
                       resources=LAYOUTS[layout])
     res = kbatch.render(pd.DataFrame(_rows(10)), str(tmp_path / "out"), cfg)
     assert flag.exists(), "the decoder really died once"
@@ -43,12 +47,12 @@ def test_decoder_dies_mid_batch_costs_a_retry_not_a_row(tiny_models, ray_session
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_row_that_always_kills_its_worker_fails_alone(tiny_models, ray_session, tmp_path, layout):
+def test_row_that_always_kills_its_worker_fails_alone(ray_session, tmp_path, layout):
     """With colocate the dying process also holds prior batches: those are resubmitted free. With lanes
     the batches running beside the guilty one are rerun alone and are not charged."""
     rows = _rows(6)
     rows[3]["prompt"] = "CRASH"
-    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"crash_on_prompt": "CRASH"},
+    cfg = tiny_config(SIM, tmp_path / "out", faults={"crash_on_prompt": "CRASH"},
                       retries={"max_attempts": 2, "max_actor_restarts": 20}, resources=LAYOUTS[layout])
     res = kbatch.render(pd.DataFrame(rows), str(tmp_path / "out"), cfg)
     df = res.df
@@ -68,8 +72,8 @@ def cli(capsys, *args):
     return code, out.out, out.err
 
 
-def test_failed_shard_write_is_invisible_and_rerun_completes(tiny_models, ray_session, tmp_path, capsys):
-    cfg = tiny_config(tiny_models, tmp_path / "out", faults={"fail_write_shard": 0})
+def test_failed_shard_write_is_invisible_and_rerun_completes(ray_session, tmp_path, capsys):
+    cfg = tiny_config(SIM, tmp_path / "out", faults={"fail_write_shard": 0})
     path = write_job(tmp_path, cfg, _rows(6))
     code, _, err = cli(capsys, "run", path)
     assert code == 3, err
@@ -103,12 +107,12 @@ def _wait_commits(out, at_least, proc):
     raise AssertionError(f"no {at_least} commits (exit {proc.poll()})")
 
 
-def test_sigterm_then_sigkill_then_rerun(tiny_models, tmp_path):
+def test_sigterm_then_sigkill_then_rerun(tmp_path):
     """A scheduler's SIGTERM ends the run cleanly (exit 3); a SIGKILL of the whole job (driver and its Ray)
     loses nothing committed; the rerun renders only what is missing, with no duplicates."""
     n = 40
     out = tmp_path / "out"
-    cfg = tiny_config(tiny_models, out, output={"path": str(out), "rows_per_shard": 2, "gallery": False})
+    cfg = tiny_config(SIM, out, output={"path": str(out), "rows_per_shard": 2, "gallery": False})
     path = write_job(tmp_path, cfg, _rows(n))
     proc = _start(path)
     _wait_commits(out, 1, proc)
@@ -134,8 +138,8 @@ def test_sigterm_then_sigkill_then_rerun(tiny_models, tmp_path):
     assert run_cli("status", out).returncode == 0
 
 
-def test_resume_refuses_changed_config(tiny_models, ray_session, tmp_path, capsys):
-    cfg = tiny_config(tiny_models, tmp_path / "out")
+def test_resume_refuses_changed_config(ray_session, tmp_path, capsys):
+    cfg = tiny_config(SIM, tmp_path / "out")
     path = write_job(tmp_path, cfg, _rows(2))
     assert cli(capsys, "run", path)[0] == 0
     seeds = set(kbatch.open_results(str(tmp_path / "out")).df["seed"])

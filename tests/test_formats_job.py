@@ -44,7 +44,8 @@ def _frame():
 
 def _render(tiny_models, out, fmt, image_format):
     # (tiny_config's second argument is the output path, so the output section is merged here)
-    cfg = deep_merge(tiny_config(tiny_models, out, retries={"max_failed_rows": 1}),
+    # colocated: one actor process per job instead of two (the layout is not what this file tests)
+    cfg = deep_merge(tiny_config(tiny_models, out, retries={"max_failed_rows": 1}, resources={"colocate": True}),
                      {"output": {"format": fmt, "image_format": image_format, "rows_per_shard": 3}})
     return kbatch.render(_frame(), str(out), cfg)
 

@@ -12,7 +12,11 @@ from PIL import Image
 import kbatch
 from kbatch.storage import process_local
 
-from conftest import tiny_config
+from conftest import sim_models, tiny_config
+
+# Where the pixels do not matter, the simulated models (SPEC §7); the sim decoder checks it got the sim prior's
+# embeddings for each row, so the stage-to-stage plumbing through memory:// is still checked.
+SIM = sim_models()
 
 
 def _png(arr) -> bytes:
@@ -69,14 +73,14 @@ def test_memory_output_and_inputs_match_a_local_render(tiny_models, ray_session,
         fsspec.filesystem("memory").rm("/kbt-out", recursive=True)
 
 
-def test_memory_embeddings_then_decoder(tiny_models, ray_session):
+def test_memory_embeddings_then_decoder(ray_session):
     """stage: prior writes embeddings to memory://; stage: decoder renders from them."""
     df = pd.DataFrame([{"id": f"r{i}", "prompt": f"prompt {i}", "seed": i} for i in range(3)])
     emb_uri, dec_uri = "memory://kbt-stages/emb", "memory://kbt-stages/dec"
     try:
-        emb = kbatch.render(df, emb_uri, tiny_config(tiny_models, emb_uri, stage="prior"))
+        emb = kbatch.render(df, emb_uri, tiny_config(SIM, emb_uri, stage="prior"))
         assert emb.run.complete and emb.run.rows_ok == 3
-        dec = kbatch.render(emb_uri, dec_uri, tiny_config(tiny_models, dec_uri, stage="decoder"))
+        dec = kbatch.render(emb_uri, dec_uri, tiny_config(SIM, dec_uri, stage="decoder"))
         assert dec.run.complete and dec.run.images == 3 and set(dec.df.status) == {"ok"}
     finally:
         fsspec.filesystem("memory").rm("/kbt-stages", recursive=True)
@@ -93,7 +97,7 @@ def test_in_driver_call_delivers_results_and_errors(ray_session):
     assert isinstance(got, Raised) and "ZeroDivisionError" in got.message and isinstance(ray.get(r2), Raised)
 
 
-def test_shards_the_driver_cannot_see_make_the_run_incomplete(tiny_models, ray_session, monkeypatch):
+def test_shards_the_driver_cannot_see_make_the_run_incomplete(ray_session, monkeypatch):
     """Writers that commit where the driver cannot look (here: writer actors writing memory:// into their own
     processes, as a local path written on another node would be) leave the run incomplete, not "complete"."""
     import kbatch.storage
@@ -102,7 +106,7 @@ def test_shards_the_driver_cannot_see_make_the_run_incomplete(tiny_models, ray_s
     out = "memory://kbt-unseen/job"
     df = pd.DataFrame([{"id": f"u{i}", "prompt": f"prompt {i}", "seed": i} for i in range(3)])
     try:
-        res = kbatch.render(df, out, tiny_config(tiny_models, out))
+        res = kbatch.render(df, out, tiny_config(SIM, out))
         assert not res.run.complete and res.run.exit_code == 3
         fs = fsspec.filesystem("memory")
         assert not fs.exists("/kbt-unseen/job/_SUCCESS")

@@ -25,8 +25,11 @@ import kbatch
 from kbatch.status import summarize
 
 from cli_helpers import env as cli_env
-from conftest import assert_pixels_close, tiny_config
+from conftest import assert_pixels_close, sim_models, tiny_config
 from reference import render_row
+
+# Credentials reach the driver, the loaders and the writers whatever the models: simulated ones (SPEC §7) there.
+SIM = sim_models()
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -191,9 +194,9 @@ def test_validate_reads_s3(job, s3):
     assert "escape" in p.stdout and "allowed roots" in p.stdout
 
 
-def test_credentials_from_config_only(job, s3, tiny_models, tmp_path):
+def test_credentials_from_config_only(job, s3, tmp_path):
     """storage_options in the config reach the driver and the workers; the secret is not stored."""
-    cfg = tiny_config(tiny_models, f"s3://{BUCKET}/out/run2", manifest=MANIFEST,
+    cfg = tiny_config(SIM, f"s3://{BUCKET}/out/run2", manifest=MANIFEST,
                       storage_options={"key": KEY_ID, "secret": SECRET},
                       retries={"max_failed_rows": 1})
     path = tmp_path / "job.yaml"

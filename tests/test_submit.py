@@ -25,7 +25,9 @@ import yaml
 import kbatch
 from kbatch.config import ConfigError
 
-from conftest import tiny_config
+from conftest import sim_models, tiny_config
+
+SIM = sim_models()  # the jobs' exit codes and secrets are the driver's business: simulated models
 
 # Ray's job server module uses pydantic v1-style APIs
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -238,7 +240,7 @@ def _job_config(folder, cfg, rows):
     return path
 
 
-def test_submit_wait_exit_codes_and_no_secrets(ray_head, tiny_models, tmp_path):
+def test_submit_wait_exit_codes_and_no_secrets(ray_head, tmp_path):
     """``kbatch submit --wait`` exits 0, 1, 2 and 3 for jobs that end those ways (``ray job submit`` would
     say 0, 1, 1, 1), and the complete job's credentials are nowhere the job server shows, nor in the logs
     or ``_job.json``: they reach the job through its runtime_env, and it reads the output with them."""
@@ -248,16 +250,16 @@ def test_submit_wait_exit_codes_and_no_secrets(ray_head, tiny_models, tmp_path):
 
     rows = [{"id": f"sub-{i}", "prompt": p} for i, p in enumerate(["a red fox", "a lighthouse", "ramen"])]
     # 0: complete; relative paths (cwd is the job's folder) are made absolute by submit
-    ok = _job_config(tmp_path / "ok", tiny_config(tiny_models, "out", storage_options={"key": SECRETS[0],
+    ok = _job_config(tmp_path / "ok", tiny_config(SIM, "out", storage_options={"key": SECRETS[0],
                                                                                       "secret": SECRETS[1]}), rows)
     # 2: the manifest is missing, which only the job's driver finds (submit checks the config, not the data)
-    missing = _job_config(tmp_path / "missing", tiny_config(tiny_models, "out"), rows[:1])
+    missing = _job_config(tmp_path / "missing", tiny_config(SIM, "out"), rows[:1])
     (tmp_path / "missing" / "prompts.parquet").unlink()
     # 1: a row with an invalid height becomes an error record; tolerance 0
-    bad = _job_config(tmp_path / "bad", tiny_config(tiny_models, "out"), rows[:1] + [
+    bad = _job_config(tmp_path / "bad", tiny_config(SIM, "out"), rows[:1] + [
         {"id": "tall", "prompt": "a tower", "height": 100}])
     # 3: the first shard's write fails: the run ends incomplete
-    broken = _job_config(tmp_path / "broken", tiny_config(tiny_models, "out"), rows[:1])
+    broken = _job_config(tmp_path / "broken", tiny_config(SIM, "out"), rows[:1])
 
     t0 = time.monotonic()
     # the config-error job starts no actors: it runs beside the first one
