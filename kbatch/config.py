@@ -153,6 +153,7 @@ class FaultsConfig:
     crash_on_prompt: str | None = None  # decoder os._exit(1)s on every batch holding this prompt
     fail_write_shard: int | None = None  # writer raises after writing data of the Nth shard of a run
     crash_writer_once_file: str | None = None  # a writer os._exit(1)s mid-write if this file is absent
+    fail_start: str | None = None  # "prior" | "decoder": that stage's actors raise while loading their models
 
 
 @dataclass
@@ -433,6 +434,8 @@ def validate_config(cfg: JobConfig) -> None:
     _check(cfg.stage in ("all", "prior", "decoder"), "stage", cfg.stage, "must be all | prior | decoder")
     _check(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto|bar|log|off")
     _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
+    _check(cfg.faults.fail_start in (None, "prior", "decoder"), "faults.fail_start", cfg.faults.fail_start,
+           "must be prior, decoder or null")
     rt = cfg.retries
     _check(rt.max_attempts >= 1, "retries.max_attempts", rt.max_attempts, "must be >= 1")
     _check(rt.max_actor_restarts >= 0, "retries.max_actor_restarts", rt.max_actor_restarts, "must be >= 0")

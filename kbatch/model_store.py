@@ -287,6 +287,28 @@ def _layout_problem(names: set[str], read: Callable[[str], bytes], pipeline_clas
     return None
 
 
+def _safetensors_problem(root: str, names: set[str]) -> str | None:
+    """The first local ``*.safetensors`` file whose header does not parse (a truncated or overwritten copy):
+    reads 8 bytes and the JSON header of each, never the tensors."""
+    for rel in sorted(n for n in names if n.endswith(".safetensors")):
+        path = os.path.join(root, rel)
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 2 <= n <= min(size - 8, 100 << 20):
+                    raise ValueError(f"header length {n} in a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"its tensors end at byte {8 + n + end}, the file has {size} (truncated)")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            return f"{rel} is not a readable safetensors file ({e})"
+    return None
+
+
 def _local_names(root: str) -> set[str]:
     out = set()
     for dirpath, _, files in os.walk(root):
@@ -328,7 +350,9 @@ def check_model(key: str, uri: str, pipeline_class: str, storage_options: dict |
         root = _local_path(uri)
         if not os.path.isdir(root):
             raise ConfigError(f"{where}: no such folder here ({root}; a hub id is owner/name)")
-        problem = _layout_problem(_local_names(root), lambda rel: Path(root, rel).read_bytes(), pipeline_class)
+        names = _local_names(root)
+        problem = (_layout_problem(names, lambda rel: Path(root, rel).read_bytes(), pipeline_class)
+                   or _safetensors_problem(root, names))
     else:
         try:
             fs, root = _fs(uri, storage_options)

@@ -129,6 +129,8 @@ class PriorWorker:
             note_placed(slot)
         m = cfg.models
         self.running = running or Running(slot)
+        if cfg.faults.fail_start == "prior":
+            raise RuntimeError("faults.fail_start: prior (a drill: this prior cannot load its models)")
         if m.prior == SIM:
             from .sim import SimPrior
 
@@ -174,6 +176,8 @@ class DecoderWorker:
         self.faults = cfg.faults
         self.running = Running(slot)
         self.warmup = 0.0  # seconds, reported with the first batch
+        if cfg.faults.fail_start == "decoder":
+            raise RuntimeError("faults.fail_start: decoder (a drill: this decoder cannot load its models)")
         if m.decoder == SIM:
             from .sim import SimDecoder
 

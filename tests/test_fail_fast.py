@@ -22,6 +22,15 @@ def test_missing_or_wrong_model_folders_exit_2_before_ray(tiny_models, tmp_path)
     for f in (bin_only / "unet").glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     cases.append(({"decoder": str(bin_only)}, "models.decoder", "safetensors"))
+    corrupt = tmp_path / "corrupt"  # an overwritten copy: its header is checked, its tensors are not read
+    shutil.copytree(tiny_models["decoder"], corrupt)
+    (corrupt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    cases.append(({"decoder": str(corrupt)}, "models.decoder", "unet/diffusion_pytorch_model.safetensors is not"))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_models["prior"], truncated)
+    w = truncated / "prior" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    cases.append(({"prior": str(truncated)}, "models.prior", "(truncated)"))
     for i, (models, key, shown) in enumerate(cases):
         out = tmp_path / f"out{i}"
         cfg = tiny_config({**tiny_models, **models}, out)
