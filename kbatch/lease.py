@@ -44,7 +44,8 @@ from typing import Any
 import psutil
 
 from kbatch.config import ConfigError
-from kbatch.storage import TMP_MARK, display_path, dumps_json, get_fs, is_local, join, write_bytes_atomic
+from kbatch.storage import (TMP_MARK, display_path, dumps_json, get_fs, is_local, join, write_bytes_atomic,
+                            write_synced)
 
 try:
     import fcntl
@@ -292,10 +293,7 @@ def _write_local(path: str, data: bytes, publish) -> None:
     reader ever sees a half-written lease."""
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(tmp, data)
         publish(tmp)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -122,6 +122,14 @@ def display_path(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def write_synced(path: str, data: bytes) -> None:
+    """Write a local file and fsync it (the temp file that a rename or link then publishes)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_bytes_atomic(fs, path: str, data: bytes) -> int:
     """Write ``data`` to ``path`` so that readers see either nothing or the whole file. Returns bytes written."""
     data = bytes(data)
@@ -131,10 +139,7 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> int:
             os.makedirs(parent, exist_ok=True)
         tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(tmp, data)
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,48 +23,24 @@ from kbatch import model_store as ms
 from kbatch.schema import Row
 
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
+from moto_s3 import aws_env, moto_server  # noqa: E402
 
 BUCKET = "kbatch-models"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAKBATCHMODELS01", "AWS_SECRET_ACCESS_KEY": "kbatch-models-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds", "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = aws_env("AKIAKBATCHMODELS01", "kbatch-models-secret")
 ROWS = [Row(id="a", prompt="a red fox in the snow", seed=3, height=64, width=64, num_inference_steps=3,
             prior_num_inference_steps=2),
         Row(id="b", prompt="a lighthouse at dusk", seed=4, height=64, width=64, num_inference_steps=3,
             prior_num_inference_steps=2)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback; this process's env (inherited by subprocesses) points botocore at it."""
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENV)
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
-    try:
+    with moto_server(AWS_ENV):
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
         yield fs
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _upload(fs, folder, key):

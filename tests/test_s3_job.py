@@ -8,9 +8,7 @@ copied into the outputs. ``open_results``, ``kbatch.status.summarize`` and ``kba
 """
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -32,7 +30,8 @@ from reference import render_row
 SIM = sim_models()
 
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
+from moto_s3 import aws_env, moto_server  # noqa: E402
 
 BUCKET = "kbatch-s3-job"
 KEY_ID = "AKIAKBATCHTESTKEY01"  # distinctive, so that a leak into the outputs is detectable
@@ -49,12 +48,6 @@ ROWS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_png() -> bytes:
     y, x = np.mgrid[0:64, 0:64]
     arr = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
@@ -63,34 +56,14 @@ def _init_png() -> bytes:
     return buf.getvalue()
 
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = aws_env(KEY_ID, SECRET)
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback; this process's env points botocore (and so s3fs) at it."""
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ENV)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
+    with moto_server(AWS_ENV) as endpoint:
         yield {"endpoint": endpoint, "fs": s3fs.S3FileSystem()}
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _kbatch(endpoint, *args, timeout=300):
