@@ -95,15 +95,26 @@ def test_two_lanes_run_at_once_and_match_one_lane(tiny_models):
 
 
 def test_colocated_lanes_job_one_process(tiny_models, ray_session, tmp_path):
-    """resources.decoder.concurrency with colocate: one process renders both stages, same pixels as the
-    plain layout."""
+    """resources.decoder.concurrency with colocate: one process renders both stages, the same pixels as the
+    predictors give in this process, one batch at a time."""
+    from kbatch.decoder import DecoderPredictor
+    from kbatch.prior import PriorPredictor
+
     rows = pd.DataFrame([{"id": f"r{i}", "prompt": f"a picture of thing {i}"} for i in range(10)])
-    plain = kbatch.render(rows, str(tmp_path / "a"), tiny_config(tiny_models, tmp_path / "a"))
     over = {"resources": {"colocate": True, "decoder": {"replicas": 1, "cpus": 1, "concurrency": 2,
                                                         "batch_size": 2}}}
     lanes = kbatch.render(rows, str(tmp_path / "b"), tiny_config(tiny_models, tmp_path / "b", **over))
     assert lanes.run.exit_code == 0 and len(lanes.df) == 10
     assert lanes.df["decoder_worker"].nunique() == 1
     assert set(lanes.df["prior_worker"]) == set(lanes.df["decoder_worker"])
+    prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
+    dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32")
+    seeds = lanes.df.set_index("id")["seed"]
+    d = tiny_config(tiny_models, tmp_path)["defaults"]
     for i in range(10):
-        assert_pixels_close(np.asarray(lanes.image(f"r{i}", 0)), np.asarray(plain.image(f"r{i}", 0)), f"r{i}")
+        row = Row(id=f"r{i}", prompt=f"a picture of thing {i}", seed=int(seeds[f"r{i}"]), height=64, width=64,
+                  num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"],
+                  prior_num_inference_steps=d["prior_num_inference_steps"],
+                  prior_guidance_scale=d["prior_guidance_scale"])
+        alone = dec([row], prior([row]))[0].images[0]
+        assert_pixels_close(np.asarray(lanes.image(f"r{i}", 0)), alone, f"r{i}")

@@ -143,13 +143,22 @@ def test_interpolate_many_images_each_get_their_own_embedding(job):
 
 
 def test_scheduler_switch_changes_output_and_is_recorded(tiny_models, ray_session, tmp_path):
-    df = pd.DataFrame([{"id": "s", "prompt": "a lighthouse", "seed": 3}])
+    """Each scheduler through the predictors (no cluster) equals plain diffusers with that scheduler; one whole
+    job shows that models.scheduler reaches the decoder actors and the records."""
+    from kbatch.decoder import DecoderPredictor
+    from kbatch.prior import PriorPredictor
+    from kbatch.schema import Row
+
+    row = {**DEFAULTS, "id": "s", "prompt": "a lighthouse", "seed": 3}
+    krow = Row(**{k: v for k, v in row.items() if k != "strength"})
+    prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
     outs = {}
     for name in ("ddim", "ddpm", "dpm++"):
-        cfg = tiny_config(tiny_models, tmp_path / name, models={"scheduler": name})
-        res = kbatch.render(df, str(tmp_path / name), cfg)
-        assert list(res.df.scheduler) == [name]
-        outs[name] = np.asarray(res.image("s"))
-        ref = render_row(tiny_models, {**DEFAULTS, "id": "s", "prompt": "a lighthouse", "seed": 3}, scheduler=name)
-        assert_pixels_close(outs[name], ref[0], name)
+        dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32", scheduler=name)
+        outs[name] = dec([krow], prior([krow]))[0].images[0]
+        assert_pixels_close(outs[name], render_row(tiny_models, row, scheduler=name)[0], name)
     assert not np.array_equal(outs["ddim"], outs["ddpm"]) and not np.array_equal(outs["ddim"], outs["dpm++"])
+    cfg = tiny_config(tiny_models, tmp_path / "job", models={"scheduler": "dpm++"})
+    res = kbatch.render(pd.DataFrame([{"id": "s", "prompt": "a lighthouse", "seed": 3}]), str(tmp_path / "job"), cfg)
+    assert list(res.df.scheduler) == ["dpm++"]
+    assert_pixels_close(np.asarray(res.image("s")), outs["dpm++"], "dpm++ job")

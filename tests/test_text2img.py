@@ -64,16 +64,13 @@ def test_parity_with_diffusers(job, tiny_models, row):
 
 
 def test_same_pixels_whatever_the_batch(job, tiny_models, tmp_path):
-    """Batch size 1 with one decoder vs batches of 8 on two decoders: the same pixels."""
+    """The job's batches of 4 on one decoder vs batches of 8 on two decoders, rows in reverse order: the same
+    pixels."""
     over = {"resources": {"prior": {"batch_size": 8}, "decoder": {"batch_size": 8, "replicas": 2}}}
     res = kbatch.render(_frame(ROWS[::-1]), str(tmp_path / "b"), tiny_config(tiny_models, tmp_path / "b", **over))
-    one = {"resources": {"prior": {"batch_size": 1}, "decoder": {"batch_size": 1}}}
-    res1 = kbatch.render(_frame(ROWS[:3]), str(tmp_path / "c"), tiny_config(tiny_models, tmp_path / "c", **one))
-    for r in ROWS:
+    for r in ROWS:  # (batch 1 vs a batch: test_predictors_batch_invariant_without_ray)
         for i in range(r.get("num_images", 1)):
             assert_pixels_close(np.asarray(res.image(r["id"], i)), np.asarray(job.image(r["id"], i)), r["id"])
-    for r in ROWS[:3]:
-        assert_pixels_close(np.asarray(res1.image(r["id"], 0)), np.asarray(job.image(r["id"], 0)), r["id"])
     assert res.df["decoder_worker"].nunique() >= 1
 
 
