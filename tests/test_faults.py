@@ -12,7 +12,7 @@ import pytest
 import kbatch
 from kbatch.status import summarize
 
-from cli_helpers import env, kbatch as run_cli, write_job
+from cli_helpers import env, write_job
 from conftest import sim_models, tiny_config
 
 # The driver's fault handling does not depend on what a stage computes: the simulated models (SPEC §7), with
@@ -107,7 +107,7 @@ def _wait_commits(out, at_least, proc):
     raise AssertionError(f"no {at_least} commits (exit {proc.poll()})")
 
 
-def test_sigterm_then_sigkill_then_rerun(tmp_path, capsys):
+def test_sigterm_then_sigkill_then_rerun(ray_session, tmp_path, capsys):
     """A scheduler's SIGTERM ends the run cleanly (exit 3); a SIGKILL of the whole job (driver and its Ray)
     loses nothing committed; the rerun renders only what is missing, with no duplicates."""
     n = 40
@@ -128,8 +128,8 @@ def test_sigterm_then_sigkill_then_rerun(tmp_path, capsys):
     s = summarize(str(out))
     assert not s["complete"] and 0 < s["rows_done"] < n, s
     assert cli(capsys, "status", out)[0] == 3
-    p = run_cli("run", path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, _, err = cli(capsys, "run", path)  # (in this process, on the session's Ray)
+    assert code == 0, err[-2000:]
     res = kbatch.open_results(str(out))
     _once_each(res.df, [r["id"] for r in _rows(n)])
     assert res.df["run_id"].nunique() == 3  # each run rendered only what was missing
