@@ -83,7 +83,7 @@ class NodeTable:
                 from ray._private.state import available_resources_per_node
 
                 self._free = available_resources_per_node()
-            except Exception:  # noqa: BLE001 - no per-node view: never claim room
+            except Exception:  # noqa: BLE001 - a private Ray API: without it, never claim room
                 self._free = {}
         return any(fits(demand, free) > 0 for node, free in self._free.items() if node in self.alive)
 
