@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from .bounds import Bounds
 from .config import JobConfig
 from .planner import Planner, Window, chunk, images, sort_key
-from .pool import CRASH, NODE, NodeTable, Replica, StagePool
+from .pool import CRASH, NODE, STOPPED, NodeTable, Replica, StagePool
+from .room import Room
 from .schema import Row, base_record, error_record, record_template
 from .shards import Entry, Shard, ShardBuffer, write_call
 
@@ -117,6 +118,7 @@ class Driver:
         self.stored_priors = stored_priors  # stage decoder: the task reading stored embeddings
         self.nodes, self.describe_cluster, self.on_tick = nodes, describe_cluster, on_tick
         self.bounds = Bounds(cfg.resources)
+        self.room = Room()  # a stage with no room takes it from the others (kbatch.room)
         self.template = record_template(cfg, run_id)  # what every record of the run shares
         self.colocated = prior is not None and prior is decoder
         self.prior_method = "run_prior" if self.colocated else "run"
@@ -216,18 +218,21 @@ class Driver:
 
         for node in self.nodes.refresh():
             self._node_lost(node)
-        for pool in self._pools():
+        pools = self._pools()
+        for pool in pools:
             for r in list(pool.all.values()):
                 if r.state == "pending" and not r.placed:
                     node = kv_get(f"{r.slot}/placed")
                     if node:
                         pool.on_placed(r, node)
+        self.room.step(now, pools, self._needs, self.nodes.room_for)
+        for pool in pools:
             if self._needs(pool):
                 pool.placement_check(now, self.cfg.resources.placement_timeout, lambda p=pool: self.describe_cluster(p),
                                      self.nodes.room_for)
             else:
                 pool.unplaced_since = None
-            for r in pool.scale(now):
+            for r in pool.scale(now, grow=self.room.grows(pool)):
                 self._track_ready(pool, r)
             if pool.broken:
                 raise StageFailed(pool.broken)
@@ -610,6 +615,8 @@ class Driver:
                 return self._write_lost(call.shard, "writers keep dying")
             return self.to_write.appendleft(call.shard)
         unit = call.unit
+        if why == STOPPED:  # kbatch stopped it (draining): nobody's fault
+            return self._requeue(call)
         if why == NODE:
             unit.node_losses += 1
             if unit.node_losses <= NODE_LOSSES:
@@ -716,6 +723,12 @@ class Driver:
                 "decoder": sum(len(c.unit.rows) for c in self.inflight.values() if c.kind == "decoder"),
                 "shard_buffer": self.buffer.rows, "writes": self.counts["pending_writes"] + len(self.to_write),
                 "replicas": {p.name: {"running": p.n_running(), "pending": len(p.pending())} for p in self._pools()}}
+
+    def replica_counts(self) -> dict:
+        """Per stage: replicas started, lost with their nodes, and drained (above the target, or stopped to
+        make room for a starved stage: kbatch.room)."""
+        return {p.name: {"started": p.started, "lost_to_nodes": p.lost_to_nodes, "drained": p.drained}
+                for p in self._pools()}
 
     def stop(self) -> None:
         for pool in self._pools():

@@ -11,6 +11,9 @@ node removed) costs nothing; a process that died on a live node (a row crashed i
 batches it was running. ``replicas: auto`` sets the target from the cluster's alive nodes at every tick, so
 the pool grows when nodes join and shrinks when they leave; a fixed ``replicas: N`` replaces what it loses.
 
+A replica above the target (``auto`` after a node count that overshot, or one stopped to make room for a
+starved stage: ``kbatch.room``) is *draining*: it gets no new work and is stopped when its last batch ends.
+
 Picking a replica for a batch costs O(max load), not O(replicas): running replicas sit in buckets by load.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Replica:
     seq: int
     created: float
     limit: int  # batches in flight at once (lanes + queued)
-    state: str = "pending"  # pending | running | suspect | dead
+    state: str = "pending"  # pending | running | suspect | draining | dead
     node: str | None = None  # node id (hex), once known
     placed: bool = False  # its process started (it noted its node), even if its models still load
     worker: str = ""  # "node:.../gpu:.../pid:..." from ready()
@@ -51,12 +54,15 @@ class NodeTable:
         self.ray, self.every = ray, every
         self.alive: dict[str, dict] = {}  # node id -> its entry (Resources, NodeManagerAddress, ...)
         self.dead: set[str] = set()
+        self._unreported: set[str] = set()  # died at a forced read: the next refresh() still reports them
         self.at = -math.inf
         self._free: dict[str, dict] = {}  # node id -> free resources (room_for)
         self._free_at = -math.inf
 
     def refresh(self, force: bool = False) -> set[str]:
-        """Re-read the table; returns nodes that died since the last read."""
+        """Re-read the table (at most every ``every`` s unless ``force``); returns the nodes that died since
+        the last refresh that returned any. A forced read (a call failed: is its node gone?) keeps what it
+        found for the next one, so the driver's tick still redoes the dead node's work."""
         now = time.monotonic()
         if not force and now - self.at < self.every:
             return set()
@@ -67,8 +73,11 @@ class NodeTable:
                 alive[n["NodeID"]] = n
             else:
                 self.dead.add(n["NodeID"])
-        newly_dead = set(self.alive) - set(alive)
+        self._unreported |= set(self.alive) - set(alive)
         self.alive = alive
+        if force:
+            return set()
+        newly_dead, self._unreported = self._unreported, set()
         return newly_dead
 
     def is_dead(self, node: str | None) -> bool:
@@ -123,6 +132,7 @@ class StagePool:
         self.last_error = ""  # why the last replica could not start / died
         self.started = 0  # replicas ever running
         self.lost_to_nodes = 0
+        self.drained = 0  # replicas stopped above the target or to make room for another stage
         self.unplaced_since: float | None = None  # since when nothing of this stage is placed (checks)
         self.broken: str | None = None  # set when the stage cannot go on: the run ends (exit 3)
 
@@ -142,17 +152,27 @@ class StagePool:
     def pending(self) -> list[Replica]:
         return [r for r in self.all.values() if r.state == "pending"]
 
-    def scale(self, now: float | None = None) -> list[Replica]:
-        """Create replicas up to the target (after start failures: none, until one starts); drop pending
-        ones above it (auto, when nodes left). Returns the new replicas: the caller tracks their ready()."""
+    def staying(self) -> list[Replica]:
+        """Replicas that count towards the target: all but the dead and the draining."""
+        return [r for r in self.all.values() if r.state not in ("dead", "draining")]
+
+    def has_placed(self) -> bool:
+        """Some replica holds its resources on a node (running, or its process started)."""
+        return any(r.state in ("running", "suspect", "draining") or r.placed for r in self.all.values())
+
+    def scale(self, now: float | None = None, grow: bool = True) -> list[Replica]:
+        """Create replicas up to the target (after start failures: none, until one starts; ``grow`` False:
+        none, another stage needs the room); above it (auto, when the node count overshot or nodes left),
+        drop pending replicas, newest first, then drain running ones, least loaded first. Returns the new
+        replicas: the caller tracks their ready()."""
         new = []
         if self.broken:
             return new
         target = self.target
-        alive = [r for r in self.all.values() if r.state != "dead"]
+        alive = self.staying()
         if self.start_failures and self.n_running() == 0 and len(alive) > 0:
             return new  # one attempt at a time while replicas fail to start
-        while len(alive) + len(new) < target:
+        while grow and len(alive) + len(new) < target:
             if self.start_failures >= self.max_start_failures:
                 break
             new.append(self._create(now or time.monotonic()))
@@ -164,7 +184,21 @@ class StagePool:
                 break
             self.remove(r, STOPPED)
             extra -= 1
+        for r in sorted(self.running(), key=lambda r: (r.load, -r.seq))[:max(0, extra)]:
+            self.drain(r)
         return new
+
+    def drain(self, r: Replica) -> None:
+        """No new work for ``r``; it stops when its batches in flight end (now, if it has none)."""
+        if r.state != "running":
+            return
+        self._unbucket(r)
+        r.state = "draining"
+        self.drained += 1
+        log.info("kbatch: stopping a %s replica (%s) when its %d batch(es) in flight end", self.name,
+                 r.worker or r.slot, r.load)
+        if r.load == 0:
+            self.remove(r, STOPPED)
 
     def _create(self, now: float) -> Replica:
         self._seq += 1
@@ -200,7 +234,7 @@ class StagePool:
         """A call failed and the replica's fate is being found out: no new work meanwhile."""
         if r.state == "running":
             self._unbucket(r)
-        if r.state != "dead":
+        if r.state not in ("dead", "draining"):
             r.state = "suspect"
 
     def revive(self, r: Replica) -> None:
@@ -258,6 +292,8 @@ class StagePool:
         r.load = max(0, r.load - n)
         if r.state == "running":
             self._bucket(r, old)
+        elif r.state == "draining" and r.load == 0:
+            self.remove(r, STOPPED)
 
     def _bucket(self, r: Replica, old: int | None) -> None:
         if old is not None and old < len(self._buckets):
@@ -275,7 +311,7 @@ class StagePool:
         """Track how long the stage has had no replica placed or running while no node had room for one
         (``room(demand)``: a replica still starting its process is not a cluster too small); past
         ``timeout``: broken."""
-        if any(r.state in ("running", "suspect") or r.placed for r in self.all.values()) or room(self.demand):
+        if self.has_placed() or room(self.demand):
             self.unplaced_since = None
             return
         if self.unplaced_since is None:

@@ -256,7 +256,8 @@ class Runner:
             job["driver"] = {"gets": d.driver_gets, "windows": self.planner.windows, "high_water": dict(d.high),
                              "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
                              "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
-                             "first_image_seconds": d.first_image_at, "loop_seconds": d.loop_seconds}
+                             "first_image_seconds": d.first_image_at, "loop_seconds": d.loop_seconds,
+                             "replicas": d.replica_counts()}
         storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":

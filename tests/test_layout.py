@@ -173,3 +173,90 @@ def test_node_table_room_for_reads_free_resources_per_alive_node(monkeypatch):
     t = NodeTable(FakeRay())
     t.refresh(force=True)
     assert t.room_for({"CPU": 1.0}) and not t.room_for({"CPU": 4.0})  # b is dead: its room does not count
+
+
+def test_pool_auto_drains_running_replicas_above_the_target_when_their_batches_end():
+    """An auto target that overshot (a dead node still counted) shrinks back: pending extras are dropped,
+    then running ones drain (no new work) and stop when their last batch ends."""
+    size = {"n": 3}
+    killed = []
+    p = StagePool("decoder", Handle, {"GPU": 1}, "auto", limit=2, run_id="r", target_fn=lambda: size["n"],
+                  kill=killed.append)
+    a, b, c = p.scale()
+    for r in (a, b, c):
+        p.on_ready(r, {"node": "n1"})
+    p.add_load(a, 2)
+    p.add_load(b, 1)
+    size["n"] = 1
+    p.scale()
+    assert c.state == "dead" and killed == [c.handle]  # idle: stopped at once
+    assert b.state == "draining" and p.n_running() == 1 and p.pick() is None  # a is full; b gets no work
+    p.drop_load(b, 1)
+    assert b.state == "dead" and killed == [c.handle, b.handle] and p.drained == 2
+    assert p.scale() == [] and list(p.all.values()) == [a]
+
+
+def test_node_table_reports_a_death_found_by_a_forced_read_at_the_next_refresh():
+    """A failed call forces a read of the node table (is its node gone?); the tick's next refresh must
+    still report that node, or its waiting embeddings and buffered images would never be redone."""
+    from kbatch.pool import NodeTable
+
+    nodes = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
+
+    class FakeRay:
+        def nodes(self):
+            return nodes
+
+    t = NodeTable(FakeRay(), every=0.0)
+    assert t.refresh() == set()
+    nodes[1] = {"NodeID": "b", "Alive": False}
+    assert t.refresh(force=True) == set() and t.is_dead("b")
+    assert t.refresh() == {"b"}
+    assert t.refresh() == set()
+
+
+def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several():
+    """The prior died with its node and the decoders took its GPU: after the grace period the decoders stop
+    growing, drop their unplaced replicas and drain one running replica (one at a time); a stage with a
+    single replica is never drained; nothing happens while a node has room or a prior is placed."""
+    from kbatch.room import Room
+
+    prior = StagePool("prior", Handle, {"GPU": 1, "CPU": 0.5}, 1, limit=2, run_id="r")
+    dec = StagePool("decoder", Handle, {"GPU": 1, "CPU": 0.5}, 4, limit=2, run_id="r")
+    writers = StagePool("writer", Handle, {"CPU": 0.25}, 2, limit=2, run_id="r")
+    prior.scale()
+    d = dec.scale()
+    for r in d[:3]:
+        dec.on_ready(r, {"node": "n1"})
+    for r in writers.scale():
+        writers.on_ready(r, {"node": "n1"})
+    room = Room(grace=5.0)
+    pools = [prior, dec, writers]
+    no_room = lambda demand: "GPU" not in demand  # noqa: E731 - the writers' CPU fits, a GPU does not
+
+    def step(t, room_for=no_room, needs=lambda p: True):
+        room.step(t, pools, needs, room_for)
+
+    step(0.0)
+    step(4.0)
+    assert dec.drained == 0 and room.grows(dec)  # within the grace period
+    step(6.0)
+    assert not room.grows(dec) and room.grows(writers)  # writers hold CPUs, not the GPU it lacks
+    assert d[3].state == "dead"  # the unplaced decoder competed for the same GPU
+    assert dec.drained == 1 and writers.drained == 0 and dec.n_running() == 2
+    step(7.0)
+    assert dec.drained == 1  # one at a time
+    step(12.0)
+    assert dec.drained == 2 and dec.n_running() == 1
+    step(30.0)
+    assert dec.drained == 2  # the last decoder stays: placement_timeout decides
+    assert dec.scale(grow=room.grows(dec)) == []
+    (p,) = prior.pending()
+    prior.on_placed(p, "n1")
+    step(31.0)
+    assert room.grows(dec)  # the prior is placed: the decoders may grow again
+    room2, prior2 = Room(grace=0.0), StagePool("prior", Handle, {"GPU": 1}, 1, limit=2, run_id="r")
+    prior2.scale()
+    room2.step(0.0, [prior2, dec], lambda p: True, lambda demand: True)  # a node has room: not starved
+    room2.step(1.0, [prior2, dec], lambda p: p is not prior2, no_room)  # no work left for the prior
+    assert room2.grows(dec) and dec.drained == 2
