@@ -1,7 +1,8 @@
 """Issue "Outputs and the people who use them": whole jobs in every output format / image encoding.
 
-The same manifest is rendered as files+png (the reference), webdataset+png and parquet+jpeg (three jobs
-keep the file near 40 s on 2 CPUs; each job's cost is mostly starting its two actors). ``open_results``
+The same manifest is rendered as files+png (the reference), webdataset+png and parquet+jpeg with the
+simulated models (SPEC §7: the real actors, writers and commit protocol; stand-in pixels, a smooth gradient
+per image; loading torch in every job's actor would triple this file's time). ``open_results``
 reads each back: the same pixels for png (exactly), close for jpeg; webdataset tars hold ``KEY.png`` +
 ``KEY.json`` with dot-free keys; every committed shard has ``stats/<shard>.json`` whose counts add up to the
 records. WebP (lossy and lossless) round trips are covered without Ray in test_writer.py and, through the
@@ -20,7 +21,7 @@ import kbatch
 from kbatch.config import deep_merge
 from kbatch.status import summarize
 
-from conftest import tiny_config
+from conftest import sim_models, tiny_config
 
 ROWS = [
     {"id": "fox", "prompt": "a red fox in the snow"},
@@ -42,20 +43,21 @@ def _frame():
     return df
 
 
-def _render(tiny_models, out, fmt, image_format):
+def _render(out, fmt, image_format):
     # (tiny_config's second argument is the output path, so the output section is merged here)
     # colocated: one actor process per job instead of two (the layout is not what this file tests)
-    cfg = deep_merge(tiny_config(tiny_models, out, retries={"max_failed_rows": 1}, resources={"colocate": True}),
+    cfg = deep_merge(tiny_config(sim_models(), out, retries={"max_failed_rows": 1},
+                                 resources={"colocate": True, "decoder": {"batch_size": 2}}),
                      {"output": {"format": fmt, "image_format": image_format, "rows_per_shard": 3}})
     return kbatch.render(_frame(), str(out), cfg)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_models, ray_session, tmp_path_factory):
+def runs(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
-    out = {("files", "png"): _render(tiny_models, root / "files-png", "files", "png")}
+    out = {("files", "png"): _render(root / "files-png", "files", "png")}
     for fmt, enc in CASES:
-        out[(fmt, enc)] = _render(tiny_models, root / f"{fmt}-{enc}", fmt, enc)
+        out[(fmt, enc)] = _render(root / f"{fmt}-{enc}", fmt, enc)
     return out
 
 
@@ -111,8 +113,8 @@ def test_same_pixels_as_files_png(runs, case):
             if lossless:
                 assert np.array_equal(a, b), f"{what}: png must be bit-exact"
                 continue
-            # The tiny models' images are pixel noise, the worst case for lossy codecs (lossy WebP, were it
-            # here, subsamples chroma 4:2:0 and would only compare in luma); jpeg at quality >= 90 is 4:4:4.
+            # (jpeg at quality >= 90 is 4:4:4; lossy codecs on pixel noise, their worst case, are in
+            # test_writer.py)
             dy = np.abs(_luma(a) - _luma(b))
             assert dy.mean() < 8, f"{what}: luma mean diff {dy.mean():.2f}"
             assert dy.mean() < np.abs(_luma(a) - _luma(_pixels(ref, "ship" if rid == "fox" else "fox", 0))).mean() / 3
