@@ -96,6 +96,10 @@ class NodeTable:
                 self._free = {}
         return any(fits(demand, free) > 0 for node, free in self._free.items() if node in self.alive)
 
+    def capacity(self) -> dict[str, dict]:
+        """Alive node id -> its resources (totals, not what is free)."""
+        return {node: n.get("Resources", {}) for node, n in self.alive.items()}
+
     def totals(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for n in self.alive.values():

@@ -11,15 +11,17 @@ for the same resources
 * gives up one running replica (drained: it finishes its batches first) if it has more than one, at most
   one replica every ``grace`` seconds, until the starved stage has a replica placed.
 
-A stage with one replica left never gives it up: two stages that cannot both fit end the run through
-``placement_timeout`` (exit 3, naming what was asked and what the cluster has).
+Starved means the replicas of the other stages, where their nodes are known, fill every alive node: a
+replica of the stage that is merely slow to start its process (it holds its resources before it can say
+where it is) is not starved. A stage with one replica left never gives it up: two stages that cannot both
+fit end the run through ``placement_timeout`` (exit 3, naming what was asked and what the cluster has).
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
-from .pool import STOPPED, StagePool
+from .pool import STOPPED, StagePool, fits
 
 log = logging.getLogger("kbatch")
 
@@ -39,16 +41,33 @@ class Room:
         self.last_drain = -float("inf")
         self.held: set[str] = set()  # pools that must not grow now
 
-    def starved(self, pool: StagePool, needs: bool, room_for: Callable[[dict], bool]) -> bool:
+    @staticmethod
+    def taken_by_others(pool: StagePool, pools: list[StagePool], capacity: dict[str, dict]) -> bool:
+        """Whether the replicas of the other stages whose node is known fill every alive node, for ``pool``'s
+        ask. (A replica of ``pool`` still starting its process also leaves no room free, but then what the
+        others hold leaves room: that is a slow start, not a starved stage.)"""
+        left = {node: dict(res) for node, res in capacity.items()}
+        for o in pools:
+            if o is pool:
+                continue
+            for r in o.all.values():
+                if r.node in left and (r.placed or r.state in ("running", "suspect", "draining")):
+                    for k, v in o.demand.items():
+                        left[r.node][k] = left[r.node].get(k, 0.0) - v
+        return not any(fits(pool.demand, res) > 0 for res in left.values())
+
+    def starved(self, pool: StagePool, pools: list[StagePool], needs: bool, room_for: Callable[[dict], bool],
+                capacity: dict[str, dict]) -> bool:
         return (needs and not pool.broken and bool(pool.pending()) and not pool.has_placed()
-                and not room_for(pool.demand))
+                and not room_for(pool.demand) and self.taken_by_others(pool, pools, capacity))
 
     def step(self, now: float, pools: list[StagePool], needs: Callable[[StagePool], bool],
-             room_for: Callable[[dict], bool]) -> None:
-        """Once per tick, before the pools scale (``grows(pool)`` then says whether one may grow)."""
+             room_for: Callable[[dict], bool], capacity: dict[str, dict]) -> None:
+        """Once per tick, before the pools scale (``grows(pool)`` then says whether one may grow).
+        ``room_for(demand)``: some alive node has it free now; ``capacity``: alive node id -> its resources."""
         self.held = set()
         for s in pools:
-            if not self.starved(s, needs(s), room_for):
+            if not self.starved(s, pools, needs(s), room_for, capacity):
                 self.since.pop(s.name, None)
                 continue
             since = self.since.setdefault(s.name, now)

@@ -216,9 +216,10 @@ def test_node_table_reports_a_death_found_by_a_forced_read_at_the_next_refresh()
 
 
 def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several():
-    """The prior died with its node and the decoders took its GPU: after the grace period the decoders stop
-    growing, drop their unplaced replicas and drain one running replica (one at a time); a stage with a
-    single replica is never drained; nothing happens while a node has room or a prior is placed."""
+    """The prior died and the decoders took its GPU: after the grace period the decoders stop growing, drop
+    their unplaced replicas and drain one running replica (one at a time, never their last); nothing happens
+    while a node has room, while the prior has no work, or while what the others hold leaves room (the
+    prior's own replica is then just slow to start)."""
     from kbatch.room import Room
 
     prior = StagePool("prior", Handle, {"GPU": 1, "CPU": 0.5}, 1, limit=2, run_id="r")
@@ -228,14 +229,16 @@ def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several()
     d = dec.scale()
     for r in d[:3]:
         dec.on_ready(r, {"node": "n1"})
+        dec.add_load(r, 1)  # busy: a drained one stops when its batch ends
     for r in writers.scale():
         writers.on_ready(r, {"node": "n1"})
     room = Room(grace=5.0)
     pools = [prior, dec, writers]
+    capacity = {"n1": {"GPU": 3.0, "CPU": 8.0}}
     no_room = lambda demand: "GPU" not in demand  # noqa: E731 - the writers' CPU fits, a GPU does not
 
-    def step(t, room_for=no_room, needs=lambda p: True):
-        room.step(t, pools, needs, room_for)
+    def step(t, room_for=no_room, needs=lambda p: True, cap=capacity):
+        room.step(t, pools, needs, room_for, cap)
 
     step(0.0)
     step(4.0)
@@ -244,19 +247,32 @@ def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several()
     assert not room.grows(dec) and room.grows(writers)  # writers hold CPUs, not the GPU it lacks
     assert d[3].state == "dead"  # the unplaced decoder competed for the same GPU
     assert dec.drained == 1 and writers.drained == 0 and dec.n_running() == 2
-    step(7.0)
-    assert dec.drained == 1  # one at a time
+    victim = next(r for r in d[:3] if r.state == "draining")
     step(12.0)
+    assert dec.drained == 1  # one at a time: the first is still finishing its batch
+    dec.drop_load(victim, 1)
+    assert victim.state == "dead"
+    step(13.0)
+    assert room.grows(dec) and dec.drained == 1  # its GPU is free: the prior's to take, nothing more drained
+    # what the others hold leaves a GPU: the prior's replica is starting (holding it), not starved
+    step(20.0, cap={"n1": {"GPU": 3.0, "CPU": 8.0}, "n2": {"GPU": 1.0, "CPU": 8.0}})
+    step(30.0, cap={"n1": {"GPU": 3.0, "CPU": 8.0}, "n2": {"GPU": 1.0, "CPU": 8.0}})
+    assert room.grows(dec) and dec.drained == 1
+    step(40.0, cap={"n1": {"GPU": 2.0, "CPU": 8.0}})
+    step(50.0, cap={"n1": {"GPU": 2.0, "CPU": 8.0}})
+    step(60.0, cap={"n1": {"GPU": 2.0, "CPU": 8.0}})  # starved again (a node shrank)
     assert dec.drained == 2 and dec.n_running() == 1
-    step(30.0)
-    assert dec.drained == 2  # the last decoder stays: placement_timeout decides
-    assert dec.scale(grow=room.grows(dec)) == []
+    for r in d[:3]:
+        if r.state == "draining":
+            dec.drop_load(r, 1)
+    step(70.0, cap={"n1": {"GPU": 1.0, "CPU": 8.0}})
+    step(80.0, cap={"n1": {"GPU": 1.0, "CPU": 8.0}})
+    assert dec.drained == 2 and dec.n_running() == 1  # the last decoder stays: placement_timeout decides
+    step(90.0, room_for=lambda demand: True, cap={"n1": {"GPU": 1.0, "CPU": 8.0}})
+    assert room.grows(dec)  # a node has room: not starved
+    step(91.0, needs=lambda p: p is not prior, cap={"n1": {"GPU": 1.0, "CPU": 8.0}})
+    assert room.grows(dec)  # no work left for the prior
     (p,) = prior.pending()
     prior.on_placed(p, "n1")
-    step(31.0)
-    assert room.grows(dec)  # the prior is placed: the decoders may grow again
-    room2, prior2 = Room(grace=0.0), StagePool("prior", Handle, {"GPU": 1}, 1, limit=2, run_id="r")
-    prior2.scale()
-    room2.step(0.0, [prior2, dec], lambda p: True, lambda demand: True)  # a node has room: not starved
-    room2.step(1.0, [prior2, dec], lambda p: p is not prior2, no_room)  # no work left for the prior
-    assert room2.grows(dec) and dec.drained == 2
+    step(100.0, cap={"n1": {"GPU": 1.0, "CPU": 8.0}})
+    assert room.grows(dec) and dec.drained == 2  # the prior is placed
