@@ -225,7 +225,7 @@ class Driver:
                     node = kv_get(f"{r.slot}/placed")
                     if node:
                         pool.on_placed(r, node)
-        self.room.step(now, pools, self._needs, self.nodes.room_for, self.nodes.capacity())
+        self.room.step(now, pools, self._needs, self.nodes.room_for, self.nodes.capacity)
         for pool in pools:
             if self._needs(pool):
                 pool.placement_check(now, self.cfg.resources.placement_timeout, lambda p=pool: self.describe_cluster(p),

@@ -46,6 +46,11 @@ class Replica:
     limbo: list = field(default_factory=list)  # calls that failed while its fate was unknown
     probing: bool = False
 
+    @property
+    def holds_room(self) -> bool:
+        """It holds its resources on a node: running (or suspect, draining), or its process started."""
+        return self.placed or self.state in ("running", "suspect", "draining")
+
 
 class NodeTable:
     """Which nodes are alive, from ``ray.nodes()``, refreshed at most every ``every`` seconds."""
@@ -162,7 +167,7 @@ class StagePool:
 
     def has_placed(self) -> bool:
         """Some replica holds its resources on a node (running, or its process started)."""
-        return any(r.state in ("running", "suspect", "draining") or r.placed for r in self.all.values())
+        return any(r.holds_room for r in self.all.values())
 
     def scale(self, now: float | None = None, grow: bool = True) -> list[Replica]:
         """Create replicas up to the target (after start failures: none, until one starts; ``grow`` False:
@@ -188,9 +193,13 @@ class StagePool:
                 break
             self.remove(r, STOPPED)
             extra -= 1
-        for r in sorted(self.running(), key=lambda r: (r.load, -r.seq))[:max(0, extra)]:
-            self.drain(r)
+        self.drain_least_loaded(extra)
         return new
+
+    def drain_least_loaded(self, n: int) -> None:
+        """Drain the ``n`` least loaded running replicas (the newest first among equals)."""
+        for r in sorted(self.running(), key=lambda r: (r.load, -r.seq))[:max(0, n)]:
+            self.drain(r)
 
     def drain(self, r: Replica) -> None:
         """No new work for ``r``; it stops when its batches in flight end (now, if it has none)."""

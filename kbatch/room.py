@@ -42,29 +42,30 @@ class Room:
         self.held: set[str] = set()  # pools that must not grow now
 
     @staticmethod
-    def taken_by_others(pool: StagePool, pools: list[StagePool], capacity: dict[str, dict]) -> bool:
+    def taken_by_others(pool: StagePool, pools: list[StagePool], capacity: Callable[[], dict[str, dict]]) -> bool:
         """Whether the replicas of the other stages whose node is known fill every alive node, for ``pool``'s
         ask. (A replica of ``pool`` still starting its process also leaves no room free, but then what the
         others hold leaves room: that is a slow start, not a starved stage.)"""
-        left = {node: dict(res) for node, res in capacity.items()}
+        left = {node: dict(res) for node, res in capacity().items()}
         for o in pools:
             if o is pool:
                 continue
             for r in o.all.values():
-                if r.node in left and (r.placed or r.state in ("running", "suspect", "draining")):
+                if r.node in left and r.holds_room:
                     for k, v in o.demand.items():
                         left[r.node][k] = left[r.node].get(k, 0.0) - v
         return not any(fits(pool.demand, res) > 0 for res in left.values())
 
     def starved(self, pool: StagePool, pools: list[StagePool], needs: bool, room_for: Callable[[dict], bool],
-                capacity: dict[str, dict]) -> bool:
+                capacity: Callable[[], dict[str, dict]]) -> bool:
         return (needs and not pool.broken and bool(pool.pending()) and not pool.has_placed()
                 and not room_for(pool.demand) and self.taken_by_others(pool, pools, capacity))
 
     def step(self, now: float, pools: list[StagePool], needs: Callable[[StagePool], bool],
-             room_for: Callable[[dict], bool], capacity: dict[str, dict]) -> None:
+             room_for: Callable[[dict], bool], capacity: Callable[[], dict[str, dict]]) -> None:
         """Once per tick, before the pools scale (``grows(pool)`` then says whether one may grow).
-        ``room_for(demand)``: some alive node has it free now; ``capacity``: alive node id -> its resources."""
+        ``room_for(demand)``: some alive node has it free now; ``capacity()``: alive node id -> its resources
+        (read only for a stage that looks starved)."""
         self.held = set()
         for s in pools:
             if not self.starved(s, pools, needs(s), room_for, capacity):
@@ -83,10 +84,9 @@ class Room:
                 draining = any(r.state == "draining" for r in o.all.values())
                 if len(running) > 1 and not draining and now - self.last_drain >= self.grace:
                     self.last_drain = now
-                    victim = min(running, key=lambda r: (r.load, -r.seq))
                     log.warning("kbatch: no node has room for a %s replica (asks %s) and none is placed: stopping "
                                 "one of %d %s replicas to make room", s.name, s.demand, len(running), o.name)
-                    o.drain(victim)
+                    o.drain_least_loaded(1)
 
     def grows(self, pool: StagePool) -> bool:
         return pool.name not in self.held

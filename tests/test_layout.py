@@ -238,7 +238,7 @@ def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several()
     no_room = lambda demand: "GPU" not in demand  # noqa: E731 - the writers' CPU fits, a GPU does not
 
     def step(t, room_for=no_room, needs=lambda p: True, cap=capacity):
-        room.step(t, pools, needs, room_for, cap)
+        room.step(t, pools, needs, room_for, lambda: cap)
 
     step(0.0)
     step(4.0)
