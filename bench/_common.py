@@ -55,7 +55,7 @@ def write_manifest(path: str, n: int) -> list[dict]:
 
 def row_seeds(recs: list[dict], job_seed: int) -> list[int]:
     """The seeds kbatch derives for these rows (so the baseline renders the very same images)."""
-    from kbatch.schema import derive_seed
+    from kbatch.schema.rows import derive_seed
 
     return [derive_seed(job_seed, r["id"]) for r in recs]
 

@@ -36,7 +36,7 @@ import _common as C  # noqa: E402
 # kbatch resource presets for the 2-CPU machine ("cpus": Ray scheduling shares; "threads": torch intra-op
 # threads of the worker). DEFAULT_VARIANT is the default; RESULTS.md has the measurements behind the choice.
 VARIANTS: dict[str, dict] = {
-    # no resources section at all: what `auto` resolves to on this machine (kbatch/layout.py: on a CPU
+    # no resources section at all: what `auto` resolves to on this machine (kbatch/run/layout.py: on a CPU
     # cluster, one colocated process with a lane per core, one torch thread each = cpu1x2c's layout)
     "auto": dict(prior={}, decoder={}, io_cpus=0.25, rows_per_shard=64),
     # two decoder replicas x 1 thread (one per core) + a 1-thread prior between them; 64-row shards
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     C.quiet_libs()
     import torch
 
-    import kbatch.tiny_models as tm
+    import kbatch.models.tiny as tm
 
     models = tm.write_tiny_models(args.models)
     work = args.workdir or tempfile.mkdtemp(prefix="kbatch-bench-")

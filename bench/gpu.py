@@ -131,7 +131,7 @@ def build_models(root: str, configs_path: str, device: str, mini: bool = False) 
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    from kbatch.tiny_models import _build_clip_tokenizer, _build_xlmr_tokenizer, _fix_model_index
+    from kbatch.models.tiny import _build_clip_tokenizer, _build_xlmr_tokenizer, _fix_model_index
 
     with open(configs_path) as fh:
         cfgs = json.load(fh)
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     work = args.workdir or tempfile.mkdtemp(prefix="kbatch-gpu-")
     os.makedirs(work, exist_ok=True)
     if args.tiny:
-        import kbatch.tiny_models as tm
+        import kbatch.models.tiny as tm
 
         models = tm.write_tiny_models(args.models or "/tmp/kbatch-bench-models")
     else:

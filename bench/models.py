@@ -1,7 +1,7 @@
 """Time to first image with model folders in object storage: a cold node cache vs a warm one.
 
 A moto S3 server on loopback stands in for the bucket. The tiny models (``kbatch models tiny``) are staged
-into it once with ``kbatch.model_store.pull_model`` (what ``kbatch models pull`` does), then the same small
+into it once with ``kbatch.models.store.pull_model`` (what ``kbatch models pull`` does), then the same small
 ``kbatch run`` (8 text2img rows, 64x64) is timed with ``models.*: s3://...``:
 
 * **local**: the model folders on local disk (no staging), the baseline;
@@ -44,8 +44,8 @@ def main():
     a = ap.parse_args()
     from moto.server import ThreadedMotoServer
 
-    from kbatch.model_store import pull_model
-    from kbatch.tiny_models import write_tiny_models
+    from kbatch.models.store import pull_model
+    from kbatch.models.tiny import write_tiny_models
 
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)

@@ -96,7 +96,7 @@ CLUSTER = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     sys.path.insert(0, %(root)r)
     from kbatch.config import load_config
-    from kbatch.runner import run_job
+    from kbatch.run.runner import run_job
 
     a = json.loads(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})

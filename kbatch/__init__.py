@@ -5,22 +5,22 @@
     res.df, res.image("row-1"), res.gallery()
     kbatch.open_results("s3://bucket/renders/2026-11-26")
 """
-from .config import ConfigError, JobConfig, load_config
+from kbatch.config import ConfigError, JobConfig, load_config
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: importing kbatch does not import torch, ray or diffusers
     if name in ("render", "submit", "JobHandle"):
-        from . import api
+        from kbatch import api
 
         return getattr(api, name)
     if name in ("open_results", "Results"):
-        from . import results
+        from kbatch.output import results
 
         return getattr(results, name)
     if name in ("run_job", "RunResult"):
-        from . import runner
+        from kbatch.run import runner
 
         return getattr(runner, name)
     raise AttributeError(name)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .config import ConfigError, JobConfig, load_config
+from kbatch.config import ConfigError, JobConfig, load_config
 
 
 def _config(config: str | JobConfig | Mapping | None, sets=None, manifest=None, output=None, **overrides):
@@ -21,7 +21,7 @@ def _config(config: str | JobConfig | Mapping | None, sets=None, manifest=None, 
         base, path = dict(config), None
     else:
         base, path = {}, config
-    from .config import deep_merge
+    from kbatch.config import deep_merge
 
     return load_config(path, sets=sets, manifest=manifest, output=output, overrides=deep_merge(base, overrides))
 
@@ -39,8 +39,8 @@ def render(manifest: Any, output: str | None = None, config: str | JobConfig | M
     """
     import pyarrow as pa
 
-    from .results import open_results
-    from .runner import run_job
+    from kbatch.output.results import open_results
+    from kbatch.run.runner import run_job
 
     table = None
     if isinstance(manifest, (str, os.PathLike)):
@@ -125,8 +125,8 @@ class JobHandle:
         """The output's ``_job.json`` if it was written by this job's run (started after Ray started the job;
         an older record is a previous run's on the same output), else None; None too if it is unreadable
         from here."""
-        from . import storage
-        from .jobstate import JOB_FILE
+        from kbatch import storage
+        from kbatch.output.job_file import JOB_FILE
 
         info = info or self.info()
         try:
@@ -203,7 +203,7 @@ class JobHandle:
     def results(self):
         """``open_results`` of the job's output location (readable from here: object storage, or a local
         path on a cluster that shares this machine's file system)."""
-        from .results import open_results
+        from kbatch.output.results import open_results
 
         return open_results(self.output, self.storage_options)
 
@@ -255,7 +255,7 @@ def submit(config: str | JobConfig | Mapping, address: str | None = None, *, wor
 
     from ray.job_submission import JobSubmissionClient
 
-    from .storage import absolute_if_exists, absolute_local, process_local
+    from kbatch.storage import absolute_if_exists, absolute_local, process_local
 
     cfg = _config(config, sets, manifest, output, **overrides)
     if process_local(cfg.resolved_output()):

@@ -13,8 +13,8 @@ import traceback
 
 import yaml
 
-from .config import ConfigError, JobConfig, check_storage, load_config
-from .manifest import ManifestError
+from kbatch.config import ConfigError, JobConfig, check_storage, load_config
+from kbatch.plan.manifest import ManifestError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 def env_storage_options() -> dict:
     """The storage options ``kbatch.submit`` sends in the job's runtime_env (``KBATCH_STORAGE_OPTIONS``, a JSON
     object) rather than in the entrypoint, where ``ray job list`` and ``ps`` would show them."""
-    from .api import STORAGE_OPTIONS_ENV
+    from kbatch.api import STORAGE_OPTIONS_ENV
 
     text = os.environ.get(STORAGE_OPTIONS_ENV)
     if not text:
@@ -117,9 +117,9 @@ def load_job_config(args) -> JobConfig:
 
 
 def cmd_run(args) -> int:
-    from .runner import run_job
+    from kbatch.run.runner import run_job
 
-    from .storage import process_local
+    from kbatch.storage import process_local
 
     cfg = load_job_config(args)
     if process_local(cfg.resolved_output()):
@@ -134,10 +134,10 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     """Every row checked as a run would check it (ids, values, URIs; input images unless --no-images),
     streamed: problems are printed as they are found, then a summary line."""
-    from .index import scan
-    from .planner import Planner
-    from .schema import Row
-    from .validate import validate_images
+    from kbatch.plan.resume_scan import scan
+    from kbatch.plan.planner import Planner
+    from kbatch.schema.rows import Row
+    from kbatch.plan.validate import validate_images
 
     cfg = with_env_storage_options(load_config(args.config, sets=args.sets, manifest=args.manifest))
     if not cfg.manifest:
@@ -145,11 +145,11 @@ def cmd_validate(args) -> int:
     check_storage(cfg)
     so = dict(cfg.storage_options) or None
     if cfg.stage == "decoder":
-        from .embeddings import embeddings_source
+        from kbatch.plan.manifest import embeddings_source
 
         source = embeddings_source(cfg.manifest, so)
     else:
-        from .manifest import ManifestSource
+        from kbatch.plan.manifest import ManifestSource
 
         source = ManifestSource.open(cfg.manifest, so)
     planner = Planner(cfg, source, scan(source), "validate")
@@ -174,7 +174,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import format_summary, summarize
+    from kbatch.run.status import format_summary, summarize
 
     # the config's storage_options (endpoint, credentials), with KBATCH_STORAGE_OPTIONS as defaults
     options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
@@ -184,7 +184,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .api import submit
+    from kbatch.api import submit
 
     handle = submit(args.config, args.address, sets=args.sets, manifest=args.manifest, output=args.output)
     print(f"job: {handle.job_id}", flush=True)
@@ -211,7 +211,7 @@ def cmd_submit(args) -> int:
 
 def cmd_models(args) -> int:
     if args.models_cmd == "pull":
-        from .model_store import pull_model
+        from kbatch.models.store import pull_model
 
         options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
         try:
@@ -220,7 +220,7 @@ def cmd_models(args) -> int:
             raise ConfigError(f"kbatch models pull {args.source} {args.dest}: {e}") from None
         print(json.dumps(summary, indent=2, default=str))
         return EXIT_OK
-    from .tiny_models import write_tiny_models
+    from kbatch.models.tiny import write_tiny_models
 
     paths = write_tiny_models(args.dir, overwrite=args.overwrite)
     for k, v in paths.items():
@@ -229,7 +229,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from kbatch.demo import run_demo
 
     result = run_demo(args.output, rows=args.rows, progress=args.progress)
     return result.exit_code
@@ -261,7 +261,7 @@ def job_entrypoint(argv: list[str]) -> int:
     """``jobs/render.py``: ``kbatch job ARGS``, then ``kbatch-exit-code: N`` as the last line of the job's
     logs, which ``JobHandle`` reads where ``_job.json`` is not readable and Ray has no exit code. The line is
     printed only when kbatch's ``main`` returned, so a job whose logs lack it died before (or outside) it."""
-    from .api import EXIT_MARKER
+    from kbatch.api import EXIT_MARKER
 
     try:
         code = main(["job", *argv])

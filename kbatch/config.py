@@ -15,6 +15,15 @@ from typing import Any, Mapping
 import yaml
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: scheduler name -> diffusers class (kbatch/models/schedulers.py builds them); the config's allowed names
+DECODER_SCHEDULERS = {
+    "ddim": "DDIMScheduler",  # as shipped with kandinsky-2-1
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+PRIOR_SCHEDULERS = {"unclip": "UnCLIPScheduler"}
 DEVICES = ("auto", "cuda", "cpu")
 FORMATS = ("files", "webdataset", "parquet")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -48,7 +57,7 @@ class ModelsConfig:
     decoder: str = DEFAULT_MODELS["decoder"]
     inpaint: str = DEFAULT_MODELS["inpaint"]
     dtype: str = "float16"
-    scheduler: str = "ddim"  # decoder scheduler, see kbatch.schedulers
+    scheduler: str = "ddim"  # decoder scheduler, see kbatch.models.schedulers
     prior_scheduler: str = "unclip"
     offload: bool = False  # accelerate model CPU offload, for GPUs too small to hold a stage
     compile: bool = False  # torch.compile the decoder UNet (once per image size; calls padded to batch_size)
@@ -81,7 +90,7 @@ class StageResources:
     batch_size: int = 16  # images per forward pass (rows x num_images)
     threads: int = 0  # torch threads per lane on a CPU device; 0: round(cpus / concurrency), at least 1
     concurrency: int | str = 1  # batches one replica runs at once, in threads sharing its weights
-    #                             (kbatch/lanes.py); "auto": the node's CPUs on a CPU cluster, else 1
+    #                             (kbatch/models/lanes.py); "auto": the node's CPUs on a CPU cluster, else 1
     max_replicas: int = 0  # cap for replicas: auto (0: no cap)
 
 
@@ -96,7 +105,7 @@ class ResourcesConfig:
     # prior inside each decoder process: one model-loading process per replica. auto: on a cluster without
     # GPUs (where it is the faster layout: bench/RESULTS.md), not with GPUs
     colocate: bool | str = AUTO
-    # bounds between stages (kbatch/bounds.py): the driver's memory and the object store's stay bounded
+    # bounds between stages (kbatch/run/bounds.py): the driver's memory and the object store's stay bounded
     plan_window: int = 4096  # manifest rows read, validated and sorted by batch key at once
     load_ahead: int = 2  # prior batches whose input images may be loaded ahead of the prior, per prior replica
     prior_ahead: int = 2  # decoder batches of embeddings that may wait for the decoders, per decoder replica
@@ -176,7 +185,7 @@ class JobConfig:
     @property
     def colocated(self) -> bool:
         """The prior runs inside the decoder processes (``resources.colocate`` as resolved for the cluster by
-        ``kbatch.layout``, a job with both stages)."""
+        ``kbatch.run.layout``, a job with both stages)."""
         return self.resources.colocate is True and self.stage == "all"
 
     def to_dict(self) -> dict:
@@ -364,7 +373,7 @@ def check_storage(cfg: JobConfig) -> None:
     """Config error if this process cannot open the manifest's or the output's filesystem (unknown protocol,
     or e.g. gcsfs not installed). Run where the job's driver runs (plan, ``kbatch validate``), not in
     ``validate_config``: ``kbatch.submit`` resolves configs on a machine that may lack the cluster's packages."""
-    from .storage import protocol_problem
+    from kbatch.storage import protocol_problem
 
     for key, uri in (("output.path", cfg.output.path), ("manifest", cfg.manifest)):
         problem = protocol_problem(uri) if uri else None
@@ -372,8 +381,6 @@ def check_storage(cfg: JobConfig) -> None:
 
 
 def validate_config(cfg: JobConfig) -> None:
-    from .schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS
-
     m = cfg.models
     _check(m.dtype in DTYPES, "models.dtype", m.dtype, f"must be one of {list(DTYPES)}")
     _check(m.scheduler in DECODER_SCHEDULERS, "models.scheduler", m.scheduler,
@@ -446,7 +453,7 @@ def validate_config(cfg: JobConfig) -> None:
     for k in ("max_pixels", "max_num_images", "max_steps", "max_image_bytes", "max_image_pixels", "max_mix_items"):
         _check(getattr(lim, k) >= 1, f"limits.{k}", getattr(lim, k), "must be >= 1")
     # the job defaults are checked with the same rules as manifest rows
-    from .params import check_params
+    from kbatch.schema.params import check_params
 
     problems = check_params(dataclasses.asdict(cfg.defaults), cfg.limits)
     if problems:

@@ -54,7 +54,7 @@ def demo_manifest(rows: int) -> pa.Table:
                                               {"prompt": None, "image": None, "image_uri": "inputs/init.png",
                                                "weight": 0.5}])
         recs.append(r)
-    from .schema import MIX_TYPE
+    from kbatch.schema.rows import MIX_TYPE
 
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("mode", pa.string()),
                         ("negative_prompt", pa.string()), ("num_images", pa.int64()), ("init_image", pa.string()),
@@ -83,9 +83,9 @@ def demo_config(root: str, models: dict[str, str]) -> dict:
 def run_demo(root: str = "out", rows: int = 12, progress: str | None = None):
     import yaml
 
-    from .config import load_config
-    from .runner import run_job
-    from .tiny_models import write_tiny_models
+    from kbatch.config import load_config
+    from kbatch.run.runner import run_job
+    from kbatch.models.tiny import write_tiny_models
 
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from kbatch.tiny_models import write_tiny_models
+    from kbatch.models.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 

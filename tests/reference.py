@@ -11,7 +11,7 @@ def pipes(prior_dir, decoder_dir, inpaint_dir, scheduler="ddim"):
                            KandinskyInpaintCombinedPipeline, KandinskyInpaintPipeline, KandinskyPipeline,
                            KandinskyPriorPipeline)
 
-    from kbatch.schedulers import DECODER_SCHEDULERS, make_scheduler
+    from kbatch.models.schedulers import DECODER_SCHEDULERS, make_scheduler
 
     prior = KandinskyPriorPipeline.from_pretrained(prior_dir, use_safetensors=True)
     dec = KandinskyPipeline.from_pretrained(decoder_dir, use_safetensors=True)

@@ -8,7 +8,7 @@ import time
 
 
 import kbatch
-from kbatch.status import format_summary, summarize
+from kbatch.run.status import format_summary, summarize
 
 from cli_helpers import env, kbatch as run_cli, write_job
 from test_scale import frame, sim_config
@@ -65,7 +65,7 @@ def test_a_fixed_row_renders_again_and_supersedes_its_error(ray_session, tmp_pat
     assert "ok 1" in stdout and "skipped 2" in stdout
     res = kbatch.open_results(str(out))
     assert list(res.df.query("id == 'fix'").status) == ["ok"]  # the error record no longer stands
-    assert len(kbatch.writer.read_records(str(out), superseded=True).query("id == 'fix'")) == 2
+    assert len(kbatch.output.writer.read_records(str(out), superseded=True).query("id == 'fix'")) == 2
     s = summarize(str(out))
     assert (s["rows_ok"], s["rows_failed"], s["complete"]) == (3, 0, True)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import kbatch
 from kbatch.config import from_dict
-from kbatch.runner import run_job
+from kbatch.run.runner import run_job
 
 from conftest import sim_models, tiny_config
 

@@ -112,7 +112,7 @@ def test_storage_options_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_status_reads_with_the_config_storage_options(monkeypatch, tmp_path):
-    import kbatch.status
+    import kbatch.run.status
 
     seen = []
 
@@ -120,8 +120,8 @@ def test_status_reads_with_the_config_storage_options(monkeypatch, tmp_path):
         seen.append((root, storage_options))
         return {"complete": True}
 
-    monkeypatch.setattr(kbatch.status, "summarize", summarize)
-    monkeypatch.setattr(kbatch.status, "format_summary", lambda s: "ok")
+    monkeypatch.setattr(kbatch.run.status, "summarize", summarize)
+    monkeypatch.setattr(kbatch.run.status, "format_summary", lambda s: "ok")
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text("storage_options: {endpoint_url: http://minio:9000, key: AK}\n")
     assert cli.main(["status", "s3://b/out", "--config", str(cfg_path)]) == 0

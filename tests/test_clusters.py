@@ -75,8 +75,8 @@ def test_node_killed_mid_run_and_a_new_node_joins(tmp_path):
     every row lands exactly once, nothing is charged as a failure, and the new node renders.
 
     While the dead node still counts, the decoders' auto target is 3 and they take both new GPUs; the new
-    prior then has nowhere to go until the decoder pool drains back to its target (kbatch.pool) or makes
-    room (kbatch.room). Before, the run waited for placement_timeout and exited 3 (a CI run hung here)."""
+    prior then has nowhere to go until the decoder pool drains back to its target (kbatch.run.stage_pool) or makes
+    room (kbatch.run.room_policy). Before, the run waited for placement_timeout and exited 3 (a CI run hung here)."""
     cfg = sim_config(tmp_path / "o", models={"sim": {"decoder_seconds_per_image": 0.01}},
                      resources={"device": "cpu", "prior": {"gpus": 1}, "decoder": {"replicas": "auto", "gpus": 1,
                                 "batch_size": 8}, "prior_ahead": 4, "placement_timeout": 90},
@@ -107,7 +107,7 @@ def test_more_gpus_asked_than_the_cluster_has_and_a_crashed_prior_gets_room(tmp_
     """One node, 2 GPUs; the config asks 3 (a prior and 2 decoders): the prior and one decoder run, the second
     decoder waits for a GPU without blocking anything. Mid-run the prior's process is killed; Ray gives its
     GPU to the waiting decoder, and the new prior has nowhere to go. kbatch drains a decoder to make room
-    (kbatch.room) and the job completes (it used to wait for placement_timeout and exit 3)."""
+    (kbatch.run.room_policy) and the job completes (it used to wait for placement_timeout and exit 3)."""
     cfg = sim_config(tmp_path / "o", models={"sim": {"decoder_seconds_per_image": 0.01}},
                      resources={"device": "cpu", "placement_timeout": 60, "prior": {"gpus": 1},
                                 "decoder": {"replicas": 2, "gpus": 1, "batch_size": 8}, "prior_ahead": 4},

@@ -50,7 +50,7 @@ def test_date_template_and_masked_secrets():
 
 
 def test_progress_logs_sparingly(capsys):
-    from kbatch.progress import Progress
+    from kbatch.run.progress import Progress
 
     p = Progress(100, mode="log", every=3600)
     for _ in range(99):

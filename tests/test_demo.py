@@ -1,6 +1,6 @@
 """`kbatch demo`: tiny models, a manifest of every mode, a complete render with a gallery."""
 from kbatch.demo import run_demo
-from kbatch.results import open_results
+from kbatch.output.results import open_results
 
 
 def test_demo_renders_every_mode(ray_session, tmp_path):

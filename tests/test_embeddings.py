@@ -9,7 +9,7 @@ from PIL import Image
 
 import kbatch
 from kbatch.config import from_dict
-from kbatch.runner import run_job
+from kbatch.run.runner import run_job
 
 from conftest import assert_pixels_close, tiny_config
 

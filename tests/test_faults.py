@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import kbatch
-from kbatch.status import summarize
+from kbatch.run.status import summarize
 
 from cli_helpers import env, write_job
 from conftest import sim_models, tiny_config

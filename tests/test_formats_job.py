@@ -19,7 +19,7 @@ import pytest
 
 import kbatch
 from kbatch.config import deep_merge
-from kbatch.status import summarize
+from kbatch.run.status import summarize
 
 from conftest import sim_models, tiny_config
 

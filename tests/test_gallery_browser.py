@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kbatch.gallery import write_gallery
-from kbatch.schema import record_key
-from kbatch.writer import OutputSpec, write_shard
+from kbatch.output.gallery import write_gallery
+from kbatch.schema.records import record_key
+from kbatch.output.writer import OutputSpec, write_shard
 
 
 def _chromium() -> str | None:

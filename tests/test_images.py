@@ -1,4 +1,4 @@
-"""kbatch.images: URI resolution under allowed roots/protocols and size-checked image decoding."""
+"""kbatch.plan.input_images: URI resolution under allowed roots/protocols and size-checked image decoding."""
 from __future__ import annotations
 
 import io
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from kbatch.config import LimitsConfig
-from kbatch.images import InputError, load_image, load_row_inputs, resolve_uri
-from kbatch.schema import MixItem, Row
+from kbatch.plan.input_images import InputError, load_image, load_row_inputs, resolve_uri
+from kbatch.schema.rows import MixItem, Row
 
 
 def png_bytes(size=(64, 64), color=(200, 30, 30), mode="RGB", noise=False) -> bytes:

@@ -7,8 +7,8 @@ import pandas as pd
 from PIL import Image
 
 import kbatch
-from kbatch.lanes import Lanes, clone_pipeline
-from kbatch.schema import Row
+from kbatch.models.lanes import Lanes, clone_pipeline
+from kbatch.schema.rows import Row
 
 from conftest import assert_pixels_close, tiny_config
 
@@ -41,7 +41,7 @@ class _Overlap:
 
 
 def test_clone_shares_weights_not_state(tiny_models):
-    from kbatch.models import load_decoder, placement
+    from kbatch.models.loading import load_decoder, placement
 
     pipe = load_decoder(tiny_models["decoder"], placement("cpu", "float32", 1))
     twin = clone_pipeline(pipe)
@@ -57,8 +57,8 @@ def test_clone_shares_weights_not_state(tiny_models):
 def test_two_lanes_run_at_once_and_match_one_lane(tiny_models):
     """Two threads through one predictor with 2 lanes: both inside the shared UNet at the same time, and
     every image equal to the same row through a 1-lane predictor (text2img, img2img, inpaint)."""
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -97,8 +97,8 @@ def test_two_lanes_run_at_once_and_match_one_lane(tiny_models):
 def test_colocated_lanes_job_one_process(tiny_models, ray_session, tmp_path):
     """resources.decoder.concurrency with colocate: one process renders both stages, the same pixels as the
     predictors give in this process, one batch at a time."""
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     rows = pd.DataFrame([{"id": f"r{i}", "prompt": f"a picture of thing {i}"} for i in range(10)])
     over = {"resources": {"colocate": True, "decoder": {"replicas": 1, "cpus": 1, "concurrency": 2,

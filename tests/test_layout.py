@@ -2,10 +2,10 @@
 the driver asks before it adds work (no Ray needed)."""
 import pytest
 
-from kbatch.bounds import Bounds
+from kbatch.run.bounds import Bounds
 from kbatch.config import ConfigError, from_dict
-from kbatch.layout import auto_replicas, expected_writers, resolve
-from kbatch.pool import CRASH, NODE, StagePool
+from kbatch.run.layout import auto_replicas, expected_writers, resolve
+from kbatch.run.stage_pool import CRASH, NODE, StagePool
 
 
 def node(cpu, gpu=0.0, nid="n1"):
@@ -162,7 +162,7 @@ def test_pool_placement_timer_waits_while_a_node_has_room():
 
 def test_node_table_room_for_reads_free_resources_per_alive_node(monkeypatch):
     import ray._private.state as state
-    from kbatch.pool import NodeTable
+    from kbatch.run.stage_pool import NodeTable
 
     class FakeRay:
         def nodes(self):
@@ -199,7 +199,7 @@ def test_pool_auto_drains_running_replicas_above_the_target_when_their_batches_e
 def test_node_table_reports_a_death_found_by_a_forced_read_at_the_next_refresh():
     """A failed call forces a read of the node table (is its node gone?); the tick's next refresh must
     still report that node, or its waiting embeddings and buffered images would never be redone."""
-    from kbatch.pool import NodeTable
+    from kbatch.run.stage_pool import NodeTable
 
     nodes = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
 
@@ -220,7 +220,7 @@ def test_room_a_starved_stage_gets_a_replica_of_another_stage_that_has_several()
     their unplaced replicas and drain one running replica (one at a time, never their last); nothing happens
     while a node has room, while the prior has no work, or while what the others hold leaves room (the
     prior's own replica is then just slow to start)."""
-    from kbatch.room import Room
+    from kbatch.run.room_policy import Room
 
     prior = StagePool("prior", Handle, {"GPU": 1, "CPU": 0.5}, 1, limit=2, run_id="r")
     dec = StagePool("decoder", Handle, {"GPU": 1, "CPU": 0.5}, 4, limit=2, run_id="r")

@@ -1,4 +1,4 @@
-"""SPEC §6 "One run per output at a time": the output lease (``kbatch/lease.py``) on a local disk, on S3
+"""SPEC §6 "One run per output at a time": the output lease (``kbatch/output/lease.py``) on a local disk, on S3
 (a moto server on loopback) and on ``memory://``.
 
 A second run on a held output gets LeaseHeld (a ConfigError: exit 2) naming the holder; a holder whose
@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from kbatch.config import ConfigError
-from kbatch.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, _machine, read_lease, stale_reason
+from kbatch.output.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, _machine, read_lease, stale_reason
 from kbatch.storage import get_fs, join
 
 OTHER_HOST = "some-other-host.invalid"

@@ -1,4 +1,4 @@
-"""kbatch.manifest: file / folder / glob / fsspec manifests, base folder, clear errors."""
+"""kbatch.plan.manifest: file / folder / glob / fsspec manifests, base folder, clear errors."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kbatch.config import JobConfig
-from kbatch.manifest import ManifestError, read_manifest
-from kbatch.validate import validate_table
+from kbatch.plan.manifest import ManifestError, read_manifest
+from kbatch.plan.validate import validate_table
 
 
 def _table(ids, **cols):

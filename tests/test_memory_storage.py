@@ -87,7 +87,7 @@ def test_memory_embeddings_then_decoder(ray_session):
 
 
 def test_in_driver_call_delivers_results_and_errors(ray_session):
-    from kbatch.workers import InDriver, Raised
+    from kbatch.models.actors import InDriver, Raised
 
     ray = ray_session
     ref = InDriver(lambda a, b: a + b).remote(ray.put(2), 3)
@@ -112,7 +112,7 @@ def test_shards_the_driver_cannot_see_make_the_run_incomplete(ray_session, monke
         assert not fs.exists("/kbt-unseen/job/_SUCCESS")
         job = json.loads(fs.cat("/kbt-unseen/job/_job.json"))
         assert job["status"] == "incomplete" and job["unseen_shards"] and job["unseen_shards"][0].startswith(job["run_id"])
-        from kbatch.status import format_summary, summarize
+        from kbatch.run.status import format_summary, summarize
 
         text = format_summary(summarize(out))
         assert "shard(s) this location does not hold" in text and "status:   INCOMPLETE" in text

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from kbatch.config import ConfigError
-from kbatch import model_store as ms
-from kbatch.schema import Row
+from kbatch.models import store as ms
+from kbatch.schema.rows import Row
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -87,8 +87,8 @@ def test_model_kind():
 def test_s3_model_stages_once_and_renders_same_pixels(s3_models, tiny_models, tmp_path, caplog):
     """s3:// folders staged into the node cache load and render exactly what the local folders render; a
     second load on the node copies nothing."""
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     want = _render(PriorPredictor(tiny_models["prior"], device="cpu", threads=1),
                    DecoderPredictor(tiny_models["decoder"], device="cpu", threads=1))
@@ -132,7 +132,7 @@ def test_changed_or_truncated_files_are_copied_again(s3, s3_models, tiny_models,
 _CHILD_STAGE = textwrap.dedent("""
     import json, logging, os, sys, time
     logging.basicConfig(level=logging.INFO)
-    from kbatch.model_store import stage
+    from kbatch.models.store import stage
     url, cache, ready, go = sys.argv[1:5]
     open(ready, "w").close()
     while not os.path.exists(go):
@@ -168,7 +168,7 @@ def test_two_processes_on_one_node_download_once(s3_models, tiny_models, tmp_pat
 
 _CHILD_DIES = textwrap.dedent("""
     import os, sys
-    import kbatch.model_store as ms
+    import kbatch.models.store as ms
     url, cache = sys.argv[1:3]
     real, calls = ms._download, []
     def dying(fs, src, tmp):
@@ -411,7 +411,7 @@ def test_tiny_models_have_ddpm_scheduler(tiny_models):
 def test_ddpm_loads_from_the_repos_ddpm_scheduler(tiny_models, tmp_path):
     from diffusers import DDPMScheduler
 
-    from kbatch.models import load_decoder, placement
+    from kbatch.models.loading import load_decoder, placement
 
     place = placement("cpu", "float32", 1)
     own = tmp_path / "own"
@@ -462,7 +462,7 @@ def _count_loads(monkeypatch):
 
 
 def test_inpaint_loads_at_start_and_shares_modules(tiny_models, tmp_path, monkeypatch):
-    from kbatch.decoder import DecoderPredictor
+    from kbatch.models.decoder import DecoderPredictor
 
     counts = _count_loads(monkeypatch)
     pred = DecoderPredictor(tiny_models["decoder"], tiny_models["inpaint"], device="cpu", threads=1)
@@ -483,7 +483,7 @@ def test_inpaint_loads_at_start_and_shares_modules(tiny_models, tmp_path, monkey
 
 
 def test_bad_inpaint_model_fails_at_start(tiny_models, tmp_path):
-    from kbatch.decoder import DecoderPredictor
+    from kbatch.models.decoder import DecoderPredictor
 
     with pytest.raises(FileNotFoundError, match="no-inpaint-here"):
         DecoderPredictor(tiny_models["decoder"], str(tmp_path / "no-inpaint-here"), device="cpu", threads=1)

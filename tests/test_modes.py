@@ -75,7 +75,7 @@ def job(tiny_models, ray_session, inputs, tmp_path_factory):
     cfg = tiny_config(tiny_models, out, manifest=str(folder / "*.parquet"),
                       resources={"decoder": {"batch_size": 3}, "prior": {"batch_size": 3}})
     from kbatch.config import from_dict
-    from kbatch.runner import run_job
+    from kbatch.run.runner import run_job
 
     result = run_job(from_dict(cfg))
     res = kbatch.open_results(str(out))
@@ -145,9 +145,9 @@ def test_interpolate_many_images_each_get_their_own_embedding(job):
 def test_scheduler_switch_changes_output_and_is_recorded(tiny_models, ray_session, tmp_path):
     """Each scheduler through the predictors (no cluster) equals plain diffusers with that scheduler; one whole
     job shows that models.scheduler reaches the decoder actors and the records."""
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
-    from kbatch.schema import Row
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
+    from kbatch.schema.rows import Row
 
     row = {**DEFAULTS, "id": "s", "prompt": "a lighthouse", "seed": 3}
     krow = Row(**{k: v for k, v in row.items() if k != "strength"})

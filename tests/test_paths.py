@@ -30,7 +30,7 @@ def test_relative_output_inside_a_ray_job_working_dir_warns(tmp_path, monkeypatc
     """`ray job submit --working-dir .` runs the driver in a temporary copy (…/_ray_pkg_<hash>): a relative
     output would be written there and deleted with it."""
     from kbatch.config import from_dict
-    from kbatch.runner import Runner
+    from kbatch.run.runner import Runner
 
     pkg = tmp_path / "working_dir_files" / "_ray_pkg_0123abcd"
     pkg.mkdir(parents=True)

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from kbatch import storage
-from kbatch.results import Results, open_results
-from kbatch.schema import record_key
-from kbatch.writer import OutputSpec, write_shard
+from kbatch.output.results import Results, open_results
+from kbatch.schema.records import record_key
+from kbatch.output.writer import OutputSpec, write_shard
 
 FORMATS = ["files", "webdataset", "parquet"]
 

@@ -4,7 +4,7 @@ moto's server mode runs on loopback, started by the test. The manifest and its i
 resolved against the manifest's folder) are read from it and the outputs written to it by the ``kbatch``
 command in a subprocess, whose local Ray workers inherit the environment. Credentials and the endpoint come
 from the environment only (AWS_*), never from the manifest or the config; the test checks that they are not
-copied into the outputs. ``open_results``, ``kbatch.status.summarize`` and ``kbatch status`` read it back.
+copied into the outputs. ``open_results``, ``kbatch.run.status.summarize`` and ``kbatch status`` read it back.
 """
 import io
 import json
@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import kbatch
-from kbatch.status import summarize
+from kbatch.run.status import summarize
 
 from cli_helpers import env as cli_env
 from conftest import assert_pixels_close, sim_models, tiny_config

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 
 import kbatch
 from kbatch.config import from_dict
-from kbatch.index import scan
-from kbatch.manifest import ManifestSource
-from kbatch.planner import Planner
+from kbatch.plan.resume_scan import scan
+from kbatch.plan.manifest import ManifestSource
+from kbatch.plan.planner import Planner
 
 
 def sim_config(out, **over):
@@ -83,9 +83,9 @@ def test_embeddings_and_images_never_reach_the_driver(ray_session, tmp_path, mon
     """Everything the driver fetches is a small status, a writer's stats or a replica's ready() answer."""
     import ray
 
-    from kbatch.outputs import DecoderOutput, PriorOutput
-    from kbatch.workers import Status
-    from kbatch.writer import ShardStats
+    from kbatch.schema.payloads import DecoderOutput, PriorOutput
+    from kbatch.models.actors import Status
+    from kbatch.output.writer import ShardStats
 
     got = []
     real_get = ray.get
@@ -140,16 +140,16 @@ def test_duplicates_and_resume_are_decided_in_bounded_pieces(tmp_path):
     pq.write_table(pa.Table.from_pandas(frame(50), preserve_index=False), folder / "a.parquet")
     pq.write_table(pa.Table.from_pandas(frame(30), preserve_index=False), folder / "b.parquet")  # 30 repeats
     s = scan(ManifestSource.open(str(folder)))
-    from kbatch.index import DUP, NEW
+    from kbatch.plan.resume_scan import DUP, NEW
 
     assert s.count(NEW) == 50 and s.count(DUP) == 30
     assert s.first_at[50] == 0 and s.first_at[79] == 29
 
 
 def test_progress_is_written_while_running_and_status_shows_it(ray_session, tmp_path, monkeypatch):
-    import kbatch.driver as driver
-    import kbatch.runner as runner
-    from kbatch.status import format_summary, summarize
+    import kbatch.run.driver as driver
+    import kbatch.run.runner as runner
+    from kbatch.run.status import format_summary, summarize
 
     monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.3)
     monkeypatch.setattr(driver, "TICK", 0.1)

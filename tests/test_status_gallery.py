@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from kbatch import storage
-from kbatch.gallery import write_gallery
-from kbatch.results import open_results
-from kbatch.schema import record_key
-from kbatch.status import format_summary, summarize
-from kbatch.writer import OutputSpec, write_shard
+from kbatch.output.gallery import write_gallery
+from kbatch.output.results import open_results
+from kbatch.schema.records import record_key
+from kbatch.run.status import format_summary, summarize
+from kbatch.output.writer import OutputSpec, write_shard
 
 FORMATS = ["files", "webdataset", "parquet"]
 EVIL = "<script>alert('x')</script> & \"quotes\""

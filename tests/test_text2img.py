@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 import kbatch
-from kbatch.schema import Row
+from kbatch.schema.rows import Row
 
 from conftest import assert_pixels_close, tiny_config
 from reference import render_row
@@ -94,8 +94,8 @@ def test_colocated_stages_same_pixels(job, tiny_models, tmp_path):
 
 def test_predictors_batch_invariant_without_ray(tiny_models):
     """The pure stage classes: a batch of rows equals each row alone (no cluster needed)."""
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
     dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32")
@@ -112,8 +112,8 @@ def test_precision_choices_on_cpu(tiny_models):
     """bfloat16 runs on CPU workers; float16 falls back to float32 there (CPU half kernels are slow/missing)."""
     import torch
 
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     row = Row(id="p", prompt="a cat", seed=1, height=64, width=64, num_inference_steps=3, prior_num_inference_steps=2)
     out = {}
@@ -131,8 +131,8 @@ def test_padding_for_compiled_unet_keeps_images(tiny_models):
     stay the same, for text2img and for img2img (whose init images are padded too)."""
     from PIL import Image
 
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")
     plain = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32")
@@ -156,8 +156,8 @@ def test_warmup_compiles_the_shapes_real_batches_use(tiny_models):
     import torch
     from torch._dynamo.utils import counters
 
-    from kbatch.decoder import DecoderPredictor
-    from kbatch.prior import PriorPredictor
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
 
     torch._dynamo.reset()
     prior = PriorPredictor(tiny_models["prior"], device="cpu", dtype="float32")

@@ -1,4 +1,4 @@
-"""Tests for kbatch.tiny_models: tiny offline Kandinsky 2.1 folders that load like the real hub models."""
+"""Tests for kbatch.models.tiny: tiny offline Kandinsky 2.1 folders that load like the real hub models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
-from kbatch.tiny_models import COMPONENTS, TINY_EMBED_DIM, tiny_models_complete, write_tiny_models
+from kbatch.models.tiny import COMPONENTS, TINY_EMBED_DIM, tiny_models_complete, write_tiny_models
 
 STEPS = dict(num_inference_steps=10, prior_num_inference_steps=5)
 
@@ -127,7 +127,7 @@ def test_build_in_other_process_is_byte_identical(tiny_root, tmp_path):
     import sys
 
     out = tmp_path / "subprocess"
-    code = "import sys; from kbatch.tiny_models import write_tiny_models; write_tiny_models(sys.argv[1])"
+    code = "import sys; from kbatch.models.tiny import write_tiny_models; write_tiny_models(sys.argv[1])"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -224,7 +224,7 @@ def test_component_types_and_configs(pipes):
 
 
 def test_tokenizers(pipes):
-    from kbatch.tiny_models import _build_clip_tokenizer, _build_xlmr_tokenizer
+    from kbatch.models.tiny import _build_clip_tokenizer, _build_xlmr_tokenizer
 
     prior, decoder, inpaint = pipes
     clip = prior.tokenizer
@@ -321,7 +321,7 @@ def test_combined_inpaint(pipes):
 
 
 def test_cli(tmp_path, capsys):
-    from kbatch.tiny_models import _main
+    from kbatch.models.tiny import _main
 
     root = tmp_path / "cli"
     assert _main([str(root)]) == 0

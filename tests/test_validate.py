@@ -1,4 +1,4 @@
-"""kbatch.validate: one Row or exactly one RowError per manifest row; defaults; seeds; messages."""
+"""kbatch.plan.validate: one Row or exactly one RowError per manifest row; defaults; seeds; messages."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from kbatch.config import Defaults, JobConfig, LimitsConfig
-from kbatch.schema import ID_RE, MANIFEST_COLUMNS, Row, derive_seed
-from kbatch.validate import (RowError, check_params, format_problems, validate_images, validate_manifest,
+from kbatch.schema.rows import ID_RE, MANIFEST_COLUMNS, Row, derive_seed
+from kbatch.plan.validate import (RowError, check_params, format_problems, validate_images, validate_manifest,
                              validate_table)
 
 NAN, INF = float("nan"), float("inf")

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from kbatch import storage
-from kbatch.results import open_results
-from kbatch.schema import RECORD_FIELDS, record_key
-from kbatch.status import summarize
-from kbatch.writer import (OutputSpec, ShardStats, encode_image, list_committed_shards, read_records,
+from kbatch.output.results import open_results
+from kbatch.schema.records import RECORD_FIELDS, record_key
+from kbatch.run.status import summarize
+from kbatch.output.writer import (OutputSpec, ShardStats, encode_image, list_committed_shards, read_records,
                            write_shard)
 
 FORMATS = ["files", "webdataset", "parquet"]

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import ray
 
-from .config import SIM, JobConfig
-from .outputs import DecoderOutput, PriorOutput
-from .schema import Row, base_record, record_key
+from kbatch.config import SIM, JobConfig
+from kbatch.schema.payloads import DecoderOutput, PriorOutput
+from kbatch.schema.rows import Row
+from kbatch.schema.records import base_record, record_key
 
 KV_NAMESPACE = "kbatch"
 
@@ -132,11 +133,11 @@ class PriorWorker:
         if cfg.faults.fail_start == "prior":
             raise RuntimeError("faults.fail_start: prior (a drill: this prior cannot load its models)")
         if m.prior == SIM:
-            from .sim import SimPrior
+            from kbatch.models.sim import SimPrior
 
             self.predictor = SimPrior(m.sim.prior_seconds_per_image, m.sim.load_seconds)
         else:
-            from .prior import PriorPredictor  # torch and diffusers: only in the actor process
+            from kbatch.models.prior import PriorPredictor  # torch and diffusers: only in the actor process
 
             self.predictor = PriorPredictor(m.prior, device=cfg.resources.device, dtype=m.dtype,
                                             scheduler=m.prior_scheduler, offload=m.offload,
@@ -179,12 +180,12 @@ class DecoderWorker:
         if cfg.faults.fail_start == "decoder":
             raise RuntimeError("faults.fail_start: decoder (a drill: this decoder cannot load its models)")
         if m.decoder == SIM:
-            from .sim import SimDecoder
+            from kbatch.models.sim import SimDecoder
 
             self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds)
             return
-        from .decoder import DecoderPredictor  # torch and diffusers: only in the actor
-        from .models import compiles
+        from kbatch.models.decoder import DecoderPredictor  # torch and diffusers: only in the actor
+        from kbatch.models.loading import compiles
 
         self.predictor = DecoderPredictor(
             m.decoder, m.inpaint if need_inpaint else None, device=cfg.resources.device, dtype=m.dtype,
@@ -266,7 +267,7 @@ def _as_writer(spec):
 
 def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:
     """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id)."""
-    from .images import load_row_inputs
+    from kbatch.plan.input_images import load_row_inputs
 
     errors, inputs = {}, {}
     for r in rows:
@@ -281,7 +282,7 @@ def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=No
     """CPU task (``stage: decoder``): the prior outputs of rows from an embeddings output, read by the
     task itself; ``locations``: (embeddings file URI, row index in the file, id). Returns (Status, payload)
     like a prior actor's call."""
-    from .embeddings import read_prior_outputs
+    from kbatch.output.embeddings import read_prior_outputs
 
     t0 = time.perf_counter()
     out = read_prior_outputs(locations, storage_options)
@@ -291,7 +292,7 @@ def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=No
 def write_shard(spec, shard: str, template: dict, error_records: list[dict], *payloads):
     """Flatten decoder outputs into one record per image, encode and commit one shard. ``template``: what
     every record of the run shares (``schema.record_template``); each row's part comes with its images."""
-    from .writer import write_shard as _write
+    from kbatch.output.writer import write_shard as _write
 
     records, images = [], []
     for payload in payloads:
@@ -311,7 +312,7 @@ def write_shard(spec, shard: str, template: dict, error_records: list[dict], *pa
 
 def write_embeddings(spec, shard: str, bases: dict, row_cells: dict, error_records: list[dict], *payloads):
     """Stage prior: the prior outputs of a shard's rows as ``embeddings/<shard>.parquet`` + metadata."""
-    from .embeddings import write_embeddings_shard
+    from kbatch.output.embeddings import write_embeddings_shard
 
     outputs = [p for payload in payloads for p in payload if p.id in bases]
     return write_embeddings_shard(spec, shard, bases, row_cells, outputs, error_records)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lanes import Lanes, clone_pipeline
-from .models import Placement, dtype_name, load_decoder, load_inpaint, placement
-from .outputs import DecoderOutput, PriorOutput
-from .prior import generator_from_state
-from .schema import Row
+from kbatch.models.lanes import Lanes, clone_pipeline
+from kbatch.models.loading import Placement, dtype_name, load_decoder, load_inpaint, placement
+from kbatch.schema.payloads import DecoderOutput, PriorOutput
+from kbatch.models.prior import generator_from_state
+from kbatch.schema.rows import Row
 
 
 class _HeightWidthFix:
@@ -37,7 +37,7 @@ class _HeightWidthFix:
 
 
 class _Lane:
-    """One lane's pipelines (``kbatch.lanes``): text2img, and img2img / inpaint made on first use."""
+    """One lane's pipelines (``kbatch.models.lanes``): text2img, and img2img / inpaint made on first use."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -54,11 +54,11 @@ class DecoderPredictor:
         """``pad_to``: fill every call up to this many images with throw-away copies of its last image, so
         that a compiled UNet sees one batch size per shape (a key's last, partial batch would otherwise
         recompile it: minutes on full-size models). The padding never changes the real images.
-        ``concurrency``: batches that may run at once from different threads (``kbatch.lanes``), sharing
+        ``concurrency``: batches that may run at once from different threads (``kbatch.models.lanes``), sharing
         the weights; each uses ``threads`` torch threads.
         ``inpaint_model``: given when the job has inpaint rows; loaded here, at actor start, so that a bad
         inpaint model fails the start with one clear error instead of every inpaint row.
-        ``storage_options`` / ``cache_dir``: for model URLs (``kbatch.model_store.stage_model``)."""
+        ``storage_options`` / ``cache_dir``: for model URLs (``kbatch.models.store.stage_model``)."""
         self.place: Placement = placement(device, dtype, threads)
         self.pad_to = pad_to
         self._opts = dict(scheduler=scheduler, offload=offload, channels_last=channels_last, compile=compile,

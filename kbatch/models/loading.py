@@ -2,7 +2,7 @@
 
 Models load only through ``from_pretrained(local_folder, use_safetensors=True)``: the same path for the real
 ``kandinsky-community`` weights and for the tiny offline folders of ``kbatch models tiny``. A hub id or an
-``s3://`` / ``gs://`` folder is first made local by ``kbatch.model_store.stage_model`` (huggingface_hub's cache,
+``s3://`` / ``gs://`` folder is first made local by ``kbatch.models.store.stage_model`` (huggingface_hub's cache,
 or one verified copy per node), with retries on transient errors, so a 429 at actor start costs a retry, not
 the actor.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_store import same_weights, stage_model, with_retries
-from .schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS, make_scheduler
+from kbatch.models.store import same_weights, stage_model, with_retries
+from kbatch.models.schedulers import DECODER_SCHEDULERS, PRIOR_SCHEDULERS, make_scheduler
 
 log = logging.getLogger("kbatch")
 

@@ -15,19 +15,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lanes import Lanes, clone_pipeline
-from .models import Placement, load_prior, placement
-from .outputs import PriorOutput
-from .schema import Row
+from kbatch.models.lanes import Lanes, clone_pipeline
+from kbatch.models.loading import Placement, load_prior, placement
+from kbatch.schema.payloads import PriorOutput
+from kbatch.schema.rows import Row
 
 
 class PriorPredictor:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str = "unclip",
                  offload: bool = False, threads: int = 0, revision: str | None = None, concurrency: int = 1,
                  storage_options: dict | None = None, cache_dir: str | None = None):
-        """``concurrency``: batches that may run at once from different threads (``kbatch.lanes``); each
+        """``concurrency``: batches that may run at once from different threads (``kbatch.models.lanes``); each
         uses ``threads`` torch threads. ``storage_options`` / ``cache_dir``: for a model URL
-        (``kbatch.model_store.stage_model``)."""
+        (``kbatch.models.store.stage_model``)."""
         self.place: Placement = placement(device, dtype, threads)
         self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision,
                                storage_options=storage_options, cache_dir=cache_dir)

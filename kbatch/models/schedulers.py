@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import os
 
-DECODER_SCHEDULERS = {
-    "ddim": "DDIMScheduler",  # as shipped with kandinsky-2-1
-    "ddpm": "DDPMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
-}
-PRIOR_SCHEDULERS = {"unclip": "UnCLIPScheduler"}
+from kbatch.config import DECODER_SCHEDULERS, PRIOR_SCHEDULERS  # the names a config may use
 
 #: scheduler name -> the subfolder of a model repo that holds its own config for it
 REPO_SUBFOLDERS = {"ddpm": "ddpm_scheduler"}

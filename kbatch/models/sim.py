@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from .outputs import DecoderOutput, PriorOutput
-from .schema import Row
+from kbatch.schema.payloads import DecoderOutput, PriorOutput
+from kbatch.schema.rows import Row
 
 EMBED_DIM = 768  # Kandinsky 2.1's CLIP image-embedding width
 _SIM_STATE = b"sim:"  # prefix of the stand-in "generator state": the seed as 8 bytes

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from kbatch.config import ConfigError
 
 log = logging.getLogger("kbatch")
 

@@ -17,7 +17,7 @@ breaking, and every model is built right after ``torch.manual_seed(<fixed>)``, s
 byte-identical files. The inpaint folder's ``text_encoder``, ``tokenizer``, ``movq`` and ``scheduler`` are
 byte-identical to the decoder's, so those components can be shared between the two pipelines.
 
-Run ``python -m kbatch.tiny_models ROOT`` to write the folders from the command line.
+Run ``python -m kbatch.models.tiny ROOT`` to write the folders from the command line.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .outputs import PriorOutput
-from .schema import Row, record_key
+from kbatch import storage
+from kbatch.schema.payloads import PriorOutput
+from kbatch.schema.rows import Row
+from kbatch.schema.records import record_key
 
 CELL_FIELDS = [("id", pa.string()), ("prompt", pa.string()), ("mode", pa.string()),
                ("negative_prompt", pa.string()), ("seed", pa.int64()), ("num_images", pa.int64()),
@@ -51,7 +52,7 @@ def cells(row: Row, raw: dict) -> dict:
 def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: dict[str, dict],
                            outputs: list[PriorOutput], error_records: list[dict]):
     """CPU task: ``embeddings/<shard>.parquet``, then metadata, stats and the commit record."""
-    from .writer import commit_shard
+    from kbatch.output.writer import commit_shard
 
     t0 = time.time()
     fs, root = storage.get_fs(spec.root, spec.storage_options)
@@ -74,25 +75,6 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
     if spec.fail_after_data:
         raise RuntimeError("injected write failure")
     return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records))
-
-
-def embeddings_source(uri: str, storage_options: dict | None = None):
-    """An embeddings output as a manifest (``stage: decoder``): its committed shards' ``embeddings/*.parquet``
-    files, streamed like any manifest (the embedding columns are read by the decoding tasks, not the driver).
-    Relative URIs resolve against the prior job's own manifest folder."""
-    from .jobstate import JOB_FILE
-    from .manifest import ManifestError, ManifestSource
-    from .writer import list_committed_shards
-
-    fs, root = storage.get_fs(uri, storage_options)
-    paths = [storage.join(root, "embeddings", f"{s}.parquet") for s in list_committed_shards(uri, storage_options)]
-    paths = [p for p in paths if fs.exists(p)]
-    if not paths:
-        raise ManifestError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")
-    prior_job = storage.read_json(uri, JOB_FILE, storage_options) or {}
-    src = ManifestSource.from_files(fs, paths, prior_job.get("manifest_base") or uri, uri, storage_options)
-    src.read_columns = [name for name, _ in CELL_FIELDS]  # not the embeddings: the decoding tasks read those
-    return src
 
 
 def read_prior_outputs(locations: list[tuple[str, int, str]], storage_options: dict | None = None

@@ -15,8 +15,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
-from .writer import EXTENSIONS
+from kbatch import storage
+from kbatch.output.writer import EXTENSIONS
 
 MAX_ERRORS = 1000  # error records shown (and read) at most
 
@@ -200,8 +200,8 @@ def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
     read shard by shard until ``max_images`` ok images and ``MAX_ERRORS`` error records are found
     (``writer.sample_records``). ``counts``: the numbers for the header (rows, images, errors, shards: e.g. a
     run's own accounting), default the sample's."""
-    from .reader import ImageReader
-    from .writer import sample_records
+    from kbatch.output.image_reader import ImageReader
+    from kbatch.output.writer import sample_records
 
     if df is None:
         df = sample_records(root, storage_options, max_images, MAX_ERRORS)

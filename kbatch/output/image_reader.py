@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 
-from . import storage
+from kbatch import storage
 
 
 class ImageReader:

@@ -7,7 +7,7 @@ import json
 import platform
 import secrets
 
-from .config import ConfigError, JobConfig
+from kbatch.config import ConfigError, JobConfig
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -52,7 +52,7 @@ def versions() -> dict:
 
 def check_config(previous: dict | None, cfg: JobConfig) -> None:
     """Refuse to mix records of a job that meant something else into this output (rows are compared with
-    their records by ``kbatch.index``)."""
+    their records by ``kbatch.plan.resume_scan``)."""
     if previous and previous.get("fingerprint") and previous["fingerprint"] != fingerprint(cfg):
         old, new = previous.get("meaning", {}), meaning(cfg)
         changed = sorted(_diff(old, new)) or ["(fingerprint)"]

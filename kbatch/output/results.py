@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 from typing import Any, Iterable
 
-from . import storage
-from .reader import ImageReader
-from .writer import list_committed_shards, read_records
+from kbatch import storage
+from kbatch.output.image_reader import ImageReader
+from kbatch.output.writer import list_committed_shards, read_records
 
 
 class Results:
@@ -131,7 +131,7 @@ class Results:
 
     def gallery(self, max_images: int = 50, thumb: int = 160) -> Any:
         """An object that Jupyter shows as a grid of thumbnails with prompt and seed."""
-        from .gallery import InlineGallery
+        from kbatch.output.gallery import InlineGallery
 
         return InlineGallery.from_records(self.df, self.reader, self.root, max_images=max_images, thumb=thumb)
 

@@ -11,8 +11,8 @@ Layout of an output root (all paths relative to it)::
 
 Commit protocol: data objects first, then metadata and stats, then the commit record. Every object is written
 atomically (temp name + rename on local disks, one PUT on object stores), so no partially written file is
-ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.results`,
-:mod:`kbatch.status`) only trust shards that have a commit record. Rewriting a shard first removes its commit
+ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.output.results`,
+:mod:`kbatch.run.status`) only trust shards that have a commit record. Rewriting a shard first removes its commit
 record, so a shard is never visible half old, half new.
 
 Keys are ``schema.record_key(id, image_index)``: no dots (webdataset convention) and no '/', so ids never
@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .schema import RECORD_FIELDS, RECORD_SCHEMA, record_key
+from kbatch import storage
+from kbatch.schema.records import RECORD_FIELDS, RECORD_SCHEMA, record_key
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMATS = ("files", "webdataset", "parquet", "embeddings")  # embeddings: stage prior

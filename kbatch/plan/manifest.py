@@ -140,7 +140,7 @@ class ManifestSource:
         matches, a file is not Parquet, files have incompatible schemas, required columns are missing or
         not strings."""
         fs, paths, base = list_manifest_files(uri, storage_options)
-        from .storage import absolute_local
+        from kbatch.storage import absolute_local
 
         return cls.from_files(fs, paths, base, absolute_local(uri), storage_options)
 
@@ -292,3 +292,23 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> tuple[pa.Tab
     except (pa.ArrowException, TypeError, ValueError) as e:
         raise ManifestError(f"manifest {uri!r}: the files have incompatible schemas: {e}") from None
     return table, src.base_uri
+
+
+def embeddings_source(uri: str, storage_options: dict | None = None):
+    """An embeddings output as a manifest (``stage: decoder``): its committed shards' ``embeddings/*.parquet``
+    files, streamed like any manifest (the embedding columns are read by the decoding tasks, not the driver).
+    Relative URIs resolve against the prior job's own manifest folder."""
+    from kbatch import storage
+    from kbatch.output.embeddings import CELL_FIELDS
+    from kbatch.output.job_file import JOB_FILE
+    from kbatch.output.writer import list_committed_shards
+
+    fs, root = storage.get_fs(uri, storage_options)
+    paths = [storage.join(root, "embeddings", f"{s}.parquet") for s in list_committed_shards(uri, storage_options)]
+    paths = [p for p in paths if fs.exists(p)]
+    if not paths:
+        raise ManifestError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")
+    prior_job = storage.read_json(uri, JOB_FILE, storage_options) or {}
+    src = ManifestSource.from_files(fs, paths, prior_job.get("manifest_base") or uri, uri, storage_options)
+    src.read_columns = [name for name, _ in CELL_FIELDS]  # not the embeddings: the decoding tasks read those
+    return src

@@ -1,6 +1,6 @@
 """The manifest stream: rows read, validated and batched a window at a time.
 
-The planner reads the manifest in record batches, skips the rows the scan (``kbatch.index``) found done,
+The planner reads the manifest in record batches, skips the rows the scan (``kbatch.plan.resume_scan``) found done,
 validates the others and collects ``resources.plan_window`` valid rows into a window. A window is sorted by
 (decoder key, prior key) and cut into prior batches, so rows that can share forward passes meet, without a
 global sort (memory: one window, whatever the manifest). Invalid rows become error records at once.
@@ -13,11 +13,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .config import JobConfig
-from .index import BADID, DUP, NEW, RETRY, Scan
-from .manifest import ManifestSource
-from .schema import Row, error_record
-from .validate import RowError, synthetic_id, validate_record
+from kbatch.config import JobConfig
+from kbatch.plan.resume_scan import BADID, DUP, NEW, RETRY, Scan
+from kbatch.plan.manifest import ManifestSource
+from kbatch.schema.rows import Row
+from kbatch.schema.records import error_record
+from kbatch.plan.validate import RowError, synthetic_id, validate_record
 
 _TO_READ = np.array([NEW, RETRY, DUP, BADID], dtype=np.uint8)
 
@@ -154,7 +155,7 @@ class Planner:
 
     def _extra(self, w: Window, row: Row, cells: dict, pos: int):
         if self.cfg.stage == "prior":
-            from .embeddings import cells as prior_cells
+            from kbatch.output.embeddings import cells as prior_cells
 
             w.extra[row.id] = prior_cells(row, cells)
         elif self.cfg.stage == "decoder":

@@ -4,7 +4,7 @@
 per row (``Scan.states``):
 
 1. the output's records: the metadata of every committed shard (id, row_hash, status, run_id), streamed
-   shard by shard and spilled into buckets by a hash of the id (``kbatch.spill``);
+   shard by shard and spilled into buckets by a hash of the id (``kbatch.plan.spill_buckets``);
 2. the manifest's ids: the ``id`` column only, streamed and spilled into the same buckets with positions;
 3. bucket by bucket: duplicate ids (the first occurrence wins) and the join of ids with their records. An id
    with ok records is done; an id whose only records are errors is failed (the latest error counts). Records
@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .manifest import ManifestSource
-from .schema import ID_RE
-from .spill import Buckets, SpillFolder, bucket_count, id_hash
+from kbatch.plan.manifest import ManifestSource
+from kbatch.schema.rows import ID_RE
+from kbatch.plan.spill_buckets import Buckets, SpillFolder, bucket_count, id_hash
 
 log = logging.getLogger("kbatch")
 
@@ -95,7 +95,7 @@ class Scan:
 def done_records(output: str, storage_options: dict | None, *, workers: int = 16):
     """Record batches (id, ok, row_hash, run_id) of every committed shard of ``output``, streamed with a
     bounded number of shards read ahead."""
-    from .writer import list_committed_shards, read_records_table
+    from kbatch.output.writer import list_committed_shards, read_records_table
 
     shards = list_committed_shards(output, storage_options)
 
@@ -173,7 +173,7 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
 
 
 def _count_failure(out: Scan, rid: str, error) -> None:
-    from .writer import reason_of
+    from kbatch.output.writer import reason_of
 
     error = None if error is None or error != error else str(error)
     reason = reason_of(error)

@@ -1,7 +1,7 @@
 """Row validation: the same code for ``kbatch validate`` and ``kbatch run``.
 
 * :func:`check_params` checks generation parameters (manifest rows and the config's ``defaults``).
-* :func:`validate_table` turns each manifest row into a :class:`kbatch.schema.Row` (job defaults applied,
+* :func:`validate_table` turns each manifest row into a :class:`kbatch.schema.rows.Row` (job defaults applied,
   URIs resolved and checked) or exactly one :class:`RowError`; one bad row never stops the others.
 * :func:`validate_images` loads every input image of valid rows (no models) to find missing, corrupt,
   oversized or mismatched images up front (``kbatch validate``).
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from .images import InputError, describe, load_row_inputs, resolve_uri
-from .params import check_params, is_int as _is_int, is_real as _is_real
-from .schema import ID_RE, PARAM_FIELDS, MixItem, Row, derive_seed, raw_fingerprint
+from kbatch.plan.input_images import InputError, describe, load_row_inputs, resolve_uri
+from kbatch.schema.params import check_params, is_int as _is_int, is_real as _is_real
+from kbatch.schema.rows import ID_RE, PARAM_FIELDS, MixItem, Row, derive_seed, raw_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import JobConfig
+    from kbatch.config import JobConfig
 
 MODES = ("text2img", "img2img", "inpaint", "interpolate")  # same as kbatch.config.MODES
 _INT_FIELDS = ("num_images", "height", "width", "num_inference_steps", "prior_num_inference_steps")
@@ -281,7 +281,7 @@ def validate_record(r: dict, index: int, cfg: "JobConfig", base_uri: str, column
 def validate_indexed(table: pa.Table, cfg: "JobConfig", base_uri: str,
                      start_index: int = 0) -> tuple[list[tuple[int, Row]], list[RowError]]:
     """Like :func:`validate_table`, but each valid row comes with its manifest row index. Keeps a dict of
-    every id (duplicates): for tables that fit in memory; jobs stream (``kbatch.planner``)."""
+    every id (duplicates): for tables that fit in memory; jobs stream (``kbatch.plan.planner``)."""
     rows: list[tuple[int, Row]] = []
     errors: list[RowError] = []
     seen: dict[str, int] = {}

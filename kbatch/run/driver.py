@@ -1,7 +1,7 @@
 """The driver loop: windows of rows through input loading, the prior, the decoders and the writers.
 
-It owns the queues between the stages and asks ``kbatch.bounds`` before it adds to any of them; the stage
-pools (``kbatch.pool``) own the actors. It holds rows and object refs, never images or embeddings: a prior
+It owns the queues between the stages and asks ``kbatch.run.bounds`` before it adds to any of them; the stage
+pools (``kbatch.run.stage_pool``) own the actors. It holds rows and object refs, never images or embeddings: a prior
 call returns (status, embeddings), and the driver passes the embeddings' ref to a decoder call and the
 decoder's images' ref to a writer, fetching only the statuses. Many completions are handled per wait.
 
@@ -20,13 +20,14 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from .bounds import Bounds
-from .config import JobConfig
-from .planner import Planner, Window, chunk, images, sort_key
-from .pool import CRASH, NODE, STOPPED, NodeTable, Replica, StagePool
-from .room import Room
-from .schema import Row, base_record, error_record, record_template
-from .shards import Entry, Shard, ShardBuffer, write_call
+from kbatch.run.bounds import Bounds
+from kbatch.config import JobConfig
+from kbatch.plan.planner import Planner, Window, chunk, images, sort_key
+from kbatch.run.stage_pool import CRASH, NODE, STOPPED, NodeTable, Replica, StagePool
+from kbatch.run.room_policy import Room
+from kbatch.schema.rows import Row
+from kbatch.schema.records import base_record, error_record, record_template
+from kbatch.run.shards import Entry, Shard, ShardBuffer, write_call
 
 log = logging.getLogger("kbatch")
 
@@ -118,11 +119,11 @@ class Driver:
         self.stored_priors = stored_priors  # stage decoder: the task reading stored embeddings
         self.nodes, self.describe_cluster, self.on_tick = nodes, describe_cluster, on_tick
         self.bounds = Bounds(cfg.resources)
-        self.room = Room()  # a stage with no room takes it from the others (kbatch.room)
+        self.room = Room()  # a stage with no room takes it from the others (kbatch.run.room_policy)
         self.template = record_template(cfg, run_id)  # what every record of the run shares
         self.colocated = prior is not None and prior is decoder
         self.prior_method = "run_prior" if self.colocated else "run"
-        # queues (each bounded: kbatch.bounds)
+        # queues (each bounded: kbatch.run.bounds)
         self.planned: deque[Unit] = deque()  # windows' batches not yet loading or at the prior
         self.loaded: deque[Unit] = deque()  # inputs loaded (or none needed), waiting for the prior
         self.waiting: dict[tuple, deque] = defaultdict(deque)  # decoder key -> (row, prior ref, input refs, node)
@@ -214,7 +215,7 @@ class Driver:
 
     # ==================================================================================== housekeeping
     def _tick(self, now: float) -> None:
-        from .workers import kv_get
+        from kbatch.models.actors import kv_get
 
         for node in self.nodes.refresh():
             self._node_lost(node)
@@ -350,7 +351,7 @@ class Driver:
             if not needy or unit.inputs:
                 self.loaded.append(unit)
                 continue
-            from .storage import node_local, process_local
+            from kbatch.storage import node_local, process_local
 
             uris = [u for r in needy for u in (r.init_image, r.mask, *(it.image_uri for it in r.mix))]
             default, here, in_driver = self.loaders
@@ -470,7 +471,7 @@ class Driver:
             return self._inputs_lost(call, e)
         except ray.exceptions.RayError as e:  # a task's worker crashed (after Ray's own retries), ...
             return self._raised(call, f"{call.kind} failed: {type(e).__name__}", crash=True)
-        from .workers import Raised
+        from kbatch.models.actors import Raised
 
         if isinstance(value, Raised) or (isinstance(value, tuple) and value and isinstance(value[0], Raised)):
             msg = (value if isinstance(value, Raised) else value[0]).message
@@ -624,7 +625,7 @@ class Driver:
             return self._retry(call.kind, unit, f"{call.kind} worker died: lost with its node "
                                                   f"{unit.node_losses} times", crash=True)
         # a crash on a live node: only the batches it was running are suspects
-        from .workers import running_batches
+        from kbatch.models.actors import running_batches
 
         running = running_batches(r.slot)
         if unit.token not in running and unit.free_retries < FREE_RETRIES:
@@ -726,7 +727,7 @@ class Driver:
 
     def replica_counts(self) -> dict:
         """Per stage: replicas started, lost with their nodes, and drained (above the target, or stopped to
-        make room for a starved stage: kbatch.room)."""
+        make room for a starved stage: kbatch.run.room_policy)."""
         return {p.name: {"started": p.started, "lost_to_nodes": p.lost_to_nodes, "drained": p.drained}
                 for p in self._pools()}
 

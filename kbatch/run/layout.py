@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import AUTO, JobConfig, writer_count
-from .pool import fits
+from kbatch.config import AUTO, JobConfig, writer_count
+from kbatch.run.stage_pool import fits
 
 MAX_AUTO_LANES = 4  # lanes beyond this were not measured (small models gain little per lane past 2-3)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .jobstate import now_iso
+from kbatch.output.job_file import now_iso
 
 
 class Progress:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .pool import STOPPED, StagePool, fits
+from kbatch.run.stage_pool import STOPPED, StagePool, fits
 
 log = logging.getLogger("kbatch")
 

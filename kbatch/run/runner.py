@@ -2,9 +2,9 @@
 
 ``run_job`` is the entry point of ``kbatch run``, ``jobs/render.py`` and ``kbatch.render``. Planning
 (``Runner.plan``) takes the output's lease, opens the manifest, scans it against the output's records
-(``kbatch.index``: what to skip, what to render again, duplicates) and checks the models, all before Ray or
-any model; the run (``Runner.run``) resolves the layout for the cluster (``kbatch.layout``), builds the stage
-pools and runs the driver loop (``kbatch.driver``); the end writes ``_job.json`` with honest counts of this
+(``kbatch.plan.resume_scan``: what to skip, what to render again, duplicates) and checks the models, all before Ray or
+any model; the run (``Runner.run``) resolves the layout for the cluster (``kbatch.run.layout``), builds the stage
+pools and runs the driver loop (``kbatch.run.driver``); the end writes ``_job.json`` with honest counts of this
 manifest's ids, the gallery, and ``_SUCCESS`` when every row has its records.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from .config import SIM, ConfigError, JobConfig, check_storage
-from .jobstate import JOB_FILE, SUCCESS_FILE, check_config, fingerprint, meaning, new_run_id, now_iso, versions
-from .progress import Progress
+from kbatch.config import SIM, ConfigError, JobConfig, check_storage
+from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE, check_config, fingerprint, meaning, new_run_id, now_iso, versions
+from kbatch.run.progress import Progress
 
 log = logging.getLogger("kbatch")
 
@@ -63,7 +63,7 @@ class Runner:
 
     def __init__(self, cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = False,
                  progress: str | None = None, table=None):
-        from .storage import absolute_local
+        from kbatch.storage import absolute_local
 
         self.cfg = cfg
         self.table = table  # an in-memory manifest (kbatch.render of a DataFrame); URIs resolve from cwd
@@ -81,12 +81,12 @@ class Runner:
     # ------------------------------------------------------------------------------------------ planning
     def plan(self) -> "Runner":
         """Lease, manifest, resume scan, model checks. Loads no model, starts no Ray. Raises ConfigError."""
-        from . import storage
-        from .index import ChangedRows, scan
-        from .jobstate import ResumeError
-        from .lease import Lease
-        from .manifest import ManifestSource
-        from .planner import Planner
+        from kbatch import storage
+        from kbatch.plan.resume_scan import ChangedRows, scan
+        from kbatch.output.job_file import ResumeError
+        from kbatch.output.lease import Lease
+        from kbatch.plan.manifest import ManifestSource
+        from kbatch.plan.planner import Planner
 
         cfg = self.cfg
         check_storage(cfg)
@@ -95,7 +95,7 @@ class Runner:
         elif not cfg.manifest:
             raise ConfigError("config key 'manifest' must be set (config or --manifest), got None")
         elif cfg.stage == "decoder":
-            from .embeddings import embeddings_source
+            from kbatch.plan.manifest import embeddings_source
 
             source = embeddings_source(cfg.manifest, self.so)
         else:
@@ -132,7 +132,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ running
     def run(self) -> RunResult:
-        from . import storage
+        from kbatch import storage
 
         cfg = self.cfg
         t_start = time.perf_counter()
@@ -161,7 +161,7 @@ class Runner:
             interrupted = True
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
         except Exception as e:  # a stage that cannot go on, or a bug: the run ends incomplete, with the cause
-            from .driver import StageFailed
+            from kbatch.run.driver import StageFailed
 
             error = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
             unexpected = not isinstance(e, StageFailed)
@@ -181,9 +181,9 @@ class Runner:
     def _drive(self):
         import ray
 
-        from .driver import Driver
-        from .pool import NodeTable
-        from .stages import build_stages
+        from kbatch.run.driver import Driver
+        from kbatch.run.stage_pool import NodeTable
+        from kbatch.run.stage_setup import build_stages
 
         self.nodes = NodeTable(ray)
         self.nodes.refresh(force=True)
@@ -200,14 +200,14 @@ class Runner:
             self.driver.run()
         finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
             self.driver.stop()
-            from .workers import kv_del_prefix
+            from kbatch.models.actors import kv_del_prefix
 
             kv_del_prefix(self.run_id)
 
     def _tick(self, driver) -> None:
         """Every driver tick: the progress bar/log, and every PROGRESS_EVERY seconds ``_job.json``'s
         ``progress`` and the lease."""
-        from . import storage
+        from kbatch import storage
 
         self.progress.set(driver.rows_ok + driver.rows_failed, driver.images)
         now = time.monotonic()
@@ -219,7 +219,7 @@ class Runner:
         storage.write_json_atomic(self.output, JOB_FILE, self.job, self.so)
 
     def _finish(self, t_start: float, interrupted: bool, error: str | None, unexpected: bool = False) -> RunResult:
-        from . import storage
+        from kbatch import storage
 
         cfg, scan, d = self.cfg, self.scan, self.driver
         rows_ok = d.rows_ok if d else 0
@@ -262,7 +262,7 @@ class Runner:
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
                 try:
-                    from .gallery import write_gallery
+                    from kbatch.output.gallery import write_gallery
 
                     write_gallery(self.output, max_images=cfg.output.gallery_max_images, storage_options=self.so)
                 except Exception as e:  # the gallery is a convenience, never a reason to fail a run
@@ -276,7 +276,7 @@ class Runner:
         another node (or any storage the driver does not share). Such a run is not complete."""
         if not committed:
             return []
-        from .writer import list_committed_shards
+        from kbatch.output.writer import list_committed_shards
 
         try:
             visible = {s for s in list_committed_shards(self.output, self.so) if s.startswith(self.run_id)}
@@ -327,7 +327,7 @@ def check_models(cfg: JobConfig, need_inpaint: bool, storage_options, rendering:
     if not rendering:
         return
     try:
-        from .model_store import check_model
+        from kbatch.models.store import check_model
     except ImportError:  # pragma: no cover
         return
     m = cfg.models

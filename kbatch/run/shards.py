@@ -3,7 +3,7 @@
 A shard holds the images of whole decoder batches (as object refs: the driver never fetches them) and the
 error records of failed rows. It is written when it has ``output.rows_per_shard`` rows, or ``FLUSH_SECONDS``
 after its first row. Every shard of a run is named ``<run_id>-<seq>``; the writer's commit record is the
-point after which its rows count as done (``kbatch.writer``).
+point after which its rows count as done (``kbatch.output.writer``).
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from .config import JobConfig
-from .schema import Row, base_record
+from kbatch.config import JobConfig
+from kbatch.schema.rows import Row
+from kbatch.schema.records import base_record
 
 FLUSH_SECONDS = 60  # a shard is written at rows_per_shard rows or after this long, whichever comes first
 

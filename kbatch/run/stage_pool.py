@@ -12,7 +12,7 @@ batches it was running. ``replicas: auto`` sets the target from the cluster's al
 the pool grows when nodes join and shrinks when they leave; a fixed ``replicas: N`` replaces what it loses.
 
 A replica above the target (``auto`` after a node count that overshot, or one stopped to make room for a
-starved stage: ``kbatch.room``) is *draining*: it gets no new work and is stopped when its last batch ends.
+starved stage: ``kbatch.run.room_policy``) is *draining*: it gets no new work and is stopped when its last batch ends.
 
 Picking a replica for a batch costs O(max load), not O(replicas): running replicas sit in buckets by load.
 """

@@ -1,7 +1,7 @@
 """The stages of a run on the cluster it found: layout resolved, actor pools and tasks built.
 
 ``build_stages`` is where a run meets Ray: it reads the alive nodes, makes the ``auto`` resources concrete
-(``kbatch.layout``), and builds one ``StagePool`` per actor stage (prior, decoder, writers) plus the CPU
+(``kbatch.run.layout``), and builds one ``StagePool`` per actor stage (prior, decoder, writers) plus the CPU
 tasks (input loading; stored embeddings for ``stage: decoder``). Storage that lives in one process
 (``memory://``) is written and read in the driver; a local output path prefers the driver's node.
 """
@@ -11,9 +11,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from .config import AUTO, ConfigError, JobConfig
-from .layout import auto_replicas, demand, expected_writers, resolve
-from .pool import NodeTable, StagePool
+from kbatch.config import AUTO, ConfigError, JobConfig
+from kbatch.run.layout import auto_replicas, demand, expected_writers, resolve
+from kbatch.run.stage_pool import NodeTable, StagePool
 
 log = logging.getLogger("kbatch")
 
@@ -35,7 +35,7 @@ def _worker_config(cfg: JobConfig) -> JobConfig:
     """The config the model actors get: model folders that exist here, and the fault-injection file, as
     absolute paths (actors run in the directory Ray started in). The job's own config, its fingerprint and
     the model names in the records keep what the user wrote."""
-    from .storage import absolute_if_exists, absolute_local
+    from kbatch.storage import absolute_if_exists, absolute_local
 
     m, f = cfg.models, cfg.faults
     folders = {k: absolute_if_exists(getattr(m, k)) for k in ("prior", "decoder", "inpaint")}
@@ -53,9 +53,9 @@ def _driver_node(ray):
 
 def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options, nodes: NodeTable,
                  need_inpaint: bool, shapes: list) -> Stages:
-    from . import storage
-    from .workers import DriverWriter, InDriver, actor_classes, io_task, load_inputs, read_stored_priors
-    from .writer import OutputSpec
+    from kbatch import storage
+    from kbatch.models.actors import DriverWriter, InDriver, actor_classes, io_task, load_inputs, read_stored_priors
+    from kbatch.output.writer import OutputSpec
 
     alive = list(nodes.alive.values())
     gpus_in_cluster = sum(n.get("Resources", {}).get("GPU", 0.0) for n in alive)

@@ -1,7 +1,7 @@
 """Summary of an output location: rows done / failed (by reason) / missing, and whether the run is complete.
 
 Counts are for the ids of the manifest the last run was given (SPEC §6), when that manifest can still be
-read: the same scan a run does before it starts (``kbatch.index``), in bounded memory. Records of ids that
+read: the same scan a run does before it starts (``kbatch.plan.resume_scan``), in bounded memory. Records of ids that
 are not in that manifest are left alone and reported apart. Without a readable manifest (an in-memory
 DataFrame, a deleted file) the records themselves are counted. Only committed shards count, and a row
 rendered again supersedes its old error records. A run in progress shows its ``progress`` and who holds the
@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import storage
-from .writer import list_committed_shards, read_records, reason_of
+from kbatch import storage
+from kbatch.output.writer import list_committed_shards, read_records, reason_of
 
 SUCCESS_MARKER = "_SUCCESS"
 JOB_FILE = "_job.json"
@@ -37,10 +37,10 @@ def _manifest_of(job: dict | None, storage_options) -> tuple[Any, str]:
     uri = job["manifest"]
     try:
         if (job.get("config") or {}).get("stage") == "decoder":
-            from .embeddings import embeddings_source
+            from kbatch.plan.manifest import embeddings_source
 
             return embeddings_source(uri, storage_options), f"manifest {uri}"
-        from .manifest import ManifestSource
+        from kbatch.plan.manifest import ManifestSource
 
         return ManifestSource.open(uri, storage_options), f"manifest {uri}"
     except Exception as e:  # noqa: BLE001 - gone, moved, no credentials: count the records instead
@@ -49,7 +49,7 @@ def _manifest_of(job: dict | None, storage_options) -> tuple[Any, str]:
 
 def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Counts of an output location (see module docstring); plain JSON-able values."""
-    from .lease import read_lease
+    from kbatch.output.lease import read_lease
 
     fs, base = storage.get_fs(root, storage_options)
     job = storage.read_json(root, JOB_FILE, storage_options)
@@ -79,7 +79,7 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
 
 
 def _from_manifest(source, root: str, storage_options) -> dict:
-    from .index import DONE_ERR, DONE_OK, SKIP_FAILED, SKIP_OK, scan
+    from kbatch.plan.resume_scan import DONE_ERR, DONE_OK, SKIP_FAILED, SKIP_OK, scan
 
     s = scan(source, root, storage_options)
     ok, failed = s.count(SKIP_OK, DONE_OK), s.count(SKIP_FAILED, DONE_ERR)

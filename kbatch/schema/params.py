@@ -1,4 +1,4 @@
-"""Generation parameters: the checks shared by manifest rows (``kbatch.validate``) and the config's
+"""Generation parameters: the checks shared by manifest rows (``kbatch.plan.validate``) and the config's
 ``defaults`` (``kbatch.config``). A leaf module: it imports neither of them."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from .schema import PARAM_FIELDS
+from kbatch.schema.rows import PARAM_FIELDS
 
 
 def is_int(v: Any) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schema import Row
+from kbatch.schema.rows import Row
 
 
 @dataclass
