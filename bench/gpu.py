@@ -1,7 +1,7 @@
 """GPU benchmark: plain diffusers (1 and 16 prompts per call) vs `kbatch run` on one card, in one run.
 
 Reference workload: text2img 512x512, prior 25 + decoder 50 steps, guidance 4, float16. The models are the
-full-size Kandinsky 2.1 architectures with random weights, built from ``shared/kandinsky21_configs.json``
+full-size Kandinsky 2.1 architectures with random weights, built from ``bench/kandinsky21_configs.json``
 (compute does not depend on weight values) and written as diffusers model folders (safetensors); the
 tokenizers are kbatch's tiny offline ones (token ids stay below the full vocab sizes).
 
@@ -21,7 +21,7 @@ pipelines resident); for kbatch, what its workers report in ``_job.json`` (``res
 own peak allocated), and the device-wide peak used (``torch.cuda.mem_get_info`` polled by this process,
 which holds a small CUDA context of its own then).
 
-    python bench/gpu.py --out $OUT               # on the lent GPU (see bench/README.md for the set-up)
+    python bench/gpu.py --out $OUT               # on a GPU machine (see bench/README.md for the set-up)
     python bench/gpu.py --out $OUT --kbatch base --kbatch lanes --kbatch colocated   # several layouts
     python bench/gpu.py --tiny                   # CPU smoke run: tiny models, 64x64, few steps and rows
     python bench/gpu.py --mini                   # CPU test of the full-size builder with shrunk widths
@@ -42,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-CONFIGS_JSON = os.path.join(os.path.dirname(C.ROOT), "shared", "kandinsky21_configs.json")
+# the published component configs of the three kandinsky-community repos, shipped beside this script
+CONFIGS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kandinsky21_configs.json")
 T0 = time.perf_counter()
 
 
@@ -57,7 +58,8 @@ KBATCH_VARIANTS: dict[str, dict] = {
     "colocated": {"sets": ["resources.colocate=true"], "decoder_gpus": 1.0},  # one process, one CUDA context
     "lanes": {"sets": ["resources.decoder.concurrency=2"]},             # 2 batches at once, one copy of weights
     "compile": {"sets": ["models.compile=true"]},                       # compiled UNet, warm-up per shape
-    # compiled UNet at 32 images per pass: NOTES.md's best plain-diffusers setting on an H200 (4.44 img/s)
+    # compiled UNet at 32 images per pass: the best plain-diffusers setting measured on an H200 while planning
+    # kbatch (4.44 img/s)
     "compile32": {"sets": ["models.compile=true"], "batch": 32},
 }
 

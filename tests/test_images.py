@@ -243,22 +243,22 @@ def test_resolve_remote_roots(limits):
     for bad in ("../secret.png", "s3://bucket/prompts/../secret.png", "s3://bucket/prompts2/x.png",
                 "s3://other/prompts/x.png", "gs://bucket/prompts/x.png", "/etc/passwd"):
         assert "outside the allowed roots" in str(_err(resolve_uri, bad, base, limits)), bad
-    lim = LimitsConfig(allowed_roots=["s3://bucket/prompts", "gs://shared/imgs"])
-    assert resolve_uri("gcs://shared/imgs/x.png", base, lim) == "gcs://shared/imgs/x.png"
+    lim = LimitsConfig(allowed_roots=["s3://bucket/prompts", "gs://team/imgs"])
+    assert resolve_uri("gcs://team/imgs/x.png", base, lim) == "gcs://team/imgs/x.png"
     # memory:// with and without the leading slash name the same place
     assert resolve_uri("a.png", "memory:///prompts", limits) == "memory://prompts/a.png"
     assert resolve_uri("memory://prompts/b.png", "memory:///prompts", limits) == "memory://prompts/b.png"
 
 
 def test_resolve_explicit_roots(tmp_path):
-    base, other = tmp_path / "m", tmp_path / "shared"
+    base, other = tmp_path / "m", tmp_path / "common"
     base.mkdir()
     other.mkdir()
     lim = LimitsConfig(allowed_roots=[str(other)])
     assert resolve_uri(str(other / "a.png"), str(base), lim) == os.path.realpath(other / "a.png")
     # roots replace the default: the manifest folder is no longer allowed unless listed
     assert "outside" in str(_err(resolve_uri, "a.png", str(base), lim))
-    assert resolve_uri("../shared/a.png", str(base), lim) == os.path.realpath(other / "a.png")
+    assert resolve_uri("../common/a.png", str(base), lim) == os.path.realpath(other / "a.png")
 
 
 def test_symlink_escaping_root_rejected(limits, tmp_path):

@@ -9,7 +9,7 @@
 
 They load through exactly the same ``from_pretrained(..., use_safetensors=True)`` calls as the real hub
 models (``kandinsky-community/kandinsky-2-1-prior``, ``kandinsky-2-1``, ``kandinsky-2-1-inpaint``), keep the
-block types / config structure of the real models (see ``shared/kandinsky21_configs.json``) and only shrink
+block types / config structure of the real models (see ``bench/kandinsky21_configs.json``) and only shrink
 the sizes, so a 64x64 text-to-image call runs in a fraction of a second on CPU.
 
 Everything is deterministic: the tokenizers are trained from a built-in corpus with deterministic tie
