@@ -161,7 +161,7 @@ class Runner:
             interrupted = True
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
         except Exception as e:  # a stage that cannot go on, or a bug: the run ends incomplete, with the cause
-            from kbatch.run.driver import StageFailed
+            from kbatch.run.work import StageFailed
 
             error = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
             unexpected = not isinstance(e, StageFailed)
@@ -209,7 +209,8 @@ class Runner:
         ``progress`` and the lease."""
         from kbatch import storage
 
-        self.progress.set(driver.rows_ok + driver.rows_failed, driver.images)
+        res = driver.outcomes
+        self.progress.set(res.rows_ok + res.rows_failed, res.images)
         now = time.monotonic()
         if now - self._last_write < PROGRESS_EVERY:
             return
@@ -221,7 +222,8 @@ class Runner:
     def _finish(self, t_start: float, interrupted: bool, error: str | None, unexpected: bool = False) -> RunResult:
         from kbatch import storage
 
-        cfg, scan, d = self.cfg, self.scan, self.driver
+        cfg, scan = self.cfg, self.scan
+        d = self.driver.outcomes if self.driver is not None else None  # the run's results
         rows_ok = d.rows_ok if d else 0
         rows_failed = d.rows_failed if d else 0
         n_images = d.images if d else 0
@@ -248,16 +250,17 @@ class Runner:
         job = self.job
         job.update(status=status, exit_code=code, finished=now_iso(), result=dataclasses.asdict(result),
                    worker_start_errors=dict(d.start_errors) if d else {}, unseen_shards=unseen, error=error,
-                   progress=self.progress.snapshot(queues=d.queues() if d else {}))
+                   progress=self.progress.snapshot(queues=self.driver.queues() if d else {}))
         if d is not None:
             import resource
 
             ru = resource.getrusage(resource.RUSAGE_SELF)
-            job["driver"] = {"gets": d.driver_gets, "windows": self.planner.windows, "high_water": dict(d.high),
+            job["driver"] = {"gets": d.driver_gets, "windows": self.planner.windows,
+                             "high_water": dict(self.driver.dispatch.high),
                              "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
                              "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
-                             "first_image_seconds": d.first_image_at, "loop_seconds": d.loop_seconds,
-                             "replicas": d.replica_counts()}
+                             "first_image_seconds": d.first_image_at, "loop_seconds": self.driver.loop_seconds,
+                             "replicas": self.driver.replica_counts()}
         storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
