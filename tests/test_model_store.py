@@ -126,7 +126,46 @@ def test_changed_or_truncated_files_are_copied_again(s3, s3_models, tiny_models,
                  (Path(tiny_models["prior"]) / "scheduler/scheduler_config.json").read_bytes() + b"\n")
     s3.invalidate_cache()
     after = ms.stage(url, cache_dir=cache)
-    assert after.path == base.path and after.files_copied == 1
+    # a new version of the source is a new folder (never re-staged under a process loading the old one);
+    # its unchanged files come from the previous version, verified, without downloading them again
+    assert after.path != base.path and after.files_copied == 1
+    assert Path(base.path).is_dir()  # this process staged it: held shared, not evicted under it
+    for rel in _wanted_files(tiny_models["prior"]):
+        if rel != "scheduler/scheduler_config.json":
+            assert (Path(after.path) / rel).read_bytes() == (Path(tiny_models["prior"]) / rel).read_bytes()
+
+
+def test_a_cached_file_changed_in_place_is_copied_again(s3, s3_models, tiny_models, tmp_path):
+    """Same size, other bytes (a node's disk, or someone, changed the copy): the verified stamp (size, mtime,
+    inode) no longer matches, so the file is not trusted by its size and is copied again."""
+    cache = str(tmp_path / "cache")
+    first = ms.stage(s3_models["decoder"], cache_dir=cache)
+    victim = Path(first.path) / "movq" / "diffusion_pytorch_model.safetensors"
+    original = victim.read_bytes()
+    with open(victim, "r+b") as fh:  # two bytes changed in place: same size
+        fh.seek(len(original) - 2)
+        fh.write(bytes(255 - b for b in original[-2:]))
+    again = ms.stage(s3_models["decoder"], cache_dir=cache)
+    assert again.path == first.path and again.files_copied == 1
+    assert victim.read_bytes() == original
+
+
+def test_a_bucket_key_with_an_empty_segment_writes_nothing_outside_the_cache(s3, tiny_models, tmp_path):
+    """``decoder//<absolute path>/evil.json`` would name an absolute path after the model prefix: the listing
+    drops it, staging writes only inside the cache, and the model still loads."""
+    url = _upload(s3, tiny_models["decoder"], "evil/decoder")
+    target = tmp_path / "outside" / "evil.json"
+    s3.pipe_file(f"{BUCKET}/evil/decoder/{target}", b'{"owned": true}')  # key: evil/decoder//tmp/.../evil.json
+    s3.invalidate_cache()
+    keys = [k for k in s3.find(f"{BUCKET}/evil/decoder") if "evil.json" in k]
+    assert keys and "//" in keys[0], keys  # the crafted key is really there, with its empty segment
+    cache = tmp_path / "cache"
+    staged = ms.stage(url, cache_dir=str(cache))
+    assert not target.exists()
+    assert not ms.wanted(str(target)) and not ms.safe_name("a//b.json") and not ms.safe_name("a/../b.json")
+    assert staged.files_copied == len(_wanted_files(tiny_models["decoder"]))
+    inside = {p.resolve() for p in cache.rglob("*") if p.is_file()}
+    assert all(str(p).startswith(str(cache.resolve())) for p in inside)
 
 
 _CHILD_STAGE = textwrap.dedent("""
@@ -377,6 +416,22 @@ def test_pull_to_s3_then_stage(s3, tiny_models, tmp_path, monkeypatch):
     assert there == set(files) | {ms.PULL_MANIFEST}
     again = ms.pull_model(str(src), dest)
     assert again["uploaded"] == 0 and again["skipped"] == len(files) and again["bytes"] == 0
+
+    # a fine-tune with the same shapes: same size, other bytes. Pulled again, it is uploaded (decided by
+    # content, not size), and the manifest's sha256 matches what the bucket holds
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    data = bytearray((src / rel).read_bytes())
+    data[-2:] = bytes(255 - b for b in data[-2:])
+    (src / rel).write_bytes(bytes(data))
+    tuned = ms.pull_model(str(src), dest)
+    assert tuned["uploaded"] == 1 and tuned["skipped"] == len(files) - 1
+    s3.invalidate_cache()
+    assert s3.cat_file(f"{BUCKET}/pulled/decoder/{rel}") == bytes(data)
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/pulled/decoder/{ms.PULL_MANIFEST}"))
+    assert manifest["files"][rel]["sha256"] == ms.file_sha256(src / rel)
+    (src / rel).write_bytes((Path(tiny_models["decoder"]) / rel).read_bytes())  # back to the original
+    assert ms.pull_model(str(src), dest)["uploaded"] == 1
+    s3.invalidate_cache()
 
     ms.check_model("models.decoder", dest, "KandinskyPipeline")
     staged = ms.stage(dest, cache_dir=str(tmp_path / "cache"))

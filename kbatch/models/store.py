@@ -115,8 +115,22 @@ def _fs(uri: str, storage_options: dict | None):
     return fsspec.core.url_to_fs(uri, **(storage_options or {}))
 
 
+def safe_name(rel: str) -> bool:
+    """A name from a listing that can become a path inside the model folder (and the node's cache): relative,
+    no empty, ``.`` or ``..`` segment (``decoder//etc/x.json`` would name ``/etc/x.json``), no backslash."""
+    from kbatch.storage import check_relative
+
+    try:
+        check_relative(rel)
+    except ValueError:
+        return False
+    return True
+
+
 def wanted(rel: str) -> bool:
     """Whether a file (path relative to the model folder) is part of a loadable, pickle-free copy."""
+    if not safe_name(rel):
+        return False
     parts = rel.split("/")
     if any(p.startswith(".") for p in parts):
         return False
@@ -329,7 +343,11 @@ def _remote_listing(fs, root: str) -> dict[str, dict]:
         path = path.rstrip("/")
         if info.get("type") == "directory" or not path.startswith(base + "/"):
             continue
-        out[path[len(base) + 1:]] = info
+        rel = path[len(base) + 1:]
+        if not safe_name(rel):  # a key like "decoder//etc/x.json": never a path outside the folder
+            log.warning("ignoring %r under %s: not a relative name inside the model folder", rel, root)
+            continue
+        out[rel] = info
     return out
 
 
@@ -464,9 +482,88 @@ def stage(uri: str, storage_options: dict | None = None, cache_dir: str | None =
 
 
 def _cache_name(uri: str) -> str:
+    """The prefix of every cached version of ``uri`` (and the name of its staging lock)."""
     uri = uri.rstrip("/")
     base = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rsplit("/", 1)[-1])[:40] or "model"
     return f"{base}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+
+
+def listing_signature(files: dict[str, dict]) -> str:
+    """What identifies one version of a source folder: its files' names, sizes and versions (ETag,
+    generation/md5, mtime). A changed source is staged into a new folder, never over one a process loads."""
+    items = sorted((rel, info.get("size"), _signature(info)) for rel, info in files.items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _inside(dest: Path, rel: str) -> Path:
+    """``dest / rel``, refused unless it stays inside ``dest`` (symlinks resolved)."""
+    final = (dest / rel).resolve()
+    root = dest.resolve()
+    if final != root and root not in final.parents:
+        raise ValueError(f"model file name {rel!r} points outside the cache folder {dest}")
+    return dest / rel
+
+
+def _stamp(path: Path) -> dict:
+    """What a verified file is tied to: size, mtime and inode. A file changed in place (same size or not)
+    no longer matches and is verified or copied again."""
+    st = path.stat()
+    return {"st_size": st.st_size, "st_mtime_ns": st.st_mtime_ns, "st_ino": st.st_ino}
+
+
+_IN_USE: dict[str, object] = {}  # staged folder -> open lock file held shared while this process lives
+
+
+def _hold_shared(dest: Path) -> None:
+    """Hold a shared lock on ``dest`` for the rest of this process: loading reads its files after staging, and
+    no other process may remove or re-stage it meanwhile (eviction takes the lock exclusively, non-blocking)."""
+    import fcntl
+
+    key = str(dest)
+    if key in _IN_USE:
+        return
+    fh = open(f"{dest}.use.lock", "a+")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    _IN_USE[key] = fh
+
+
+def _evict_old_versions(cache: Path, prefix: str, keep: Path) -> None:
+    """Remove the cached versions of a source other than ``keep`` that no living process uses."""
+    import fcntl
+
+    for old in cache.glob(f"{prefix}-*"):
+        if old == keep or not old.is_dir():
+            continue
+        try:
+            with open(f"{old}.use.lock", "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(old, ignore_errors=True)
+        except (BlockingIOError, OSError):
+            continue  # a process of this node still loads or holds it
+        Path(f"{old}.use.lock").unlink(missing_ok=True)
+
+
+def _seed_from_previous(cache: Path, prefix: str, dest: Path, files: dict[str, dict], journal: dict) -> None:
+    """Files unchanged since a previous version of the source was staged: hard-linked from it (verified there,
+    same size and source version, stamp intact) instead of downloaded again."""
+    for old in sorted(cache.glob(f"{prefix}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if old == dest or not old.is_dir():
+            continue
+        previous = _read_journal(old)
+        for rel, entry in previous.get("files", {}).items():
+            if rel in journal["files"] or rel not in files or not safe_name(rel):
+                continue
+            src = old / rel
+            if not _have(src, files[rel], entry):
+                continue
+            final = _inside(dest, rel)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            final.unlink(missing_ok=True)
+            try:
+                os.link(src, final)
+            except OSError:
+                shutil.copy2(src, final)
+            journal["files"][rel] = {**entry, **_stamp(final)}
 
 
 @contextlib.contextmanager
@@ -573,28 +670,31 @@ def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) ->
     root = root.rstrip("/")
     cache = Path(cache_dir or default_cache_dir()).expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
-    name = _cache_name(uri)
-    dest = cache / name
-    with _node_lock(cache / f"{name}.lock", uri):
-        dest.mkdir(exist_ok=True)
-        journal = _read_journal(dest)
+    prefix = _cache_name(uri)
+    with _node_lock(cache / f"{prefix}.lock", uri):
         try:
             listing = with_retries(lambda: _remote_listing(fs, root), what=f"listing {uri}")
         except Exception as e:
-            if journal.get("complete") and journal.get("uri") == uri and is_transient(e):
-                log.warning("cannot list %s (%s); loading the copy staged earlier at %s", uri, e, dest)
-                return Staged(str(dest), "url", seconds=time.perf_counter() - t0)
+            staged = _last_complete(cache, prefix, uri)
+            if staged is not None and is_transient(e):
+                log.warning("cannot list %s (%s); loading the copy staged earlier at %s", uri, e, staged)
+                _hold_shared(staged)
+                return Staged(str(staged), "url", seconds=time.perf_counter() - t0)
             raise
         if "model_index.json" not in listing:
             raise FileNotFoundError(f"{uri}: no model_index.json there")
         files = {rel: info for rel, info in listing.items() if wanted(rel)}
+        dest = cache / f"{prefix}-{listing_signature(files)}"  # one folder per version of the source
+        dest.mkdir(exist_ok=True)
+        journal = _read_journal(dest)
         shas = _pull_shas(fs, root, listing)
         for p in dest.rglob("*.part-*"):  # left by a process that died mid-copy (we hold the lock)
             p.unlink(missing_ok=True)
         done = journal.get("files", {}) if journal.get("uri") == uri else {}
-        todo = [rel for rel in sorted(files) if not _have(dest / rel, files[rel], done.get(rel))]
         journal = {"uri": uri, "complete": False,
-                   "files": {rel: e for rel, e in done.items() if rel in files and rel not in todo}}
+                   "files": {rel: e for rel, e in done.items() if rel in files and _have(dest / rel, files[rel], e)}}
+        _seed_from_previous(cache, prefix, dest, files, journal)
+        todo = [rel for rel in sorted(files) if rel not in journal["files"]]
         _write_journal(dest, journal)
         need = sum(files[rel].get("size") or 0 for rel in todo)
         free = shutil.disk_usage(dest).free
@@ -603,14 +703,14 @@ def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) ->
                                  f"models.cache_dir (or KBATCH_MODEL_CACHE) at a larger disk")
         copied = 0
         for rel in todo:
-            final = dest / rel
+            final = _inside(dest, rel)
             final.unlink(missing_ok=True)  # an older version must not pass for the new one after a kill
             tmp, entry = with_retries(
                 lambda rel=rel: _fetch(fs, f"{root}/{rel}", dest, rel, files[rel], shas.get(rel)),
                 what=f"downloading {uri}/{rel}")
-            journal["files"][rel] = entry  # verified: recorded first, then renamed into place
+            os.replace(tmp, final)  # verified; its journal entry is tied to the file as renamed into place
+            journal["files"][rel] = {**entry, **_stamp(final)}
             _write_journal(dest, journal)
-            os.replace(tmp, final)
             copied += entry["size"]
         for p in list(dest.rglob("*")):  # files of an older version that the source no longer has
             rel = p.relative_to(dest).as_posix()
@@ -618,6 +718,8 @@ def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) ->
                 p.unlink()
         journal["complete"] = True
         _write_journal(dest, journal)
+        _hold_shared(dest)
+        _evict_old_versions(cache, prefix, dest)
     seconds = time.perf_counter() - t0
     if todo:
         log.info("staged %s into %s: %d files, %.1f MB in %.1f s (%.1f MB/s)", uri, dest, len(todo), copied / 1e6,
@@ -627,13 +729,38 @@ def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) ->
     return Staged(str(dest), "url", len(todo), copied, seconds)
 
 
+def _last_complete(cache: Path, prefix: str, uri: str) -> Path | None:
+    """The newest completely staged version of ``uri`` (used when the source cannot be listed right now)."""
+    for d in sorted(cache.glob(f"{prefix}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        journal = _read_journal(d) if d.is_dir() else {}
+        if journal.get("complete") and journal.get("uri") == uri:
+            return d
+    return None
+
+
 def _have(path: Path, info: dict, entry: dict | None) -> bool:
-    """A staged file is reused iff it was verified (journal entry), is still there in full, and the source's
-    version is the one it was copied from."""
+    """A staged file is reused iff it was verified (journal entry), the source's version is the one it was
+    copied from, and the file is the one verified: its size, mtime and inode as stamped after the copy (a file
+    changed in place, even at the same size, fails this). An entry without a stamp (an older kbatch) is
+    verified again by its sha256 once."""
     if not entry or not path.is_file():
         return False
     size = info.get("size")
-    return entry.get("size") == size and path.stat().st_size == size and entry.get("source") == _signature(info)
+    if entry.get("size") != size or entry.get("source") != _signature(info):
+        return False
+    st = path.stat()
+    if "st_ino" in entry:
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (entry["st_size"], entry["st_mtime_ns"], entry["st_ino"])
+    if st.st_size != size or not entry.get("sha256"):
+        return False
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            sha.update(chunk)
+    if sha.hexdigest() != entry["sha256"]:
+        return False
+    entry.update(_stamp(path))
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -728,11 +855,39 @@ def same_weights(folder_a: str | os.PathLike, folder_b: str | os.PathLike) -> bo
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _remote_manifest(fs, root: str, listing: dict) -> dict[str, dict]:
+    """{rel: {size, sha256}} of the destination's pull manifest, or {} (none, or unreadable)."""
+    if PULL_MANIFEST not in listing:
+        return {}
+    try:
+        return dict(json.loads(fs.cat_file(f"{root}/{PULL_MANIFEST}"))["files"])
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest only means: upload everything
+        log.warning("ignoring unreadable %s under %s (%s)", PULL_MANIFEST, root, e)
+        return {}
+
+
+def _already_there(info: dict, path: Path, size: int, sha: str, recorded: dict | None) -> bool:
+    """Whether the destination already holds these bytes, decided by content, never by size alone: the md5
+    its listing states (single-part S3 ETag, GCS md5Hash) against the local file's, else the sha256 the
+    earlier pull recorded for it. Nothing to go by: upload."""
+    if info.get("size") != size:
+        return False
+    md5 = _source_md5(info)
+    if md5 is not None:
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest() == md5
+    return bool(recorded) and recorded.get("size") == size and recorded.get("sha256") == sha
+
+
 def pull_model(source: str, dest_url: str, storage_options: dict | None = None, revision: str | None = None) -> dict:
     """``kbatch models pull SOURCE DEST_URL``: stage a model once for a whole fleet. ``source`` is a hub id
     (downloaded with huggingface_hub: safetensors and configs only), a local folder or a URL; ``dest_url`` any
     fsspec URL or local folder. Uploads only the pickle-free files, skips files already there with the same
-    size, writes a manifest of sha256 sums (staging verifies against it) and model_index.json last, so the
+    content (md5 from the listing, or the sha256 an earlier pull recorded; never by size alone), writes a
+    manifest of sha256 sums (staging verifies against it) after the uploads and model_index.json last, so the
     destination is a loadable folder only once it is complete. Returns a summary."""
     t0 = time.perf_counter()
     if is_sim(source):
@@ -746,16 +901,18 @@ def pull_model(source: str, dest_url: str, storage_options: dict | None = None, 
     root = root.rstrip("/")
     there = with_retries(lambda: _remote_listing(fs, root), what=f"listing {dest_url}")
     is_local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+    before = _remote_manifest(fs, root, there)  # what an earlier pull says the destination holds
     manifest = {"source": source, "revision": revision, "files": {}}
     uploaded = skipped = nbytes = 0
     for rel in sorted(local, key=lambda r: (r == "model_index.json", r)):  # model_index.json last
         path = local[rel]
         size = path.stat().st_size
-        manifest["files"][rel] = {"size": size, "sha256": file_sha256(path)}
-        if rel == "model_index.json":  # the manifest before the file that makes the folder loadable
+        sha = file_sha256(path)
+        manifest["files"][rel] = {"size": size, "sha256": sha}
+        if rel == "model_index.json":  # the manifest after the uploads, before the file that makes it loadable
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
             with_retries(lambda: fs.pipe_file(f"{root}/{PULL_MANIFEST}", data), what=f"writing {PULL_MANIFEST}")
-        if rel in there and there[rel].get("size") == size:
+        if rel in there and _already_there(there[rel], path, size, sha, before.get(rel)):
             skipped += 1
             continue
         target = f"{root}/{rel}"
