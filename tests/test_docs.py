@@ -252,7 +252,7 @@ def tracked_files() -> list[pathlib.Path]:
 
 # built from parts so that this file does not match itself
 _OUTSIDE = re.compile("|".join([
-    r"(?<![\w.-])" + "shared" + r"/",     # the build machine's shared folder (../shared/..., shared/x.json)
+    r"(?<![\w.-])" + "shared" + r"/",     # the build machine's shared folder (relative or not)
     r"/" + "work" + r"/",                 # the build machine's work tree
     r"/" + "root" + r"/",
     r"/" + "home" + r"/[a-z]",
