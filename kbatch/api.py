@@ -200,6 +200,22 @@ class JobHandle:
         """Ask Ray to stop the job (committed shards are kept; rerunning the same job resumes)."""
         return bool(self.client.stop_job(self.job_id))
 
+    def progress(self):
+        """The job's progress view now, read from its output location (``_job.json``'s progress, refreshed by
+        the job's driver every few seconds, and ``_lease.json``): a dict (``state``: waiting | running |
+        ended | lost; ``rows_total``/``rows_done``/``rows_ok``/``rows_failed``/``rows_missing``, ``images``,
+        ``images_per_second`` (run) and ``images_per_second_recent`` (last minute), ``eta_seconds``,
+        ``queues`` and ``replicas`` per stage, ``exit_code`` once ended) that shows as the progress view in a
+        notebook and prints as ``kbatch status --watch``'s frame. One look; call it again to refresh, or
+        ``kbatch status OUTPUT --watch`` to follow it. ``waiting`` until the job's run has written its
+        ``_job.json``; a previous run's ``_job.json`` on the same output is not this job's."""
+        from kbatch.run.watch import View, make_view, read_view
+
+        view = read_view(self.output, self.storage_options)
+        if view["state"] != "waiting" and self.job_record() is None:  # an older run's file: not this job's yet
+            view = make_view(self.output, None)
+        return View(view)
+
     def results(self):
         """``open_results`` of the job's output location (readable from here: object storage, or a local
         path on a cluster that shares this machine's file system)."""

@@ -53,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("output")
     s.add_argument("--config", help="YAML config whose storage_options (endpoint, credentials) open OUTPUT")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true",
+                   help="redraw the progress view of the running job (rows, img/s, ETA, queues, replicas) until "
+                        "it ends, then print the summary and exit with its exit code")
+    s.add_argument("--interval", type=float, default=5.0, metavar="S", help="with --watch: seconds between redraws")
     j = sub.add_parser("submit", help="submit a render job to a Ray cluster's job server")
     j.add_argument("config", help="YAML config (path or fsspec URL)")
     j.add_argument("--address", help="the job server (dashboard) address, e.g. http://head:8265; "
@@ -147,7 +151,7 @@ def cmd_validate(args) -> int:
     if cfg.stage == "decoder":
         from kbatch.plan.manifest import embeddings_source
 
-        source = embeddings_source(cfg.manifest, so)
+        source = embeddings_source(cfg.manifest, so, cfg.limits)
     else:
         from kbatch.plan.manifest import ManifestSource
 
@@ -178,6 +182,16 @@ def cmd_status(args) -> int:
 
     # the config's storage_options (endpoint, credentials), with KBATCH_STORAGE_OPTIONS as defaults
     options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
+    if args.watch:
+        from kbatch.run.watch import watch
+
+        if args.interval <= 0:
+            raise ConfigError(f"--interval must be > 0 seconds, got {args.interval:g}")
+        try:
+            return watch(args.output, dict(options) or None, interval=args.interval, as_json=args.json)
+        except KeyboardInterrupt:
+            print("\nkbatch: stopped watching; the run goes on", file=sys.stderr)
+            return EXIT_INCOMPLETE
     summary = summarize(args.output, dict(options) or None)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return EXIT_OK if summary.get("complete") else EXIT_INCOMPLETE
