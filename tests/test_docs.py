@@ -6,6 +6,7 @@
 - docs/architecture.md names every module of the package (``kbatch/<folder>/<module>.py``).
 - Every relative link in README.md and docs/*.md (and bench/README.md) leads to a file of the repository, and
   every repository path quoted in backticks there exists.
+- The README's test commands are the ones .ci/run runs.
 - No tracked file points outside the repository: no paths of the machine the project was built on.
 """
 from __future__ import annotations
@@ -240,6 +241,21 @@ def test_quoted_repository_paths_exist():
                 if not (REPO / quoted).exists():
                     missing.append(f"{page.relative_to(REPO)}:{n}: {quoted}")
     assert not missing, "paths quoted in the docs that are not in the repository:\n" + "\n".join(missing)
+
+
+def test_readme_test_commands_are_what_ci_runs():
+    """The README's test commands are .ci/run's (pip's -q and `python3 -m pip` aside): a change to one
+    without the other fails."""
+    readme = (REPO / "README.md").read_text()
+    ci = [line.split("#", 1)[0].strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    commands = [c for c in ci if re.match(r"^python3 -m (pip install|pytest)\b", c)]
+    assert any("pytest" in c for c in commands), ".ci/run runs no pytest"
+    for c in commands:
+        shown = c.replace("python3 -m pip install", "pip install") if "pip install" in c else c
+        if shown.startswith("pip install"):
+            shown = re.sub(r"\s-q\b", "", shown)
+        assert re.search(r"^" + re.escape(shown) + r"(\s|$)", readme, re.M), \
+            f"README.md does not show .ci/run's command {c!r} (as {shown!r})"
 
 
 def tracked_files() -> list[pathlib.Path]:
