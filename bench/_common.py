@@ -410,6 +410,11 @@ def diffusers_batches(prior, decoder, texts: list[str], seeds: list[int], wl: Wo
             for k, img in enumerate(images):
                 img.save(os.path.join(out_dir, f"{s + k:06d}.png"))
         if stats is not None:
+            sample = stats.setdefault("sample", [])  # two images per call, for output checks (bench/gpu.py)
+            if len(sample) < 64:
+                import numpy as np
+
+                sample += [np.asarray(img) for img in images[:2]]
             stats["prior_s"] = stats.get("prior_s", 0.0) + t1 - t0
             stats["decoder_s"] = stats.get("decoder_s", 0.0) + t2 - t1
             stats["png_s"] = stats.get("png_s", 0.0) + time.perf_counter() - t2

@@ -60,7 +60,10 @@ class ModelsConfig:
     scheduler: str = "ddim"  # decoder scheduler, see kbatch.models.schedulers
     prior_scheduler: str = "unclip"
     offload: bool = False  # accelerate model CPU offload, for GPUs too small to hold a stage
-    compile: bool = False  # torch.compile the decoder UNet (once per image size; calls padded to batch_size)
+    # torch.compile the decoder UNet and MoVQ (once per UNet shape; calls padded to batch_size). auto: on with
+    # CUDA when every shape has enough images per decoder replica to pay back its warm-up
+    # (kbatch/models/compile_plan.py: the rule; _job.json compile: the decision)
+    compile: bool | str = "auto"
     channels_last: bool = True
     revision: str | None = None
     cache_dir: str | None = None  # node-local copies of s3:// / gs:// model folders (None: KBATCH_MODEL_CACHE or
@@ -74,6 +77,9 @@ class OutputConfig:
     format: str = "files"
     image_format: str = "png"
     quality: int = 95  # jpeg / webp
+    # zlib level of PNGs, 0-9: pixels are equal at every level; 1 encodes rendered-like 512x512 images ~2x
+    # faster than 6 for ~15% more bytes (bench/png.py, bench/RESULTS.md)
+    png_compress_level: int = 1
     rows_per_shard: int = 256
     gallery: bool = True
     gallery_max_images: int = 200
@@ -87,7 +93,9 @@ class StageResources:
     replicas: int | str = 1  # a number, or "auto": as many as the cluster can place, now and as nodes join
     gpus: float = 1.0
     cpus: float | str = 0.5  # "auto": the node's CPUs less the io shares (CPU layout), else 0.5
-    batch_size: int = 16  # images per forward pass (rows x num_images)
+    # images per forward pass (rows x num_images); "auto" (decoder only): 16, or 32 with compile on a card
+    # known to hold it (kbatch/models/compile_plan.py)
+    batch_size: int | str = 16
     threads: int = 0  # torch threads per lane on a CPU device; 0: round(cpus / concurrency), at least 1
     concurrency: int | str = 1  # batches one replica runs at once, in threads sharing its weights
     #                             (kbatch/models/lanes.py); "auto": the node's CPUs on a CPU cluster, else 1
@@ -97,7 +105,7 @@ class StageResources:
 @dataclass
 class ResourcesConfig:
     prior: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
-    decoder: StageResources = field(default_factory=lambda: StageResources(AUTO, 1.0, AUTO, 16, 0, AUTO))
+    decoder: StageResources = field(default_factory=lambda: StageResources(AUTO, 1.0, AUTO, AUTO, 0, AUTO))
     device: str = "auto"
     io_cpus: float = 0.25  # CPU share of each input-loading task and of each writer actor
     max_in_flight: int = 2  # batches queued per actor, keeps accelerators busy
@@ -113,10 +121,17 @@ class ResourcesConfig:
     placement_timeout: float = 600.0  # seconds a stage may have no replica placed before the run ends (exit 3)
 
 
+def batch_of(s: StageResources) -> int:
+    """``batch_size`` as a number: ``auto`` is 16 until a run decides it for its cluster
+    (``kbatch.run.stage_setup`` with ``kbatch.models.compile_plan``)."""
+    return 16 if s.batch_size == AUTO else int(s.batch_size)
+
+
 def writer_count(r: ResourcesConfig, decoders: int) -> int:
     """``resources.writers``, with 0 = one writer per 4 decoder replicas (``decoders``: the number expected
-    now). One writer encodes 40 (noise) to 280 (smooth gradients) 512x512 PNGs per second on one core
-    (bench/RESULTS.md)."""
+    now). At ``output.png_compress_level: 1`` one writer encodes 38 (noise) to 42 (rendered-like) 512x512
+    PNGs per second on one core, 250 smooth ones (bench/RESULTS.md, bench/png.py): 4 decoders at 8 img/s
+    need 0.76-0.84 of its core (at level 6, 1.5 cores: the shard's encode threads then leaned on idle ones)."""
     return r.writers or max(1, -(-decoders // 4))
 
 
@@ -383,6 +398,7 @@ def check_storage(cfg: JobConfig) -> None:
 def validate_config(cfg: JobConfig) -> None:
     m = cfg.models
     _check(m.dtype in DTYPES, "models.dtype", m.dtype, f"must be one of {list(DTYPES)}")
+    _check(m.compile in (True, False, AUTO), "models.compile", m.compile, "must be true, false or 'auto'")
     _check(m.scheduler in DECODER_SCHEDULERS, "models.scheduler", m.scheduler,
            f"must be one of {sorted(DECODER_SCHEDULERS)}")
     _check(m.prior_scheduler in PRIOR_SCHEDULERS, "models.prior_scheduler", m.prior_scheduler,
@@ -400,6 +416,7 @@ def validate_config(cfg: JobConfig) -> None:
     _check(o.image_format in IMAGE_FORMATS, "output.image_format", o.image_format,
            f"must be one of {list(IMAGE_FORMATS)}")
     _check(1 <= o.quality <= 100, "output.quality", o.quality, "must be in [1, 100]")
+    _check(0 <= o.png_compress_level <= 9, "output.png_compress_level", o.png_compress_level, "must be in [0, 9]")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", o.rows_per_shard, "must be >= 1")
     r = cfg.resources
     _check(r.device in DEVICES, "resources.device", r.device, f"must be one of {list(DEVICES)}")
@@ -408,7 +425,8 @@ def validate_config(cfg: JobConfig) -> None:
         key = f"resources.{stage}"
         _check(s.replicas == AUTO or s.replicas >= 1, f"{key}.replicas", s.replicas, "must be >= 1 or 'auto'")
         _check(s.max_replicas >= 0, f"{key}.max_replicas", s.max_replicas, "must be >= 0 (0: no cap)")
-        _check(s.batch_size >= 1, f"{key}.batch_size", s.batch_size, "must be >= 1")
+        _check(s.batch_size >= 1 if s.batch_size != AUTO else stage == "decoder", f"{key}.batch_size",
+               s.batch_size, "must be >= 1" + (" or 'auto'" if stage == "decoder" else ""))
         # one replica drives one device: a second whole GPU would idle (use more replicas instead)
         _check(0 <= s.gpus <= 1, f"{key}.gpus", s.gpus,
                "must be a share of one GPU in [0, 1] (a replica uses one device; for more GPUs use more "
@@ -421,7 +439,7 @@ def validate_config(cfg: JobConfig) -> None:
         # torch.compile of a shared UNet from several threads is not tested (no GPU yet)
         _check(s.concurrency in (1, AUTO) or not m.offload, f"{key}.concurrency", s.concurrency,
                "must be 1 with models.offload (offload moves the shared modules between devices)")
-        _check(s.concurrency in (1, AUTO) or not m.compile or stage == "prior", f"{key}.concurrency",
+        _check(s.concurrency in (1, AUTO) or m.compile is not True or stage == "prior", f"{key}.concurrency",
                s.concurrency, "must be 1 with models.compile (a compiled UNet shared by threads is untested)")
     _check(r.colocate in (True, False, AUTO), "resources.colocate", r.colocate, "must be true, false or 'auto'")
     _check(r.io_cpus > 0, "resources.io_cpus", r.io_cpus, "must be > 0")

@@ -121,6 +121,7 @@ class Status:
     seconds: float
     memory: dict
     warmup: float = 0.0  # decoder: compile warm-up seconds spent before this batch (models.compile)
+    warmup_by_shape: dict | None = None  # decoder: of those, the seconds of each shape's first compiled call
 
 
 class PriorWorker:
@@ -177,6 +178,7 @@ class DecoderWorker:
         self.faults = cfg.faults
         self.running = Running(slot)
         self.warmup = 0.0  # seconds, reported with the first batch
+        self.warmup_by_shape: dict | None = None  # {"base 512x512 cfg": seconds}, with the first batch too
         if cfg.faults.fail_start == "decoder":
             raise RuntimeError("faults.fail_start: decoder (a drill: this decoder cannot load its models)")
         if m.decoder == SIM:
@@ -196,6 +198,7 @@ class DecoderWorker:
         if compiles(self.predictor.place, m.compile):  # one batch size per shape, every shape compiled now
             self.predictor.pad_to = cfg.resources.decoder.batch_size
             self.warmup = self.predictor.warmup(shapes)
+            self.warmup_by_shape = dict(self.predictor.warmup_by_shape)
 
     def ready(self) -> dict:
         return {"worker": self.predictor.worker, "node": _node_id()}
@@ -214,7 +217,8 @@ class DecoderWorker:
                 o.row = r
             with self.running.lock:  # lanes: report it once
                 warmup, self.warmup = self.warmup, 0.0
-            return Status(time.perf_counter() - t0, _memory(), warmup), out
+                by_shape, self.warmup_by_shape = self.warmup_by_shape, None
+            return Status(time.perf_counter() - t0, _memory(), warmup, by_shape), out
 
 
 class StagesWorker(DecoderWorker):

@@ -88,6 +88,7 @@ class DecoderPredictor:
         ``storage_options`` / ``cache_dir``: for model URLs (``kbatch.models.store.stage_model``)."""
         self.place: Placement = placement(device, dtype, threads)
         self.pad_to = pad_to
+        self.warmup_by_shape: dict[str, float] = {}  # filled by warmup()
         self._opts = dict(scheduler=scheduler, offload=offload, channels_last=channels_last, compile=compile,
                           revision=revision, storage_options=storage_options, cache_dir=cache_dir)
         self.pipe = load_decoder(model, self.place, **self._opts)
@@ -129,17 +130,22 @@ class DecoderPredictor:
         n = max(1, self.pad_to)
         dim = self.pipe.unet.config.cross_attention_dim  # = the prior's image-embedding size
         emb = torch.zeros(n, dim, device=self.place.device, dtype=self.place.dtype)
+        self.warmup_by_shape = {}  # "base 512x512 cfg" -> seconds of its first (compiling) call
         with self.lanes.take() as lane:
             for unet, height, width, guided in sorted(set(shapes)):
+                t_shape = time.perf_counter()
                 kw = dict(prompt=[""] * n, image_embeds=emb, negative_image_embeds=emb, height=height, width=width,
                           num_inference_steps=1, guidance_scale=4.0 if guided else 1.0, output_type="pt",
                           generator=[torch.Generator("cpu").manual_seed(0) for _ in range(n)])
                 if unet == "inpaint":
                     image = Image.new("RGB", (width, height), (127, 127, 127))
                     mask = Image.new("L", (width, height), 255)
-                    self._inpaint_pipe(lane)(image=[image] * n, mask_image=[mask] * n, **kw)
+                    out = self._inpaint_pipe(lane)(image=[image] * n, mask_image=[mask] * n, **kw).images
                 else:
-                    lane.pipe(**kw)
+                    out = lane.pipe(**kw).images
+                to_uint8(out)  # the path real batches take; its copy to the host waits for the device
+                key = f"{unet} {height}x{width}{' cfg' if guided else ''}"
+                self.warmup_by_shape[key] = round(time.perf_counter() - t_shape, 3)
         return time.perf_counter() - t0
 
     @torch.inference_mode()

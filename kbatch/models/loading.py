@@ -105,7 +105,7 @@ def load_prior(model: str, place: Placement, *, scheduler: str = "unclip", offlo
 
 
 def load_decoder(model: str, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
-                 channels_last: bool = False, compile: bool = False, revision: str | None = None,
+                 channels_last: bool = False, compile=False, revision: str | None = None,
                  storage_options: dict | None = None, cache_dir: str | None = None):
     """The scheduler comes from the repo's own subfolder for it when it has one (``ddpm_scheduler/``)."""
     quiet()  # first: importing the pipeline logs transformers' torchvision notice
@@ -114,7 +114,7 @@ def load_decoder(model: str, place: Placement, *, scheduler: str = "ddim", offlo
     path = stage_model(model, storage_options, cache_dir, revision)
     pipe = _from_pretrained(KandinskyPipeline, model, path, place)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS, folder=path)
-    _speedups(pipe, place, channels_last, compile)
+    _speedups(pipe, place, channels_last, compile, cache_dir)
     return _finish(pipe, place, offload)
 
 
@@ -134,7 +134,7 @@ def shared_with_decoder(decoder, inpaint_folder: str) -> dict:
 
 
 def load_inpaint(model: str, decoder, place: Placement, *, scheduler: str = "ddim", offload: bool = False,
-                 channels_last: bool = False, compile: bool = False, revision: str | None = None,
+                 channels_last: bool = False, compile=False, revision: str | None = None,
                  storage_options: dict | None = None, cache_dir: str | None = None):
     """The inpaint pipeline. Text encoder, tokenizer and MoVQ are ``decoder``'s own objects when their files
     are equal (decided from file hashes), and are then not read from disk at all: on the real weights the
@@ -147,22 +147,47 @@ def load_inpaint(model: str, decoder, place: Placement, *, scheduler: str = "ddi
     log.info("inpaint model %s: sharing %s with the decoder", model, sorted(shared) or "nothing")
     pipe = _from_pretrained(KandinskyInpaintPipeline, model, path, place, **shared)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler, DECODER_SCHEDULERS, folder=path)
-    _speedups(pipe, place, channels_last, compile)
+    _speedups(pipe, place, channels_last, compile, cache_dir)
     return _finish(pipe, place, offload)
 
 
-def compiles(place: Placement, compile: bool) -> bool:
-    """Whether ``models.compile`` applies on this worker: on CUDA only (on a CPU it costs more than it saves)."""
-    return compile and place.device == "cuda"
+def compiles(place: Placement, compile) -> bool:
+    """Whether ``models.compile`` applies on this worker: on CUDA only (on a CPU it costs more than it saves).
+    ``compile`` is the run's decision (``kbatch.models.compile_plan``): only ``True`` compiles."""
+    return compile is True and place.device == "cuda"
 
 
-def _speedups(pipe, place: Placement, channels_last: bool, compile: bool):
+def inductor_cache(cache_dir: str | None) -> str:
+    """A persistent inductor cache in the node's kbatch cache (``<models.cache_dir>/inductor``, default
+    ``~/.cache/kbatch/models/inductor``), so a replica started again on a node (a retry, the next job, a pool
+    that grows) loads the compiled kernels instead of compiling them again. Set before the first compile; a
+    ``TORCHINDUCTOR_CACHE_DIR`` already in the environment wins."""
+    from kbatch.models.store import default_cache_dir
+
+    path = os.path.join(os.path.expanduser(cache_dir or default_cache_dir()), "inductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    os.makedirs(os.environ["TORCHINDUCTOR_CACHE_DIR"], exist_ok=True)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def _speedups(pipe, place: Placement, channels_last: bool, compile, cache_dir: str | None = None):
+    """On CUDA: cuDNN picks its fastest convolution algorithms per shape (the shapes repeat every call);
+    UNet and MoVQ channels-last; with compile, the UNet and the MoVQ decode compiled (static shapes: each
+    padded (batch, size) bucket gets its own graph, compiled during the decoder's warm-up) with the kernels
+    cached on the node. The inpaint pipeline may share the decoder's MoVQ: it is converted once."""
     if place.device != "cuda":
         return
+    torch.backends.cudnn.benchmark = True
+    movq = getattr(pipe, "movq", None)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
+        if movq is not None:
+            movq.to(memory_format=torch.channels_last)
     if compiles(place, compile):
-        # in place; static shapes: each (batch, size) bucket gets its own graph, compiled during the
-        # decoder's warm-up, instead of dynamo turning the sizes into slower dynamic dimensions after the
-        # second one it sees
+        inductor_cache(cache_dir)
         pipe.unet.compile(dynamic=False)
+        if movq is not None and not getattr(movq, "_kbatch_compiled", False):
+            # the pipelines call movq.decode(...), not movq(...): compile that method (an instance attribute
+            # shadowing the class's)
+            movq.decode = torch.compile(movq.decode, dynamic=False)
+            movq._kbatch_compiled = True

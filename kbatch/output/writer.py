@@ -53,6 +53,7 @@ class OutputSpec:
     format: str = "files"  # files | webdataset | parquet
     image_format: str = "png"  # png | jpeg | webp
     quality: int = 95  # jpeg / webp; webp at 100 is lossless
+    png_compress_level: int = 1  # zlib level of PNGs (lossless at any level; config output.png_compress_level)
     fail_after_data: bool = False  # fault injection: raise after the data objects, before metadata/commit
     storage_options: dict | None = None  # fsspec options (endpoint, credentials from the job config only)
     writer: str = ""  # who writes: "node:<id8>/pid:<pid>", set by the writer; goes into the shard's stats
@@ -89,9 +90,10 @@ class ShardStats:
 # encoding
 
 
-def encode_image(arr: Any, image_format: str, quality: int = 95) -> bytes:
-    """uint8 HxWx3 array (or a PIL image) -> encoded bytes. PNG is lossless; jpeg/webp use ``quality``
-    (webp at quality 100 is written lossless)."""
+def encode_image(arr: Any, image_format: str, quality: int = 95, png_compress_level: int = 6) -> bytes:
+    """uint8 HxWx3 array (or a PIL image) -> encoded bytes. PNG is lossless at every ``png_compress_level``
+    (zlib 0-9: speed against size, bench/png.py); jpeg/webp use ``quality`` (webp at quality 100 is written
+    lossless)."""
     from PIL import Image
 
     if isinstance(arr, Image.Image):
@@ -109,7 +111,7 @@ def encode_image(arr: Any, image_format: str, quality: int = 95) -> bytes:
     fmt = image_format.lower()
     q = int(quality)
     if fmt == "png":
-        img.save(buf, format="PNG", compress_level=6)
+        img.save(buf, format="PNG", compress_level=int(png_compress_level))
     elif fmt in ("jpeg", "jpg"):
         img.save(buf, format="JPEG", quality=q, subsampling=0 if q >= 90 else 2, optimize=False)
     elif fmt == "webp":
@@ -263,7 +265,7 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     # 2. encode (CPU); PNG/WebP encoders release the GIL, so threads help on multi-CPU tasks, for images
     #    large enough that the encoding outweighs a thread hand-off
     def _enc(i: int) -> bytes:
-        return encode_image(images[i], spec.image_format, spec.quality)
+        return encode_image(images[i], spec.image_format, spec.quality, spec.png_compress_level)
 
     big = bool(ok_idx) and np.asarray(images[ok_idx[0]]).size > 128 * 128 * 3
     if len(ok_idx) > 1 and big:

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from kbatch.config import JobConfig
+from kbatch.config import JobConfig, batch_of
 from kbatch.plan.resume_scan import BADID, DUP, NEW, RETRY, Scan
 from kbatch.plan.manifest import ManifestSource
 from kbatch.schema.rows import Row
@@ -165,5 +165,5 @@ class Planner:
     def _cut(self, rows: list[Row]) -> list[list[Row]]:
         res = self.cfg.resources
         if self.cfg.stage == "decoder":  # stored embeddings are read in decoder batches
-            return chunk(rows, Row.decoder_key, res.decoder.batch_size)
+            return chunk(rows, Row.decoder_key, batch_of(res.decoder))
         return chunk(rows, Row.prior_key, res.prior.batch_size)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kbatch.config import ResourcesConfig
+from kbatch.config import ResourcesConfig, batch_of
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Bounds:
 
     def prior_limit(self, decoder_replicas: int) -> int:
         """Images that may be past the prior and not yet at a decoder."""
-        return self.res.prior_ahead * max(1, decoder_replicas) * self.res.decoder.batch_size
+        return self.res.prior_ahead * max(1, decoder_replicas) * batch_of(self.res.decoder)
 
     def prior(self, ahead_images: int, batch_images: int, decoder_replicas: int) -> bool:
         """Start a prior batch of ``batch_images``? ``ahead_images``: images running in the prior, waiting for

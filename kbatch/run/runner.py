@@ -122,9 +122,14 @@ class Runner:
                                   "path, or --overwrite to start over") from None
             self.planner.scan = self.scan
             self.scan_seconds = time.perf_counter() - t0
-            self.shapes = job_shapes(source, cfg) if self.scan.to_render and cfg.stage != "prior" else set()
+            from kbatch.models.compile_plan import ShapeImages, check_before_start
+
+            self.shapes = job_shapes(source, cfg) if self.scan.to_render and cfg.stage != "prior" else ShapeImages()
             self.need_inpaint = any(s[0] == "inpaint" for s in self.shapes)
             check_models(cfg, self.need_inpaint, self.so, bool(self.scan.to_render))
+            if cfg.models.decoder != SIM:  # models.compile: true that would recompile mid-run: exit 2 now
+                check_before_start(cfg.models.compile, cfg.resources.device, self.shapes,
+                                   self.shapes.max_num_images, cfg.resources.decoder.batch_size)
         except BaseException:
             self.lease.release()
             raise
@@ -188,9 +193,12 @@ class Runner:
         self.nodes = NodeTable(ray)
         self.nodes.refresh(force=True)
         stages = build_stages(ray, self.cfg, self.run_id, self.output, self.so, self.nodes, self.need_inpaint,
-                              sorted(self.shapes))
+                              sorted(self.shapes),
+                              shape_images=self.shapes.scaled(self.scan.to_render / max(1, self.scan.total)))
         self.run_cfg = stages.cfg
         self.job["layout"] = stages.layout
+        if stages.compile is not None:  # models.compile / decoder batch: the decision, its rule and inputs
+            self.job["compile"] = stages.compile
         self._last_write = time.monotonic()
         self.driver = Driver(ray, stages.cfg, self.planner, self.run_id, spec=stages.spec, prior=stages.prior,
                              decoder=stages.decoder, writers=stages.writers, loaders=stages.loaders,
@@ -296,19 +304,24 @@ class Runner:
         return unseen
 
 
-def job_shapes(source, cfg: JobConfig) -> set[tuple]:
-    """``Row.unet_shape()`` of every row that could render (mode, size, guided): which UNets the decoders
-    load (inpaint or not) and compile (``models.compile``). A cheap pass over four columns; values that
-    validation would reject are left out."""
+def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
+    """``Row.unet_shape()`` of every row that could render (mode, size, guided) with the images asked of it:
+    which UNets the decoders load (inpaint or not), compile (``models.compile``) and whether compiling pays
+    (``kbatch.models.compile_plan``); ``.max_num_images``: the most images one row asks. A cheap pass over
+    five columns; values that validation would reject are left out."""
+    from collections import Counter
+
     import pyarrow.compute as pc
 
+    from kbatch.models.compile_plan import ShapeImages
+
     d, lim = cfg.defaults, cfg.limits
-    want = ["mode", "height", "width", "guidance_scale"]
-    out: set[tuple] = set()
+    want = ["mode", "height", "width", "guidance_scale", "num_images"]
+    out = ShapeImages()
     for _, batch in source.batches([c for c in want if c in source.columns], batch_size=65536):
         cols = {}
         for name, default in (("mode", "text2img"), ("height", d.height), ("width", d.width),
-                              ("guidance_scale", d.guidance_scale)):
+                              ("guidance_scale", d.guidance_scale), ("num_images", d.num_images)):
             if name in batch.schema.names:
                 try:
                     cols[name] = pc.fill_null(batch.column(name), default).to_pylist()
@@ -316,12 +329,14 @@ def job_shapes(source, cfg: JobConfig) -> set[tuple]:
                     cols[name] = [default] * batch.num_rows
             else:
                 cols[name] = [default] * batch.num_rows
-        for mode, h, w, g in set(zip(cols["mode"], cols["height"], cols["width"], cols["guidance_scale"])):
+        counts = Counter(zip(cols["mode"], cols["height"], cols["width"], cols["guidance_scale"],
+                             cols["num_images"]))
+        for (mode, h, w, g, n), rows in counts.items():
             if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 and h % 64 == 0 and w % 64 == 0
-                    and h * w <= lim.max_pixels and isinstance(g, (int, float))):
+                    and h * w <= lim.max_pixels and isinstance(g, (int, float))
+                    and isinstance(n, int) and 1 <= n <= lim.max_num_images):
                 continue
-            unet = "inpaint" if mode == "inpaint" else "base"
-            out.add((unet, h, w, float(g) > 1))
+            out.add((("inpaint" if mode == "inpaint" else "base"), h, w, float(g) > 1), rows * n, n)
     return out
 
 

@@ -29,6 +29,7 @@ class Stages:
     loaders: tuple  # (task anywhere, task on the driver's node, in-driver stand-in)
     stored_priors: object | None
     describe: object  # pool -> "what it asks, what the cluster has"
+    compile: dict | None = None  # models.compile and the decoder batch: decision, rule, inputs (_job.json)
 
 
 def _worker_config(cfg: JobConfig) -> JobConfig:
@@ -52,7 +53,9 @@ def _driver_node(ray):
 
 
 def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options, nodes: NodeTable,
-                 need_inpaint: bool, shapes: list) -> Stages:
+                 need_inpaint: bool, shapes: list, shape_images: dict | None = None) -> Stages:
+    """``shape_images``: images still to render per ``Row.unet_shape()`` (``ShapeImages``), for
+    ``models.compile: auto`` and the decoder batch (``kbatch.models.compile_plan``)."""
     from kbatch import storage
     from kbatch.models.actors import DriverWriter, InDriver, actor_classes, io_task, load_inputs, read_stored_priors
     from kbatch.output.writer import OutputSpec
@@ -63,6 +66,7 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
         raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
     driver_node = ray.get_runtime_context().get_node_id()
     rcfg = resolve(cfg, alive, driver_node)
+    rcfg, compile_info = _compile_and_batch(cfg, rcfg, alive, gpus_in_cluster, shape_images)
     r = rcfg.resources
     in_driver = storage.process_local(output)  # memory://: the driver writes it, no writer actors
     local_out = storage.node_local(output)
@@ -113,7 +117,7 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
                   else io_task(read_stored_priors, rcfg))
     spec = OutputSpec(root=output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
                       image_format=cfg.output.image_format, quality=cfg.output.quality,
-                      storage_options=storage_options)
+                      png_compress_level=cfg.output.png_compress_level, storage_options=storage_options)
     layout = {"colocate": rcfg.colocated, "device": r.device,
               "prior": None if cfg.stage == "decoder" else dataclasses.asdict(r.prior),
               "decoder": None if cfg.stage == "prior" else dataclasses.asdict(r.decoder),
@@ -133,4 +137,38 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
         return (f"resources.{pool.name} asks {n} replica(s) of {asked}; the cluster has {have} "
                 f"on {len(nodes.alive)} alive node(s)")
 
-    return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe)
+    return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe, compile=compile_info)
+
+
+def _compile_and_batch(cfg: JobConfig, rcfg: JobConfig, alive: list[dict], gpus_in_cluster: float,
+                       shape_images: dict | None) -> tuple[JobConfig, dict | None]:
+    """``models.compile`` (true | false | auto) and ``resources.decoder.batch_size`` (N | auto) made concrete
+    for this cluster and job (``kbatch.models.compile_plan.decide``); the decision for ``_job.json``.
+    Simulated decoders and prior-only jobs: compile off, batch auto = 16, nothing recorded."""
+    from kbatch.config import SIM
+    from kbatch.models.compile_plan import ShapeImages, card_gib, decide
+
+    m, dec = cfg.models, rcfg.resources.decoder
+    info = None
+    if cfg.stage == "prior" or m.decoder == SIM:
+        on, batch = False, (16 if dec.batch_size == AUTO else dec.batch_size)
+    else:
+        shape_images = shape_images if shape_images is not None else ShapeImages()
+        # CUDA: decoders asking a GPU on a cluster with GPUs; none alive yet with a GPU layout (an autoscaler
+        # to start them): not known
+        if rcfg.resources.device == "cpu" or not dec.gpus:
+            cuda = False
+        else:
+            cuda = True if gpus_in_cluster else None
+        replicas = dec.replicas
+        if replicas == AUTO:
+            replicas = auto_replicas(rcfg, "decoder", alive, 1) if gpus_in_cluster else 1
+        d = decide(m.compile, cuda=cuda, shape_images=shape_images,
+                   max_num_images=getattr(shape_images, "max_num_images", 0), replicas=replicas,
+                   batch_setting=dec.batch_size, card=card_gib(alive), lanes=dec.concurrency)
+        on, batch, info = d.on, d.batch, d.to_dict()
+        log.info("kbatch: compile %s (%s); decoder batch %d (%s)", "on" if on else "off", d.reason, batch,
+                 d.batch_reason)
+    models = dataclasses.replace(rcfg.models, compile=on)
+    res = dataclasses.replace(rcfg.resources, decoder=dataclasses.replace(dec, batch_size=int(batch)))
+    return dataclasses.replace(rcfg, models=models, resources=res), info
