@@ -372,3 +372,41 @@ def test_the_run_makes_compile_and_batch_concrete_for_its_cluster():
     assert rcfg.models.compile is False and rcfg.resources.decoder.batch_size == 16
     rcfg, info = run(from_dict({"models": {"prior": "sim", "decoder": "sim"}}), h200)  # simulated: no decision
     assert rcfg.models.compile is False and rcfg.resources.decoder.batch_size == 16 and info is None
+
+
+def test_job_shapes_count_best_of_candidates(tmp_path):
+    """quality.best_of renders k candidates of every image in the same decoder call: they count, for the
+    payback rule and against the compiled batch."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from kbatch.plan.manifest import ManifestSource
+    from kbatch.run.runner import job_shapes
+
+    try:
+        cfg = from_dict({"quality": {"best_of": 3}})
+    except ConfigError:
+        pytest.skip("no quality.best_of in this tree")
+    df = pd.DataFrame({"id": ["a", "b"], "prompt": ["p", "q"], "num_images": [1, 2]})
+    shapes = job_shapes(ManifestSource.from_table(pa.Table.from_pandas(df, preserve_index=False), str(tmp_path)),
+                        cfg)
+    assert dict(shapes) == {S512: 9} and shapes.max_num_images == 6
+
+
+def test_warmup_summary_per_shape():
+    w = cp.warmup_summary([{"base 512x512 cfg": 80.0, "inpaint 512x512 cfg": 60.0}, {"base 512x512 cfg": 20.0}])
+    assert w == {"replicas": 2, "seconds_per_shape": {"base 512x512 cfg": {"max": 80.0, "mean": 50.0},
+                                                      "inpaint 512x512 cfg": {"max": 60.0, "mean": 60.0}}}
+
+
+def test_decoder_warmup_times_each_shape(predictors):
+    """The warm-up makes one call per shape (what compiles them on CUDA) and times each: the seconds that go to
+    _job.json's compile.warmup."""
+    _, dec = predictors
+    dec.pad_to = 2
+    try:
+        total = dec.warmup([("base", 64, 64, True), ("base", 64, 64, False), ("inpaint", 64, 64, True)])
+    finally:
+        dec.pad_to = 0
+    assert set(dec.warmup_by_shape) == {"base 64x64 cfg", "base 64x64", "inpaint 64x64 cfg"}
+    assert 0 < sum(dec.warmup_by_shape.values()) <= total

@@ -49,8 +49,8 @@ CARD_GIB = {"V100": 16, "P100": 16, "T4": 16, "P4": 8, "K80": 12, "A10G": 24, "A
 
 
 class ShapeImages(dict):
-    """{``Row.unet_shape()``: images the job asks of it}, and ``max_num_images``: the most images one row asks
-    (``kbatch.run.runner.job_shapes`` fills it from the manifest)."""
+    """{``Row.unet_shape()``: images the job asks of it}, and ``max_num_images``: the most images one row renders
+    in one decoder call (``num_images`` x ``quality.best_of``; ``kbatch.run.runner.job_shapes`` fills it)."""
 
     max_num_images: int = 0
 
@@ -98,7 +98,8 @@ def recompile_problem(shapes, max_num_images: int, batch: int, limit: int) -> st
                 "shapes past it would run eagerly after a silent give-up; split the job by size, or set "
                 "models.compile: false (or auto)")
     if max_num_images > batch:
-        return (f"config key 'models.compile' is true but a row has num_images {max_num_images}, more than "
+        return (f"config key 'models.compile' is true but a row renders num_images {max_num_images} in one call "
+                f"(num_images x quality.best_of), more than "
                 f"resources.decoder.batch_size {batch}: its call would be larger than the compiled batch and "
                 "recompile mid-run; raise resources.decoder.batch_size to at least "
                 f"{max_num_images}, or set models.compile: false (or auto)")
@@ -229,3 +230,15 @@ def _batch(batch_setting, on: bool, card: float | None, shape_images) -> int:
 def _key(shape) -> str:
     unet, h, w, guided = shape
     return f"{unet} {h}x{w}{' cfg' if guided else ''}"
+
+
+def warmup_summary(per_replica: list[dict]) -> dict:
+    """The measured warm-up for ``_job.json`` (``compile.warmup``): from each decoder replica's first batch, the
+    seconds of each shape's first (compiling) call; per shape the slowest and the mean over the replicas."""
+    shapes: dict[str, list[float]] = {}
+    for d in per_replica:
+        for shape, seconds in (d or {}).items():
+            shapes.setdefault(shape, []).append(float(seconds))
+    return {"replicas": len(per_replica),
+            "seconds_per_shape": {s: {"max": round(max(v), 3), "mean": round(sum(v) / len(v), 3)}
+                                  for s, v in sorted(shapes.items())}}

@@ -307,8 +307,8 @@ class Runner:
 def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
     """``Row.unet_shape()`` of every row that could render (mode, size, guided) with the images asked of it:
     which UNets the decoders load (inpaint or not), compile (``models.compile``) and whether compiling pays
-    (``kbatch.models.compile_plan``); ``.max_num_images``: the most images one row asks. A cheap pass over
-    five columns; values that validation would reject are left out."""
+    (``kbatch.models.compile_plan``); ``.max_num_images``: the most images one row renders (num_images x
+    quality.best_of). A cheap pass over five columns; values that validation would reject are left out."""
     from collections import Counter
 
     import pyarrow.compute as pc
@@ -318,6 +318,7 @@ def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
     d, lim = cfg.defaults, cfg.limits
     want = ["mode", "height", "width", "guidance_scale", "num_images"]
     out = ShapeImages()
+    best_of = int(getattr(getattr(cfg, "quality", None), "best_of", 1) or 1)
     for _, batch in source.batches([c for c in want if c in source.columns], batch_size=65536):
         cols = {}
         for name, default in (("mode", "text2img"), ("height", d.height), ("width", d.width),
@@ -336,7 +337,8 @@ def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
                     and h * w <= lim.max_pixels and isinstance(g, (int, float))
                     and isinstance(n, int) and 1 <= n <= lim.max_num_images):
                 continue
-            out.add((("inpaint" if mode == "inpaint" else "base"), h, w, float(g) > 1), rows * n, n)
+            k = n * best_of  # the images one row renders (quality.best_of: k candidates of each)
+            out.add((("inpaint" if mode == "inpaint" else "base"), h, w, float(g) > 1), rows * k, k)
     return out
 
 
