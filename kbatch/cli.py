@@ -156,6 +156,13 @@ def cmd_validate(args) -> int:
         from kbatch.plan.manifest import ManifestSource
 
         source = ManifestSource.open(cfg.manifest, so)
+    if cfg.stage != "prior" and cfg.models.decoder != "sim":  # as `kbatch run` plans: exit 2 before any row
+        from kbatch.models.compile_plan import check_before_start
+        from kbatch.run.runner import job_shapes
+
+        shapes = job_shapes(source, cfg)  # models.compile: true that would recompile mid-run
+        check_before_start(cfg.models.compile, cfg.resources.device, shapes, shapes.max_num_images,
+                           cfg.resources.decoder.batch_size)
     planner = Planner(cfg, source, scan(source), "validate")
     n_valid = n_bad = 0
     for start, batch in source.batches(batch_size=1024):

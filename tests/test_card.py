@@ -229,6 +229,10 @@ def test_cli_refuses_a_compiled_job_with_too_many_shapes(tiny_models, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "models.compile" in p.stderr and "9 UNet shapes" in p.stderr
     assert "Started a local Ray" not in p.stderr + p.stdout and not (tmp_path / "out" / "_job.json").exists()
+    v = kbatch("validate", tmp_path / "job.yaml", "--no-images", timeout=300)  # the same refusal
+    assert v.returncode == 2 and "9 UNet shapes" in v.stderr, v.stderr[-2000:]
+    ok = kbatch("validate", tmp_path / "job.yaml", "--no-images", "--set", "models.compile=auto", timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:] + ok.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ compile set-up
