@@ -196,20 +196,29 @@ def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
                   storage_options: dict | None = None, counts: dict | None = None) -> dict:
     """Write ``gallery.html`` and ``contact_sheet.png`` at ``root`` (atomically); returns their paths.
 
-    Bounded whatever the size of the output: ``df`` defaults to a sample of the committed shards' metadata,
-    read shard by shard until ``max_images`` ok images and ``MAX_ERRORS`` error records are found
-    (``writer.sample_records``). ``counts``: the numbers for the header (rows, images, errors, shards: e.g. a
-    run's own accounting), default the sample's."""
+    Bounded whatever the size of the output: ``df`` defaults to a sample of the committed shards' metadata
+    (``writer.summarize_records``: the ok records of the newest shards, up to ``max_images``, and up to
+    ``MAX_ERRORS`` failed rows), read a few shards at a time. ``counts``: the numbers for the header (rows,
+    images, errors; e.g. a run's own accounting; ``shards`` is filled in if missing); without them, counted
+    over every committed record, a few shards at a time. With ``counts`` saying ``errors: 0`` only the
+    newest shards are read."""
     from kbatch.output.image_reader import ImageReader
-    from kbatch.output.writer import sample_records
+    from kbatch.output.writer import summarize_records
 
     if df is None:
-        df = sample_records(root, storage_options, max_images, MAX_ERRORS)
+        want_errors = counts is None or bool(counts.get("errors", 1))
+        df, found = summarize_records(root, storage_options, max_images, MAX_ERRORS, count=counts is None,
+                                      errors=want_errors)
+        counts = {**found, **(counts or {})}
+    counts = counts or _counts(df)
+    if "shards" not in counts:
+        from kbatch.output.writer import list_committed_shards
+
+        counts = {**counts, "shards": len(list_committed_shards(root, storage_options))}
     reader = ImageReader(root, storage_options)
     fs, base = reader.fs
     recs = _ok_records(df, max_images)
     items = _load_items(reader, recs, thumb, copy_full=True)
-    counts = counts or _counts(df)
     errors = _error_records(df)
     job = storage.read_json(root, "_job.json", storage_options) or {}
     run = job.get("run_id")

@@ -398,6 +398,52 @@ def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def _read_meta(fs, path: str, shard: str, cols: list[str] | None) -> pa.Table:
+    """One shard's metadata (``cols`` only; None: every column), conformed to RECORD_SCHEMA."""
+    data = fs.cat_file(storage.join(path, "meta", f"{shard}.parquet"))
+    pf = pq.ParquetFile(io.BytesIO(data))
+    present = set(pf.schema_arrow.names)
+    t = pf.read(columns=[c for c in cols if c in present] if cols is not None else None)
+    return _conform(t, cols)
+
+
+def iter_records_tables(root: str, columns: list[str] | None = None, storage_options: dict | None = None,
+                        shards: list[str] | None = None, *, newest_first: bool = False, read_ahead: int = 8):
+    """``(shard, Arrow table of its metadata)`` for each committed shard (``shards``: those names), one at a
+    time, in shard order (``newest_first``: reversed), ``columns`` only, with at most ``read_ahead`` shards
+    read ahead on threads: every record of an output of any size, holding a few shards at a time."""
+    import collections
+
+    fs, path = storage.get_fs(root, storage_options)
+    names = list_committed_shards(root, storage_options) if shards is None else list(shards)
+    if newest_first:
+        names.reverse()
+    cols = list(columns) if columns is not None else None
+    unknown = [c for c in cols or [] if c not in RECORD_FIELDS]
+    if unknown:
+        raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
+    if not names:
+        return
+    todo = iter(names)
+    pending: collections.deque = collections.deque()
+    ex = cf.ThreadPoolExecutor(max_workers=max(1, min(read_ahead, len(names))))
+    try:
+        for name in todo:
+            pending.append((name, ex.submit(_read_meta, fs, path, name, cols)))
+            if len(pending) >= max(1, read_ahead):
+                break
+        while pending:
+            name, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, ex.submit(_read_meta, fs, path, nxt, cols)))
+            yield name, fut.result()
+    finally:  # also when the caller stops early: drop what was read ahead
+        for _, fut in pending:
+            fut.cancel()
+        ex.shutdown(wait=True)
+
+
 def read_records_table(root: str, columns: list[str] | None = None, storage_options: dict | None = None,
                        shards: list[str] | None = None) -> pa.Table:
     """Arrow table of the metadata of committed shards (``shards`` narrows to those names)."""
@@ -410,11 +456,7 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
             raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
 
     def _read(shard: str) -> pa.Table:
-        data = fs.cat_file(storage.join(path, "meta", f"{shard}.parquet"))
-        pf = pq.ParquetFile(io.BytesIO(data))
-        present = set(pf.schema_arrow.names)
-        t = pf.read(columns=[c for c in cols if c in present] if cols is not None else None)
-        return _conform(t, cols)
+        return _read_meta(fs, path, shard, cols)
 
     if not committed:
         return _conform(RECORD_SCHEMA.empty_table(), cols)
@@ -460,25 +502,92 @@ def read_records(root: str, columns: list[str] | None = None, storage_options: d
     return table.to_pandas(types_mapper=pandas_types_mapper())
 
 
-def sample_records(root: str, storage_options: dict | None = None, max_ok: int = 200, max_errors: int = 1000):
-    """A bounded sample of the records (for the gallery): committed shards read newest first, one at a
-    time, until ``max_ok`` ok records and ``max_errors`` error records are in; error records of ids with
-    an ok record in the sample are dropped (superseded)."""
-    import pandas as pd
+def sample_records(root: str, storage_options: dict | None = None, max_ok: int = 200, max_errors: int = 1000,
+                   *, errors: bool = True):
+    """A bounded sample of the records (for the gallery): :func:`summarize_records`'s sample."""
+    return summarize_records(root, storage_options, max_ok, max_errors, count=False, errors=errors)[0]
 
-    frames, n_ok, n_err = [], 0, 0
-    for shard in reversed(list_committed_shards(root, storage_options)):
-        t = read_records_table(root, None, storage_options, shards=[shard])
-        df = t.to_pandas(types_mapper=pandas_types_mapper())
-        frames.append(df)
-        n_ok += int((df["status"] == "ok").sum())
-        n_err += int((df["status"] != "ok").sum())
-        if n_ok >= max_ok and n_err >= max_errors:
-            break
+
+def summarize_records(root: str, storage_options: dict | None = None, max_ok: int = 200, max_errors: int = 1000,
+                      *, count: bool = True, errors: bool = True):
+    """``(sample DataFrame, counts)`` of an output, in memory bounded by a few shards whatever its size.
+
+    The sample (every column): the ok records of the newest committed shards (read newest first until
+    ``max_ok`` are in; the first ``max_ok`` of those shards' ok records in shard order), then (``errors``) up
+    to ``max_errors`` of the error records that stand: of ids with no ok record in any shard, each id's
+    latest, in shard order. ``counts``: ``shards`` (committed), and with ``count`` also ``rows`` (distinct
+    ids), ``images`` (ok records) and ``errors`` (ids whose records are all errors), exact for every shard.
+
+    Reads the id and status columns of every shard one shard at a time (of the newest shards only, until the
+    sample is in, when neither ``count`` nor ``errors``), once more when there are error records (to match
+    the failed ids with ok records in other shards), and every column of the few shards the sample comes
+    from. Holds at once: a few shards' id/status columns, the sample, and the id/status of the failed ids'
+    records. An id is taken to be in one shard unless it has an error record (the writers never commit the
+    ok records of one id twice)."""
+    import pandas as pd
+    import pyarrow.compute as pc
+
+    names = list_committed_shards(root, storage_options)
+    order = {s: i for i, s in enumerate(names)}
+    everything = count or errors
+    picks: dict[str, list[int]] = {}  # newest shards' ok rows, until max_ok are in
+    n_ok = images = distinct = 0
+    err_ids: list[pa.Array] = []
+    for shard, t in iter_records_tables(root, ["id", "status"] if everything else ["status"], storage_options,
+                                        names, newest_first=True):
+        ok = np.asarray(pc.fill_null(pc.equal(t.column("status"), "ok"), False), dtype=bool)
+        if n_ok < max_ok and ok.any():
+            picks[shard] = np.flatnonzero(ok).tolist()
+            n_ok += int(ok.sum())
+        if not everything:
+            if n_ok >= max_ok:
+                break
+            continue
+        images += int(ok.sum())
+        if count:
+            distinct += pc.count_distinct(t.column("id")).as_py()
+        if not ok.all():
+            err_ids.append(t.column("id").filter(pa.array(~ok)))
+    ok_list = [(s, r) for s in sorted(picks, key=order.get) for r in picks[s]][:max(0, int(max_ok))]
+
+    err_list: list[tuple[str, int]] = []
+    overlap = standing = 0
+    if err_ids:  # the failed ids' records in every shard: which stand, and which ids are in several shards
+        failed = pc.unique(pa.chunked_array(err_ids).combine_chunks())
+        del err_ids
+        parts = []
+        for shard, t in iter_records_tables(root, ["id", "status"], storage_options, names):
+            hit = np.asarray(pc.fill_null(pc.is_in(t.column("id"), value_set=failed), False), dtype=bool)
+            if hit.any():
+                sub = t.filter(pa.array(hit))
+                parts.append(pd.DataFrame({
+                    "id": sub.column("id").to_pylist(),
+                    "ok": np.asarray(pc.fill_null(pc.equal(sub.column("status"), "ok"), False), dtype=bool),
+                    "shard": order[shard], "row": np.flatnonzero(hit)}))
+        f = pd.concat(parts, ignore_index=True)
+        has_ok = f.groupby("id", sort=False)["ok"].any()
+        overlap = int((f.groupby("id", sort=False)["shard"].nunique() - 1).sum())
+        stand = has_ok.index[~has_ok.to_numpy()]
+        standing = len(stand)
+        if errors:
+            e = f[~f["ok"] & f["id"].isin(stand)].sort_values(["shard", "row"], kind="stable")
+            e = e.drop_duplicates("id", keep="last").head(max(0, int(max_errors)))
+            err_list = [(names[s], int(r)) for s, r in zip(e["shard"], e["row"])]
+        del f, parts
+
+    counts: dict[str, int] = {"shards": len(names)}
+    if count:
+        counts.update(rows=distinct - overlap, images=images, errors=standing)
+    want: dict[str, list[tuple[int, int]]] = {}  # shard -> [(row, position in the sample)]
+    for k, (s, r) in enumerate(ok_list + err_list):
+        want.setdefault(s, []).append((r, k))
+    frames = []
+    for shard, t in iter_records_tables(root, None, storage_options, sorted(want, key=order.get)):
+        rows, keys = zip(*want[shard])
+        sub = t.take(pa.array(rows, pa.int64())).to_pandas(types_mapper=pandas_types_mapper())
+        sub["_k"] = keys
+        frames.append(sub)
     if not frames:
-        return read_records(root, storage_options=storage_options)
-    df = pd.concat(frames[::-1], ignore_index=True)
-    ok_ids = set(df.loc[df["status"] == "ok", "id"])
-    df = df[(df["status"] == "ok") | ~df["id"].isin(ok_ids)]
-    errors = df[df["status"] != "ok"].drop_duplicates("id", keep="last").head(max_errors)
-    return pd.concat([df[df["status"] == "ok"], errors], ignore_index=True)
+        return _conform(RECORD_SCHEMA.empty_table(), None).to_pandas(types_mapper=pandas_types_mapper()), counts
+    df = pd.concat(frames, ignore_index=True).sort_values("_k", kind="stable").drop(columns="_k")
+    return df.reset_index(drop=True), counts

@@ -275,7 +275,13 @@ class Runner:
                 try:
                     from kbatch.output.gallery import write_gallery
 
-                    write_gallery(self.output, max_images=cfg.output.gallery_max_images, storage_options=self.so)
+                    # the header's numbers are this run's accounting (this manifest's ids; complete: every
+                    # row has records), so the gallery reads only the newest shards (and, when rows failed,
+                    # the id/status columns of every shard, a few at a time, to list the failures)
+                    counts = {"rows": skipped + rows_ok + rows_failed, "images": scan.images + n_images,
+                              "errors": scan.skipped_failed + rows_failed}
+                    write_gallery(self.output, max_images=cfg.output.gallery_max_images, storage_options=self.so,
+                                  counts=counts)
                 except Exception as e:  # the gallery is a convenience, never a reason to fail a run
                     log.warning("kbatch: gallery not written: %s", e)
             storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
