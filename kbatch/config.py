@@ -83,6 +83,9 @@ class OutputConfig:
     rows_per_shard: int = 256
     gallery: bool = True
     gallery_max_images: int = 200
+    # seconds: the output lease is renewed every ttl/4; another run takes over a lease it watched unchanged
+    # this long (tests and drills shorten it)
+    lease_ttl: float = 120.0
 
 
 AUTO = "auto"
@@ -193,8 +196,8 @@ class JobConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     stage: str = "all"  # all | prior (write embeddings) | decoder (manifest is an embeddings dataset)
     # fsspec options for manifest, inputs and output (endpoint_url, key, secret, ...). Never written to
-    # _job.json or records; credentials may also come from the environment (AWS_*, GOOGLE_*).
-    storage_options: dict = field(default_factory=dict)
+    # _job.json or records, nor in a repr; credentials may also come from the environment (AWS_*, GOOGLE_*).
+    storage_options: dict = field(default_factory=dict, repr=False)
     progress: str = "auto"  # auto | bar | log | off
 
     @property
@@ -418,6 +421,8 @@ def validate_config(cfg: JobConfig) -> None:
     _check(1 <= o.quality <= 100, "output.quality", o.quality, "must be in [1, 100]")
     _check(0 <= o.png_compress_level <= 9, "output.png_compress_level", o.png_compress_level, "must be in [0, 9]")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", o.rows_per_shard, "must be >= 1")
+    _check(isinstance(o.lease_ttl, (int, float)) and not isinstance(o.lease_ttl, bool) and 0.5 <= o.lease_ttl
+           <= 86400, "output.lease_ttl", o.lease_ttl, "must be seconds in [0.5, 86400]")
     r = cfg.resources
     _check(r.device in DEVICES, "resources.device", r.device, f"must be one of {list(DEVICES)}")
     for stage in ("prior", "decoder"):

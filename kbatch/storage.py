@@ -14,6 +14,7 @@ import json
 import math
 import os
 import posixpath
+import threading
 import uuid
 from typing import Any
 
@@ -166,6 +167,106 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> int:
             pass
         raise
     return len(data)
+
+
+# ------------------------------------------------------------------------------------ conditional writes
+# fsspec's memory:// store is process-global (a class attribute), so the guard that makes its check-and-set
+# atomic between threads has to be as well. It holds no state: the lease and the commit records use it.
+MEMORY_LOCK = threading.Lock()
+
+
+class Unsupported(ValueError):
+    """This store offers no atomic create-if-absent / compare-and-swap, so kbatch cannot fence runs there."""
+
+
+def _s3_like(fs) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a"}) and hasattr(fs, "call_s3")
+
+
+def exclusive_kind(fs) -> str | None:
+    """How this store creates an object only if it is absent: "local" (link/O_EXCL), "memory" (a lock), "s3"
+    (If-None-Match), or None where it cannot (gs:// through fsspec/gcsfs has no precondition on its write
+    calls; other filesystems: unknown)."""
+    if is_local(fs):
+        return "local"
+    if "memory" in _protocols(fs):
+        return "memory"
+    if _s3_like(fs):
+        return "s3"
+    return None
+
+
+def s3_error(exc: BaseException) -> tuple[str | None, int | None]:
+    """``(code, http status)`` of the botocore error behind an s3fs exception (s3fs translates them, keeping
+    the original as ``__cause__``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            err = response.get("Error") or {}
+            return err.get("Code"), (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        exc = exc.__cause__ or exc.__context__
+    return None, None
+
+
+def s3_conflict(exc: BaseException) -> bool:
+    """A conditional S3 write lost: 412 PreconditionFailed / 409 ConditionalRequestConflict."""
+    if isinstance(exc, FileExistsError):  # s3fs's translation of If-None-Match failing
+        return True
+    code, status = s3_error(exc)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
+
+
+def write_exclusive(fs, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if no object has that name: True if this call created it, False
+    if it existed (whoever wrote it). Complete or absent for readers. Raises :class:`Unsupported` on stores
+    without an atomic create-if-absent."""
+    data = bytes(data)
+    kind = exclusive_kind(fs)
+    if kind == "local":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            write_synced(tmp, data)
+            try:
+                os.link(tmp, path)  # EEXIST like O_CREAT|O_EXCL, also on NFS; the content is complete first
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here: exclusive create, then write (readers may see it short)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    if kind == "memory":
+        with MEMORY_LOCK:
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+            return True
+    if kind == "s3":
+        bucket, key, _ = fs.split_path(path)
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as e:  # noqa: BLE001
+            if s3_conflict(e):
+                return False
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+    raise Unsupported(f"{display_path(fs, path)}: {'/'.join(sorted(_protocols(fs)))} offers no atomic "
+                      "create-if-absent through fsspec")
 
 
 def to_jsonable(obj: Any) -> Any:

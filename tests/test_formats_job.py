@@ -164,10 +164,12 @@ def test_stats_per_shard(runs, case):
     df = res.df
     shards = sorted(df.shard.unique())
     stats_dir = os.path.join(res.root, "stats")
-    assert sorted(f[:-5] for f in os.listdir(stats_dir)) == shards
+    assert sorted(f[:-5].split("~")[0] for f in os.listdir(stats_dir)) == shards  # <shard>~<attempt>.json
     totals = {"rows": 0, "images": 0, "errors": 0}
     for shard in shards:
-        with open(os.path.join(stats_dir, f"{shard}.json")) as fh:
+        with open(os.path.join(res.root, "_commits", f"{shard}.json")) as fh:
+            stats_file = next(f for f in json.load(fh)["files"] if f.startswith("stats/"))  # the committed one
+        with open(os.path.join(res.root, stats_file)) as fh:
             st = json.load(fh)
         part = df[df.shard == shard]
         assert st["shard"] == shard

@@ -2,8 +2,10 @@
 (a moto server on loopback) and on ``memory://``.
 
 A second run on a held output gets LeaseHeld (a ConfigError: exit 2) naming the holder; a holder whose
-process is gone (this machine) or that stopped renewing (any machine) does not block; of runs racing for the
-same lease exactly one wins; a run whose lease was taken over learns it at its next renewal (LeaseLost).
+process is gone (this machine) or that stopped renewing (watched unchanged for its ttl on the contender's
+monotonic clock) does not block; of runs racing for the same lease exactly one wins; a run whose lease was
+taken over learns it at its next renewal (LeaseLost). The fencing parts (epochs, writers refused, shards in
+flight aborted, guarded writes, clocks) are further down and in tests/test_fencing.py.
 """
 import json
 import multiprocessing
@@ -19,7 +21,8 @@ import psutil
 import pytest
 
 from kbatch.config import ConfigError
-from kbatch.output.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, _machine, read_lease, stale_reason
+from kbatch.output.lease import (LEASE_NAME, Fenced, Lease, LeaseHeld, LeaseLost, LeaseUnsupported, _machine,
+                                  dead_reason, looks_recent, read_lease)
 from kbatch.storage import get_fs, join
 
 OTHER_HOST = "some-other-host.invalid"
@@ -109,33 +112,53 @@ def test_reused_pid_is_not_the_holder(tmp_path):
         Lease.acquire(root, "rerun-2")
 
 
-def test_other_machine_held_until_ttl(tmp_path):
+def test_other_machine_is_watched_for_its_ttl_then_taken_over(tmp_path):
     root = str(tmp_path)
     lease_file = os.path.join(root, LEASE_NAME)
     now = time.time()
-    # a live pid, but on another host: it cannot be probed, only the ttl counts
+    # a live pid, but on another host: it cannot be probed; written just now by the storage's clock: held
     _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 5, ttl=120))
     with pytest.raises(LeaseHeld, match=OTHER_HOST):
         Lease.acquire(root, "b")
-
-    # its own clock says "renewed long ago", but the file was written just now: the holder's clock may be
-    # behind, so it is not taken over until the storage's clock agrees
+    # its own clock says "renewed long ago", but the file was written just now: held, no clock compared
     _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 500, ttl=120))
     with pytest.raises(LeaseHeld):
         Lease.acquire(root, "b")
 
+    # old by the storage's clock: not taken at once, but watched for the holder's ttl (1 s) on this run's
+    # monotonic clock, then taken over because it did not change
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 500, ttl=1.0))
     os.utime(lease_file, (now - 500, now - 500))
+    t0 = time.monotonic()
     lease = Lease.acquire(root, "b")
+    assert time.monotonic() - t0 >= 1.0
     assert read_lease(root)["run_id"] == "b"
-    assert "not renewed" in lease.holder()["took_over"]["reason"]
-    # the holder's own ttl counts, not the newcomer's
-    _put(root, _record(host=OTHER_HOST, renewed_epoch=now - 200, ttl=300))
-    os.utime(lease_file, (now - 200, now - 200))
-    with pytest.raises(LeaseHeld):
-        Lease.acquire(root, "c", ttl=10)
+    assert "did not change for 1 s" in lease.holder()["took_over"]["reason"]
+    assert lease.epoch == 1 and read_lease(root)["epoch"] == 1  # the foreign record had no epoch: 0 + 1
 
 
-def test_corrupt_lease_is_held_until_ttl(tmp_path):
+def test_a_lease_that_changes_while_watched_is_held(tmp_path):
+    """The holder renews while the contender watches: a live holder (exit 2), whatever the timestamps say."""
+    root = str(tmp_path)
+    lease_file = os.path.join(root, LEASE_NAME)
+    old = time.time() - 500
+    _put(root, _record(host=OTHER_HOST, renewed_epoch=old, ttl=2.0))
+    os.utime(lease_file, (old, old))
+
+    def renew_later():
+        time.sleep(0.5)
+        _put(root, _record(host=OTHER_HOST, renewed_epoch=old, ttl=2.0, renewals=1))
+        os.utime(lease_file, (old, old))  # its mtime still says "old": only the change counts
+
+    t = threading.Thread(target=renew_later)
+    t.start()
+    with pytest.raises(LeaseHeld, match="renewed while this run watched it"):
+        Lease.acquire(root, "b")
+    t.join()
+    assert read_lease(root)["run_id"] == "earlier-run"
+
+
+def test_corrupt_lease_is_held_until_watched(tmp_path):
     root = str(tmp_path)
     _put(root, b'{"run_id": "half-writ')
     with pytest.raises(LeaseHeld, match="unreadable"):
@@ -143,7 +166,7 @@ def test_corrupt_lease_is_held_until_ttl(tmp_path):
     assert read_lease(root)["unreadable"] is True
     old = time.time() - 120
     os.utime(os.path.join(root, LEASE_NAME), (old, old))
-    Lease.acquire(root, "b", ttl=60)
+    Lease.acquire(root, "b", ttl=0.5)  # watched for its own ttl (the holder's is unknown)
     assert read_lease(root)["run_id"] == "b"
 
 
@@ -186,7 +209,7 @@ def test_processes_racing_exactly_one_wins(tmp_path, initial):
     root = str(tmp_path)
     if initial == "stale":
         old = time.time() - 1000
-        _put(root, _record(host=OTHER_HOST, renewed_epoch=old))
+        _put(root, _record(host=OTHER_HOST, renewed_epoch=old, ttl=1.0))  # every racer watches it 1 s
         os.utime(os.path.join(root, LEASE_NAME), (old, old))
     elif initial == "dead":
         _put(root, _record(pid=_dead_pid()))
@@ -207,17 +230,23 @@ def test_processes_racing_exactly_one_wins(tmp_path, initial):
             p.join(10)
 
 
-def test_stale_reason_rules():
+def test_dead_and_recent_rules():
     now = time.time()
-    assert stale_reason(_record(renewed_epoch=now), now, now=now) is None
-    assert stale_reason(_record(pid=_dead_pid()), now, now=now)
-    assert stale_reason(_record(host=OTHER_HOST, pid=_dead_pid()), now, now=now) is None  # not probed
+    assert dead_reason(_record()) is None  # this process: alive
+    assert dead_reason(_record(pid=_dead_pid()))
+    assert dead_reason(_record(host=OTHER_HOST, pid=_dead_pid())) is None  # not probed
     # same host name, but another boot or pid namespace (a container, a rebooted machine): not probed either
-    assert stale_reason(_record(pid=_dead_pid(), boot_id="another-boot"), now, now=now) is None
-    assert stale_reason(_record(pid=_dead_pid(), pid_namespace="pid:[1]"), now, now=now) is None
-    assert stale_reason(_record(host=OTHER_HOST, renewed_epoch=now - 121), now - 121, now=now)
-    assert stale_reason(None, now - 10, ttl=60, now=now) is None
-    assert stale_reason(None, now - 61, ttl=60, now=now)
+    assert dead_reason(_record(pid=_dead_pid(), boot_id="another-boot")) is None
+    assert dead_reason(_record(pid=_dead_pid(), pid_namespace="pid:[1]")) is None
+    # no boot id on one side (no /proc): two machines with one hostname must not take each other as dead
+    assert dead_reason(_record(pid=_dead_pid(), boot_id=None)) is None
+    me_without_proc = {**_machine(), "boot_id": None}
+    assert dead_reason(_record(pid=_dead_pid()), me_without_proc) is None
+    # "recent" is only a hint (exit 2 at once rather than watch): never a reason to take over
+    assert looks_recent(None, now - 10, 60, now=now)
+    assert not looks_recent(None, now - 61, 60, now=now)
+    assert not looks_recent(None, now + 300, 60, now=now)  # in the future: the clocks disagree, watch it
+    assert looks_recent(_record(renewed_epoch=now - 1), None, 60, now=now)  # no storage time: its stamp
 
 
 # ---------------------------------------------------------------------------------------- memory://
@@ -328,7 +357,7 @@ def test_s3_takeover_and_lease_lost(s3):
     assert "is gone" in c.holder()["took_over"]["reason"]
 
     # a holder on another machine whose own clock says "renewed long ago": held while the object's
-    # LastModified (the server's clock) is younger than the ttl, taken over once both agree
+    # LastModified (the server's clock) is younger than the ttl; then watched for its ttl and taken over
     _put(root, _record(host=OTHER_HOST, renewed_epoch=time.time() - 600, ttl=2))
     with pytest.raises(LeaseLost):
         c.renew()
@@ -336,7 +365,7 @@ def test_s3_takeover_and_lease_lost(s3):
         Lease.acquire(root, "run-d")
     time.sleep(3.1)  # S3's LastModified has one-second resolution
     d = Lease.acquire(root, "run-d")
-    assert "not renewed" in d.holder()["took_over"]["reason"]
+    assert "did not change for 2 s" in d.holder()["took_over"]["reason"]
     d.release()
 
 
@@ -404,3 +433,178 @@ def test_takeover_does_not_overwrite_a_lease_changed_meanwhile(any_root, monkeyp
         Lease.acquire(any_root, "slow")
     monkeypatch.setattr(cls, "read", real_read)
     assert read_lease(any_root)["run_id"] == "quick"
+
+
+# ---------------------------------------------------------------------------------------- fencing (SPEC §6)
+def _make_takeable(root, lease):
+    """``lease`` stops renewing (frozen): wait until the storage's clock calls its object old, so that a
+    contender watches it (for its ttl) and takes it over."""
+    time.sleep(lease.ttl + (1.1 if root.startswith("s3://") else 0.1))  # S3's LastModified: 1 s resolution
+
+
+def test_takeover_bumps_the_epoch_and_fences_the_old_holder(any_root):
+    a = Lease.acquire(any_root, "run-a", ttl=1.0)
+    fence_a = a.fence()
+    fence_a.register("run-a-00001")  # a shard of a's in flight
+    assert read_lease(any_root)["open"] == ["run-a-00001"] and a.epoch == 1
+    _make_takeable(any_root, a)
+    b = Lease.acquire(any_root, "run-b", ttl=1.0)
+    assert b.epoch == 2 and read_lease(any_root)["epoch"] == 2 and b.token != a.token
+    # the shard a had in flight was aborted before b returned: a's late commit can never land
+    from kbatch.output import commits
+
+    fs, path = get_fs(any_root)
+    rec = commits.read(fs, path, "run-a-00001")
+    assert rec["aborted"] and rec["by"]["run_id"] == "run-b" and rec["by"]["epoch"] == 2
+    assert commits.create(fs, path, "run-a-00001", {"shard": "run-a-00001", "attempt": "late"}) is not None
+    # every write path of a is refused, naming b
+    with pytest.raises(Fenced, match="run-b"):
+        fence_a.register("run-a-00002")
+    with pytest.raises(Fenced, match="run-b"):
+        fence_a.check()
+    with pytest.raises(LeaseLost, match="run-b"):
+        a.write_json("_job.json", {"run_id": "run-a"})
+    with pytest.raises(LeaseLost, match="run-b"):
+        a.renew()
+    assert not fs.exists(join(path, "_job.json"))
+    # b's own writes go through
+    b.write_json("_job.json", {"run_id": "run-b"})
+    b.fence().register("run-b-00000")
+    a.release()  # not a's: b's lease stays
+    assert read_lease(any_root)["run_id"] == "run-b"
+    b.release()
+    assert read_lease(any_root) is None
+    # b ended with a shard still registered: aborted at release, so a write still in flight commits nothing
+    assert commits.read(fs, path, "run-b-00000")["aborted"]
+
+
+def test_renewer_keeps_a_live_lease_and_retries_storage_errors(any_root, monkeypatch):
+    a = Lease.acquire(any_root, "run-a", ttl=1.0)
+    store_cls = type(a._store)
+    real_replace = store_cls.replace
+    failures = {"left": 2}
+
+    def flaky(self, data, seen):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError("503 SlowDown")
+        return real_replace(self, data, seen)
+
+    monkeypatch.setattr(store_cls, "replace", flaky)
+    a.start_renewing()
+    try:
+        time.sleep(1.5)
+        assert failures["left"] == 0 and a.lost is None  # two failed renewals, retried within the ttl
+        assert read_lease(any_root)["renewals"] >= 2
+        a.check()
+
+        def down(self, data, seen):
+            raise OSError("503 SlowDown")
+
+        monkeypatch.setattr(store_cls, "replace", down)
+        deadline = time.monotonic() + 5
+        while a.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.lost and "could not renew" in a.lost and "503" in a.lost
+        with pytest.raises(LeaseLost, match="could not renew"):
+            a.check()
+    finally:
+        a.stop_renewing()
+        monkeypatch.setattr(store_cls, "replace", real_replace)
+        a.release()
+
+
+def test_a_contender_whose_clock_is_far_ahead_does_not_take_a_live_lease(any_root, monkeypatch):
+    """The holder renews (its own thread, the true clock); the contender's clock is 200 s fast: by the
+    timestamps the lease looks 200 s old, but the contender watches it change and leaves it (exit 2)."""
+    import kbatch.output.lease as lease_mod
+
+    a = Lease.acquire(any_root, "run-a", ttl=1.0)
+    a.start_renewing()
+    real_now = lease_mod._now
+    main = threading.main_thread()
+    monkeypatch.setattr(lease_mod, "_now",
+                        lambda: real_now() + (200.0 if threading.current_thread() is main else 0.0))
+    try:
+        with pytest.raises(LeaseHeld, match="run-a"):
+            Lease.acquire(any_root, "run-fast-clock", ttl=1.0)
+        assert read_lease(any_root)["run_id"] == "run-a" and a.lost is None
+    finally:
+        a.release()
+
+
+def test_release_is_best_effort(tmp_path, monkeypatch):
+    a = Lease.acquire(str(tmp_path), "run-a")
+    monkeypatch.setattr(type(a._store), "delete", lambda self, seen: (_ for _ in ()).throw(OSError("EIO")))
+    a.release()  # a storage error at the very end never turns a finished run into a crash
+    assert not a.held
+
+
+def test_a_filesystem_without_locks_is_refused(tmp_path, monkeypatch):
+    import errno
+
+    import kbatch.output.lease as lease_mod
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lease_mod.fcntl, "flock", no_locks)
+    with pytest.raises(LeaseUnsupported, match="refuses flock") as err:
+        Lease.acquire(str(tmp_path / "out"), "run-a")
+    assert isinstance(err.value, ConfigError)  # exit 2, before anything is written
+    assert not os.path.exists(tmp_path / "out" / LEASE_NAME)
+
+
+def test_a_store_without_conditional_writes_is_refused(monkeypatch):
+    """gs:// through fsspec has no create-if-absent / compare-and-swap (gcsfs takes no generation
+    precondition): refused with a message naming the store, never run unfenced. A stand-in "gs" class
+    (gcsfs is not installed here) whose protocol is gs."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store, pseudo_dirs = {}, [""]
+
+    import importlib
+
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "gs", FakeGCS)
+    with pytest.raises(LeaseUnsupported, match="gcs/gs") as err:
+        Lease.acquire("gs://bucket/out", "run-a")
+    assert "s3://" in str(err.value)
+
+
+def test_reprs_mask_secrets(tmp_path):
+    from kbatch.config import JobConfig
+    from kbatch.output.writer import OutputSpec
+
+    secret = {"key": "AKIA-VISIBLE-KEY-ID", "secret": "s3cr3t-value"}
+    lease = Lease.acquire(str(tmp_path), "run-a", storage_options=secret)
+    try:
+        for obj in (lease, lease.fence(), OutputSpec(str(tmp_path), storage_options=secret),
+                    JobConfig(storage_options=secret)):
+            assert "s3cr3t-value" not in repr(obj) and "AKIA-VISIBLE" not in repr(obj), type(obj)
+        assert lease.token not in repr(lease) and lease.token not in repr(lease.fence())
+    finally:
+        lease.release()
+
+
+def test_one_commit_per_shard_on_every_store(any_root):
+    """A second attempt of a committed shard (a resend that raced the first) creates no second commit record:
+    If-None-Match on S3, a hard link (O_EXCL) on disk, a locked check on memory://. It is answered with the
+    first attempt's stats and its own objects are removed."""
+    import numpy as np
+
+    from kbatch.output import commits
+    from kbatch.output.writer import OutputSpec, commit_shard, read_records, write_shard
+
+    lease = Lease.acquire(any_root, "run-a")
+    spec = OutputSpec(any_root, "files", "png", fence=lease.fence())
+    records = [{"id": "x", "image_index": 0, "status": "ok"}, {"id": "y", "status": "error", "error": "p: bad"}]
+    first = write_shard(spec, "run-a-00000", records, [np.zeros((8, 8, 3), np.uint8), None])
+    late = commit_shard(spec, "run-a-00000", records, [], 0, time.time(), n_ok=1, attempt="late0attempt")
+    assert late.attempt == first.attempt and (late.rows, late.images, late.errors) == (2, 1, 1)
+    fs, path = get_fs(any_root)
+    assert commits.read(fs, path, "run-a-00000")["attempt"] == first.attempt
+    assert not fs.exists(join(path, "meta", "run-a-00000~late0attempt.parquet"))
+    assert sorted(read_records(any_root).id) == ["x", "y"]
+    lease.release()

@@ -72,7 +72,7 @@ def test_gallery(tmp_path, fmt):
     for ref in relative:
         assert os.path.isfile(os.path.join(root, urllib.parse.unquote(ref))), ref
     if fmt == "files":
-        assert any(r.startswith("images/s0/") for r in relative)
+        assert any(r.startswith("images/s0~") for r in relative)  # images/<shard>~<attempt>/
     else:
         assert sum(r.startswith("gallery/") for r in relative) == 5
     # the full-size copy is the image itself

@@ -48,6 +48,12 @@ def all_files(root):
     return sorted(out)
 
 
+def commit_of(root, shard="shard-00000"):
+    """The commit record of ``shard`` (it names the write attempt whose objects readers trust)."""
+    with open(os.path.join(root, "_commits", f"{shard}.json")) as fh:
+        return json.load(fh)
+
+
 def _close(a, b, lossless):
     a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
     assert a.shape == b.shape
@@ -98,20 +104,21 @@ def test_round_trip(tmp_path, fmt, image_format):
         assert row.key == record_key(rec["id"], rec["image_index"]) and "." not in row.key
         if fmt == "files":
             ext = {"png": "png", "jpeg": "jpg", "webp": "webp"}[image_format]
-            assert row.path == f"images/shard-00000/{row.key}.{ext}"
+            assert row.path == f"images/shard-00000~{commit_of(root)['attempt']}/{row.key}.{ext}"
             with open(os.path.join(root, row.path), "rb") as fh:
                 assert hashlib.sha256(fh.read()).hexdigest() == row.sha256
-    expected = {"files": "images/shard-00000/", "webdataset": "tars/shard-00000.tar",
-                "parquet": "data/shard-00000.parquet"}[fmt]
+    commit = commit_of(root)
+    stem = f"shard-00000~{commit['attempt']}"  # the attempt's own names; the commit record names them
+    expected = {"files": f"images/{stem}/", "webdataset": f"tars/{stem}.tar",
+                "parquet": f"data/{stem}.parquet"}[fmt]
     files = all_files(root)
     assert any(f.startswith(expected) for f in files)
-    assert {"meta/shard-00000.parquet", "stats/shard-00000.json", "_commits/shard-00000.json"} <= set(files)
+    assert {f"meta/{stem}.parquet", f"stats/{stem}.json", "_commits/shard-00000.json"} <= set(files)
     assert not any(storage.TMP_MARK in f for f in files)
-    commit = json.load(open(os.path.join(root, "_commits/shard-00000.json")))
     assert commit["shard"] == "shard-00000" and commit["rows"] == 4 and commit["images"] == 4
-    assert commit["errors"] == 1 and "time" in commit
+    assert commit["errors"] == 1 and "time" in commit and commit["meta"] == f"meta/{stem}.parquet"
     assert all(os.path.exists(os.path.join(root, f)) for f in commit["files"])
-    stats_json = json.load(open(os.path.join(root, "stats/shard-00000.json")))
+    stats_json = json.load(open(os.path.join(root, f"stats/{stem}.json")))
     assert stats_json["images"] == 4 and stats_json["bytes"] > 0
 
 
@@ -142,7 +149,8 @@ def test_webdataset_members(tmp_path):
     root = str(tmp_path)
     records, images = make_shard(ids=("a.b-1", "x_y.z"), num_images=(2, 1))
     write_shard(OutputSpec(root, "webdataset", "png"), "wds-0", records, images)
-    with tarfile.open(os.path.join(root, "tars", "wds-0.tar")) as tar:
+    stem = f"wds-0~{commit_of(root, 'wds-0')['attempt']}"
+    with tarfile.open(os.path.join(root, "tars", f"{stem}.tar")) as tar:
         names = tar.getnames()
         assert names == ["a~b-1__0.png", "a~b-1__0.json", "a~b-1__1.png", "a~b-1__1.json",
                          "x_y~z__0.png", "x_y~z__0.json"]
@@ -152,7 +160,7 @@ def test_webdataset_members(tmp_path):
         png = tar.extractfile("a~b-1__1.png").read()
     assert meta["id"] == "a.b-1" and meta["image_index"] == 1 and meta["seed"] == 2**62 + 1
     assert meta["sha256"] == hashlib.sha256(png).hexdigest()
-    assert meta["path"] == "tars/wds-0.tar#a~b-1__1.png"
+    assert meta["path"] == f"tars/{stem}.tar#a~b-1__1.png"
     assert set(meta) == set(RECORD_FIELDS)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), images[1])
 
@@ -162,7 +170,7 @@ def test_webdataset_long_ids(tmp_path):
     long_id = "L" + "x.y-z_" * 21 + "q"  # 128 characters, the longest id the manifest allows
     records, images = make_shard(ids=(long_id,), num_images=(1,))
     write_shard(OutputSpec(root, "webdataset", "webp", quality=100), "s0", records, images)
-    with tarfile.open(os.path.join(root, "tars", "s0.tar")) as tar:
+    with tarfile.open(os.path.join(root, "tars", f"s0~{commit_of(root, 's0')['attempt']}.tar")) as tar:
         assert tar.getnames() == [f"{record_key(long_id, 0)}.webp", f"{record_key(long_id, 0)}.json"]
     np.testing.assert_array_equal(np.asarray(open_results(root).image(long_id).convert("RGB")), images[0])
 
@@ -192,11 +200,14 @@ def test_injected_failure_is_invisible(tmp_path, fmt):
 
 def test_rewrite_and_no_partial_files(tmp_path, monkeypatch):
     root = str(tmp_path)
-    write_shard(OutputSpec(root, "files", "png"), "s0", *make_shard(seed=1))
+    one = write_shard(OutputSpec(root, "files", "png"), "s0", *make_shard(seed=1))
     first = open_results(root).image_bytes("r0")
-    write_shard(OutputSpec(root, "files", "png"), "s0", *make_shard(seed=2))  # same shard rewritten
+    # one shard, one commit: writing a committed shard again writes nothing and answers with its stats
+    two = write_shard(OutputSpec(root, "files", "png"), "s0", *make_shard(seed=2))
     res = open_results(root)
-    assert len(res) == 4 and res.image_bytes("r0") != first
+    assert len(res) == 4 and res.image_bytes("r0") == first
+    assert two.attempt == one.attempt and (two.rows, two.images) == (one.rows, one.images)
+    assert len(os.listdir(os.path.join(root, "meta"))) == 1
     # a failing rename leaves neither the final name nor the temp file behind
     fs, base = storage.get_fs(root)
 
@@ -344,7 +355,8 @@ def test_s3_moto_server(monkeypatch):
             np.testing.assert_array_equal(np.asarray(res.image("a.b-1", 1)), images[2])
             assert "e" in set(res.df[res.df.status == "error"].id)
         assert fs.exists("kbatch-test/renders/run1-files/_commits/s0.json")
-        assert fs.exists("kbatch-test/renders/run1-files/images/s0/r0__0.png")
+        attempt = json.loads(fs.cat_file("kbatch-test/renders/run1-files/_commits/s0.json"))["attempt"]
+        assert fs.exists(f"kbatch-test/renders/run1-files/images/s0~{attempt}/r0__0.png")
         # explicit storage options work too (no env endpoint)
         monkeypatch.delenv("AWS_ENDPOINT_URL")
         s3fs.S3FileSystem.clear_instance_cache()

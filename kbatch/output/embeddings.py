@@ -52,15 +52,20 @@ def cells(row: Row, raw: dict) -> dict:
 def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: dict[str, dict],
                            outputs: list[PriorOutput], error_records: list[dict]):
     """CPU task: ``embeddings/<shard>.parquet``, then metadata, stats and the commit record."""
-    from kbatch.output.writer import commit_shard
+    from kbatch.output import commits
+    from kbatch.output.writer import begin_shard, commit_shard
 
     t0 = time.time()
+    done = begin_shard(spec, shard)  # committed by an earlier attempt: nothing to write
+    if done is not None:
+        return done
+    attempt = commits.new_attempt()
     fs, root = storage.get_fs(spec.root, spec.storage_options)
     data = [{**row_cells[o.id], "image_embeds": o.image_embeds.reshape(-1).tolist(),
              "negative_image_embeds": o.negative_image_embeds.reshape(-1).tolist(),
              "embed_dim": int(o.image_embeds.shape[-1]), "generator_state": o.generator_state,
              "prior_worker": o.prior_worker} for o in outputs]
-    rel = f"embeddings/{shard}.parquet"
+    rel = f"embeddings/{commits.attempt_name(shard, attempt)}.parquet"  # this attempt's own name
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(data, schema=EMBED_SCHEMA), buf, compression="zstd")
     nbytes = storage.write_bytes_atomic(fs, storage.join(root, rel), buf.getvalue())
@@ -74,7 +79,8 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
         records.append({**rec, "shard": shard, "key": record_key(rec["id"], -1)})
     if spec.fail_after_data:
         raise RuntimeError("injected write failure")
-    return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records))
+    return commit_shard(spec, shard, records, [rel], nbytes, t0, n_ok=len(records) - len(error_records),
+                        attempt=attempt)
 
 
 def read_prior_outputs(locations: list[tuple[str, int, str]], storage_options: dict | None = None

@@ -1,19 +1,22 @@
 """One writer for every output format, with the shard commit protocol.
 
-Layout of an output root (all paths relative to it)::
+Layout of an output root (all paths relative to it); ``<stem>`` is ``<shard>~<attempt>``, one per write
+attempt (``kbatch.output.commits``)::
 
-    images/<shard>/<key>.<ext>        format "files": one encoded image per ok record
-    tars/<shard>.tar                  format "webdataset": <key>.<ext> + <key>.json per ok record
-    data/<shard>.parquet              format "parquet": ok records, all record columns + binary "image"
-    meta/<shard>.parquet              every format: all records of the shard (ok and error), RECORD_SCHEMA
-    stats/<shard>.json                every format: ShardStats
-    _commits/<shard>.json             every format, written LAST: the shard is visible to readers
+    images/<stem>/<key>.<ext>         format "files": one encoded image per ok record
+    tars/<stem>.tar                   format "webdataset": <key>.<ext> + <key>.json per ok record
+    data/<stem>.parquet               format "parquet": ok records, all record columns + binary "image"
+    meta/<stem>.parquet               every format: all records of the shard (ok and error), RECORD_SCHEMA
+    stats/<stem>.json                 every format: ShardStats
+    _commits/<shard>.json             every format, created LAST and exclusively: names the attempt's files
 
-Commit protocol: data objects first, then metadata and stats, then the commit record. Every object is written
-atomically (temp name + rename on local disks, one PUT on object stores), so no partially written file is
-ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.output.results`,
-:mod:`kbatch.run.status`) only trust shards that have a commit record. Rewriting a shard first removes its commit
-record, so a shard is never visible half old, half new.
+Commit protocol: the attempt registers the shard in flight in the run's lease (``lease.Fence``: refused once
+the run lost its lease), writes its data objects, then metadata and stats, then *creates* the shard's commit
+record (if absent: one commit per shard, whatever attempts), after checking the lease once more. Every object
+is written atomically (temp name + rename on local disks, one PUT on object stores), so no partially written
+file is ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.output.results`,
+:mod:`kbatch.run.status`) only read the files a commit record names. An attempt that finds the record taken
+commits nothing and removes its own objects.
 
 Keys are ``schema.record_key(id, image_index)``: no dots (webdataset convention) and no '/', so ids never
 become paths outside the output root.
@@ -36,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kbatch import storage
+from kbatch.output import commits
 from kbatch.schema.records import RECORD_FIELDS, RECORD_SCHEMA, record_key
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -55,8 +59,10 @@ class OutputSpec:
     quality: int = 95  # jpeg / webp; webp at 100 is lossless
     png_compress_level: int = 1  # zlib level of PNGs (lossless at any level; config output.png_compress_level)
     fail_after_data: bool = False  # fault injection: raise after the data objects, before metadata/commit
-    storage_options: dict | None = None  # fsspec options (endpoint, credentials from the job config only)
+    # fsspec options (endpoint, credentials from the job config only): never in a repr
+    storage_options: dict | None = field(default=None, repr=False)
     writer: str = ""  # who writes: "node:<id8>/pid:<pid>", set by the writer; goes into the shard's stats
+    fence: Any = None  # lease.Fence of the run: a shard commits only while the run holds the output's lease
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -81,6 +87,7 @@ class ShardStats:
     seconds: float = 0.0  # wall time of write_shard (encoding + writing)
     bytes: int = 0  # bytes written (data, metadata, stats)
     writer: str = ""  # the process that wrote it ("node:<id8>/pid:<pid>")
+    attempt: str = ""  # the write attempt whose objects the commit record names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,15 +225,12 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     fs, root = storage.get_fs(spec.root, spec.storage_options)
     ext = spec.ext
 
-    # A rewrite (retry of a failed/lost write task) must not be visible half old, half new.
-    commit_path = storage.join(root, "_commits", f"{shard}.json")
-    try:
-        fs.rm_file(commit_path)
-    except FileNotFoundError:
-        pass
-    except Exception:  # noqa: BLE001 - stores that error on missing keys differently
-        if fs.exists(commit_path):
-            raise
+    # An earlier attempt of this shard (a resend, a Ray retry) may have committed it: then nothing is written.
+    done = begin_shard(spec, shard)
+    if done is not None:
+        return done
+    attempt = commits.new_attempt()
+    stem = commits.attempt_name(shard, attempt)  # this attempt's own object names
 
     # 1. validate and fill record fields
     seen: set[str] = set()
@@ -278,11 +282,11 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
         rec["sha256"] = hashlib.sha256(encoded[i]).hexdigest()
         rec["image_format"] = spec.image_format
         if spec.format == "files":
-            rec["path"] = f"images/{shard}/{rec['key']}.{ext}"
+            rec["path"] = f"images/{stem}/{rec['key']}.{ext}"
         elif spec.format == "webdataset":
-            rec["path"] = f"tars/{shard}.tar#{rec['key']}.{ext}"
+            rec["path"] = f"tars/{stem}.tar#{rec['key']}.{ext}"
         else:
-            rec["path"] = f"data/{shard}.parquet#{rec['key']}"
+            rec["path"] = f"data/{stem}.parquet#{rec['key']}"
 
     # 3. data objects
     files: list[str] = []
@@ -306,7 +310,7 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
             rec = normalize_record(records[i])
             members.append((f"{rec['key']}.{ext}", encoded[i]))
             members.append((f"{rec['key']}.json", storage.dumps_json(rec, indent=None)))
-        rel = f"tars/{shard}.tar"
+        rel = f"tars/{stem}.tar"
         nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), _tar_bytes(members, t0))
         files.append(rel)
     else:
@@ -315,7 +319,7 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
                                     pa.array([encoded[i] for i in ok_idx], type=pa.binary()))
         compression = {name: "zstd" for name in RECORD_FIELDS}
         compression["image"] = "none"  # already compressed
-        rel = f"data/{shard}.parquet"
+        rel = f"data/{stem}.parquet"
         data = _parquet_bytes(table, compression=compression, row_group_size=PARQUET_IMAGE_ROW_GROUP,
                               use_dictionary=[n for n in RECORD_FIELDS])
         nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), data)
@@ -324,13 +328,80 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     if spec.fail_after_data:
         raise RuntimeError("injected write failure")
 
-    return commit_shard(spec, shard, records, files, nbytes, t0, n_ok=len(ok_idx))
+    return commit_shard(spec, shard, records, files, nbytes, t0, n_ok=len(ok_idx), attempt=attempt)
+
+class ShardAborted(RuntimeError):
+    """The shard's name was aborted (a lease takeover, or its rows went to another shard): nothing commits."""
+
+
+def _stats_of(shard: str, rec: dict) -> ShardStats:
+    """The stats of a committed shard, from its commit record."""
+    s = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}
+    return ShardStats(shard=shard, rows=int(rec.get("rows") or 0), images=int(rec.get("images") or 0),
+                      errors=int(rec.get("errors") or 0), errors_by_reason=dict(s.get("errors_by_reason") or {}),
+                      seconds=float(s.get("seconds") or 0.0), bytes=int(s.get("bytes") or 0),
+                      writer=str(s.get("writer") or ""), attempt=str(rec.get("attempt") or ""))
+
+
+def _refused(shard: str, rec: dict) -> ShardStats:
+    """An attempt found the shard's commit record taken: the stats of the attempt that committed it, or
+    ShardAborted / Fenced for an abort."""
+    if commits.is_commit(rec):
+        return _stats_of(shard, rec)
+    by = rec.get("by") or {}
+    msg = (f"shard {shard} was aborted by run {by.get('run_id')!r} (lease epoch {by.get('epoch')}): "
+           f"{by.get('reason', 'unknown reason')}; this write commits nothing")
+    if "lease taken over" in str(by.get("reason", "")):
+        from kbatch.output.lease import Fenced
+
+        raise Fenced(msg)
+    raise ShardAborted(msg)
+
+
+def begin_shard(spec: OutputSpec, shard: str) -> ShardStats | None:
+    """Before an attempt writes anything: the stats of the attempt that already committed ``shard`` (then
+    this one writes nothing), else None after registering the shard in flight in the run's lease (raises
+    ``lease.Fenced`` when the run no longer holds it, ShardAborted when the name was aborted)."""
+    _check_shard(shard)
+    fs, root = storage.get_fs(spec.root, spec.storage_options)
+    rec = commits.read(fs, root, shard)
+    if rec is not None:
+        return _refused(shard, rec)
+    if spec.fence is not None:
+        spec.fence.register(shard)
+    return None
+
+
+def _drop_attempt(fs, root: str, files: list[str]) -> None:
+    """Best effort: remove a refused attempt's objects (never named by a commit, so never read anyway)."""
+    for rel in files:
+        try:
+            fs.rm_file(storage.join(root, rel))
+        except Exception:  # noqa: BLE001
+            pass
+    if storage.is_local(fs):
+        import os
+
+        for rel in {posixpath_dirname(f) for f in files if f.startswith("images/")}:
+            try:
+                os.rmdir(storage.join(root, rel))
+            except OSError:
+                pass
+
+
+def posixpath_dirname(p: str) -> str:
+    return p.rsplit("/", 1)[0] if "/" in p else ""
+
 
 def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[str], nbytes: int, t0: float,
-                 n_ok: int) -> ShardStats:
-    """After a shard's data objects: its metadata (all records), stats and, last, the commit record."""
+                 n_ok: int, attempt: str | None = None) -> ShardStats:
+    """After an attempt's data objects: its metadata (all records), stats and, last, the shard's commit record,
+    created exclusively. Returns the stats of the attempt that committed the shard: this one, or an earlier
+    one that got there first (this attempt's objects are then removed, never read). Raises ``lease.Fenced``
+    when the run no longer holds the output's lease, ShardAborted when the shard's name was aborted."""
     fs, root = storage.get_fs(spec.root, spec.storage_options)
-    commit_path = storage.join(root, "_commits", f"{shard}.json")
+    attempt = attempt or commits.new_attempt()
+    stem = commits.attempt_name(shard, attempt)
     files = list(files)
     # 4. metadata (all records) and stats
     by_reason: dict[str, int] = {}
@@ -338,24 +409,42 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
         if rec["status"] == "error":
             r = reason_of(rec.get("error"))
             by_reason[r] = by_reason.get(r, 0) + 1
-    meta_rel = f"meta/{shard}.parquet"
+    meta_rel = f"meta/{stem}.parquet"
     nbytes += storage.write_bytes_atomic(fs, storage.join(root, meta_rel),
                                          _parquet_bytes(records_table(records), compression="zstd"))
     files.append(meta_rel)
     n_err = len(records) - n_ok
     stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=n_ok, errors=n_err,
-                       errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer)
-    stats_rel = f"stats/{shard}.json"
+                       errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer, attempt=attempt)
+    stats_rel = f"stats/{stem}.json"
     stats_blob = storage.dumps_json(stats.to_dict())  # size estimate for the bytes count
     stats.bytes = nbytes + len(stats_blob)
     stats.seconds = round(time.time() - t0, 6)
     nbytes += storage.write_bytes_atomic(fs, storage.join(root, stats_rel), storage.dumps_json(stats.to_dict()))
     files.append(stats_rel)
 
-    # 5. commit record, last
-    commit = {"shard": shard, "rows": stats.rows, "images": stats.images, "errors": stats.errors,
-              "files": files, "format": spec.format, "image_format": spec.image_format, "time": time.time()}
-    storage.write_bytes_atomic(fs, commit_path, storage.dumps_json(commit))
+    # 5. commit record, last: created only if the shard has none (one commit per shard, whatever attempts)
+    fence = spec.fence
+    commit = {"shard": shard, "attempt": attempt, "meta": meta_rel, "rows": stats.rows, "images": stats.images,
+              "errors": stats.errors, "files": files, "format": spec.format, "image_format": spec.image_format,
+              "stats": {k: v for k, v in stats.to_dict().items() if k in ("errors_by_reason", "seconds", "bytes",
+                                                                           "writer")},
+              "run_id": getattr(fence, "run_id", None), "epoch": getattr(fence, "epoch", None), "time": time.time()}
+    if fence is not None:
+        try:
+            fence.check()  # a run that lost its lease stops here (a takeover also aborts its shards in flight)
+        except BaseException:
+            _drop_attempt(fs, root, files)
+            raise
+    # (an error from the create itself keeps the objects: the record may have landed before the error)
+    existing = commits.create(fs, root, shard, commit)
+    if existing is not None and existing.get("attempt") == attempt:  # ours, landed before a retried error
+        existing = None
+    if existing is not None:
+        _drop_attempt(fs, root, files)
+        return _refused(shard, existing)
+    if fence is not None:
+        fence.deregister(shard)
     return stats
 
 
@@ -364,9 +453,9 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
 
 
 def list_committed_shards(root: str, storage_options: dict | None = None) -> list[str]:
-    """Names of the shards with a commit record, sorted."""
+    """Names of the committed shards, sorted (a shard whose name was aborted is not committed)."""
     fs, path = storage.get_fs(root, storage_options)
-    return storage.list_names(fs, storage.join(path, "_commits"), ".json")
+    return list(commits.read_all(fs, path))
 
 
 def pandas_types_mapper():
@@ -399,8 +488,12 @@ def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
 
 
 def _read_meta(fs, path: str, shard: str, cols: list[str] | None) -> pa.Table:
-    """One shard's metadata (``cols`` only; None: every column), conformed to RECORD_SCHEMA."""
-    data = fs.cat_file(storage.join(path, "meta", f"{shard}.parquet"))
+    """One shard's metadata (``cols`` only; None: every column), conformed to RECORD_SCHEMA: the metadata
+    object its commit record names (no rows when the shard has no commit: readers trust nothing else)."""
+    rec = commits.read(fs, path, shard)
+    if not commits.is_commit(rec):
+        return _conform(RECORD_SCHEMA.empty_table(), cols)
+    data = fs.cat_file(storage.join(path, commits.meta_file(shard, rec)))
     pf = pq.ParquetFile(io.BytesIO(data))
     present = set(pf.schema_arrow.names)
     t = pf.read(columns=[c for c in cols if c in present] if cols is not None else None)

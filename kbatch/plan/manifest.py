@@ -301,10 +301,13 @@ def embeddings_source(uri: str, storage_options: dict | None = None):
     from kbatch import storage
     from kbatch.output.embeddings import CELL_FIELDS
     from kbatch.output.job_file import JOB_FILE
-    from kbatch.output.writer import list_committed_shards
 
     fs, root = storage.get_fs(uri, storage_options)
-    paths = [storage.join(root, "embeddings", f"{s}.parquet") for s in list_committed_shards(uri, storage_options)]
+    from kbatch.output import commits
+
+    # the file each commit record names (an attempt's own name; records without attempts: <shard>.parquet)
+    paths = [storage.join(root, commits.data_file(rec, "embeddings") or f"embeddings/{s}.parquet")
+             for s, rec in commits.read_all(fs, root).items()]
     paths = [p for p in paths if fs.exists(p)]
     if not paths:
         raise ManifestError(f"manifest {uri!r} holds no committed prior embeddings (write them with stage: prior)")

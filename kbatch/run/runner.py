@@ -101,9 +101,11 @@ class Runner:
         else:
             source = ManifestSource.open(cfg.manifest, self.so)
         self.source = source
-        self.lease = Lease.acquire(self.output, self.run_id, self.so)
+        self.lease = Lease.acquire(self.output, self.run_id, self.so, ttl=cfg.output.lease_ttl)
+        self.lease.start_renewing()  # from now until the run's last byte: planning, Ray's start, the finish
         try:
             if self.overwrite:
+                self.lease.check()
                 storage.remove_tree(self.output, self.so)
             self.previous = storage.read_json(self.output, JOB_FILE, self.so)
             check_config(self.previous, cfg)
@@ -141,7 +143,6 @@ class Runner:
 
         cfg = self.cfg
         t_start = time.perf_counter()
-        storage.remove(self.output, SUCCESS_FILE, self.so)
         scan = self.scan
         self.job = {"output": self.output, "run_id": self.run_id, "status": "running", "started": now_iso(),
                     "fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "config": cfg.public_dict(),
@@ -153,15 +154,25 @@ class Runner:
                     "plan": {"rows": scan.total, "skipped_ok": scan.skipped_ok, "skipped_failed": scan.skipped_failed,
                              "to_render": scan.to_render, "checked": scan.checked,
                              "scan_seconds": round(self.scan_seconds, 3)},
-                    "runs": (self.previous or {}).get("runs", []) + [self.run_id]}
-        storage.write_json_atomic(self.output, JOB_FILE, self.job, self.so)
+                    "runs": (self.previous or {}).get("runs", []) + [self.run_id],
+                    "lease": {"epoch": self.lease.epoch, "ttl": self.lease.ttl}}
+        from kbatch.output.lease import LeaseLost
+
+        try:  # fenced: only while this run holds the output's lease
+            self.lease.remove(SUCCESS_FILE)
+            self.lease.write_json(JOB_FILE, self.job)
+        except LeaseLost as e:
+            self.lease.release()
+            return self._lost(t_start, e)
         self.progress = Progress(scan.total, initial=scan.skipped_ok + scan.skipped_failed, mode=self.progress_mode)
         self.driver = None
-        interrupted, error, unexpected = False, None, False
+        interrupted, error, unexpected, lost = False, None, False, None
         previous_handler = _sigterm_interrupts()
         try:
             if scan.to_render:
                 self._drive()
+        except LeaseLost as e:  # another run holds the output now: stop, write nothing more
+            lost = e
         except KeyboardInterrupt:
             interrupted = True
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
@@ -179,9 +190,29 @@ class Runner:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
         try:
-            return self._finish(t_start, interrupted, error, unexpected)
+            if lost is None and self.lease.lost is None:
+                try:
+                    return self._finish(t_start, interrupted, error, unexpected)
+                except LeaseLost as e:
+                    lost = e
+            return self._lost(t_start, lost or LeaseLost(self.lease.lost))
         finally:
-            self.lease.release()
+            self.lease.release()  # stops the renewer; best effort
+
+    def _lost(self, t_start: float, e: BaseException) -> RunResult:
+        """The run lost its lease: it wrote nothing more (no commit, no ``_job.json``, no ``_SUCCESS``) and
+        ends with exit 3, naming the run that holds the output now."""
+        d = self.driver.outcomes if getattr(self, "driver", None) is not None else None
+        scan = self.scan
+        rows_ok, rows_failed = (d.rows_ok, d.rows_failed) if d else (0, 0)
+        skipped = scan.skipped_ok + scan.skipped_failed
+        seconds = time.perf_counter() - t_start
+        message = f"stopped, writing nothing more: {e}"
+        log.error("kbatch: %s", message)
+        return RunResult(self.output, self.run_id, EXIT_INCOMPLETE, False, scan.total, skipped, rows_ok, rows_failed,
+                         max(0, scan.total - skipped - rows_ok - rows_failed), d.images if d else 0, seconds,
+                         (d.images if d else 0) / seconds if seconds else 0.0, error=message,
+                         rows_failed_before=scan.skipped_failed)
 
     def _drive(self):
         import ray
@@ -200,7 +231,9 @@ class Runner:
         if stages.compile is not None:  # models.compile / decoder batch: the decision, its rule and inputs
             self.job["compile"] = stages.compile
         self._last_write = time.monotonic()
-        self.driver = Driver(ray, stages.cfg, self.planner, self.run_id, spec=stages.spec, prior=stages.prior,
+        self.lease.check()
+        spec = dataclasses.replace(stages.spec, fence=self.lease.fence())  # every write call carries the fence
+        self.driver = Driver(ray, stages.cfg, self.planner, self.run_id, spec=spec, prior=stages.prior,
                              decoder=stages.decoder, writers=stages.writers, loaders=stages.loaders,
                              stored_priors=stages.stored_priors, nodes=self.nodes,
                              describe_cluster=stages.describe, on_tick=self._tick)
@@ -219,13 +252,23 @@ class Runner:
 
         res = driver.outcomes
         self.progress.set(res.rows_ok + res.rows_failed, res.images)
+        self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
+        if any("Fenced:" in f for f in res.write_failures):  # a writer was refused: whose lease is it?
+            self.lease.verify()
         now = time.monotonic()
         if now - self._last_write < PROGRESS_EVERY:
             return
         self._last_write = now
-        self.lease.renew()
         self.job["progress"] = self.progress.snapshot(queues=driver.queues())
-        storage.write_json_atomic(self.output, JOB_FILE, self.job, self.so)
+        from kbatch.output.lease import LeaseLost
+
+        try:
+            self.lease.write_json(JOB_FILE, self.job)  # fenced; raises LeaseLost
+        except LeaseLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - a storage hiccup: the next interval writes it again
+            log.warning("kbatch: progress not written to %s (%s: %s); retrying in %.0f s", JOB_FILE,
+                        type(e).__name__, e, PROGRESS_EVERY)
 
     def _finish(self, t_start: float, interrupted: bool, error: str | None, unexpected: bool = False) -> RunResult:
         from kbatch import storage
@@ -269,9 +312,10 @@ class Runner:
                              "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
                              "first_image_seconds": d.first_image_at, "loop_seconds": self.driver.loop_seconds,
                              "replicas": self.driver.replica_counts()}
-        storage.write_json_atomic(self.output, JOB_FILE, job, self.so)
+        self.lease.write_json(JOB_FILE, job)  # fenced: raises LeaseLost once another run holds the output
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
+                self.lease.check()
                 try:
                     from kbatch.output.gallery import write_gallery
 
@@ -284,8 +328,8 @@ class Runner:
                                   counts=counts)
                 except Exception as e:  # the gallery is a convenience, never a reason to fail a run
                     log.warning("kbatch: gallery not written: %s", e)
-            storage.write_json_atomic(self.output, SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(),
-                                                                  "rows": scan.total}, self.so)
+            self.lease.write_json(SUCCESS_FILE, {"run_id": self.run_id, "finished": now_iso(), "rows": scan.total,
+                                                 "lease_epoch": self.lease.epoch})
         return result
 
     def _unseen_shards(self, committed: set[int]) -> list[str]:

@@ -4,6 +4,13 @@ A shard holds the images of whole decoder batches (as object refs: the driver ne
 error records of failed rows. It is written when it has ``output.rows_per_shard`` rows, or ``FLUSH_SECONDS``
 after its first row. Every shard of a run is named ``<run_id>-<seq>``; the writer's commit record is the
 point after which its rows count as done (``kbatch.output.writer``).
+
+One shard, one commit (``kbatch.output.commits``): a shard name always holds the same rows. A write whose
+writer died is resent under the same name (whichever attempt commits first wins; the others commit nothing).
+When some of a shard's rows must be made again (their images died with a node), the shard's name is first
+aborted (:func:`settle_lost_write`): if an earlier attempt had committed it, its rows are done and nothing is
+made again; otherwise no attempt of it can commit any more, and the rest of its rows go out under a new name
+(:meth:`ShardBuffer.rename`).
 """
 from __future__ import annotations
 
@@ -80,6 +87,12 @@ class ShardBuffer:
         self.entries, self.errors, self.rows, self.since = [], [], 0, None
         return shard
 
+    def rename(self, shard: Shard) -> Shard:
+        """``shard``'s rows under a new name (its old name was aborted: no attempt of it commits)."""
+        renamed = Shard(f"{self.run_id}-{self.seq:05d}", self.seq, shard.entries, shard.errors, shard.resends)
+        self.seq += 1
+        return renamed
+
     def drop_node(self, node: str) -> list[Row]:
         """Entries whose payload died with ``node``: removed; their rows are returned (to be made again)."""
         lost = [e for e in self.entries if e.node == node]
@@ -87,6 +100,25 @@ class ShardBuffer:
             self.entries = [e for e in self.entries if e.node != node]
             self.rows -= sum(len(e.rows) for e in lost)
         return [r for e in lost for r in e.rows]
+
+
+def settle_lost_write(spec, name: str):
+    """A write of shard ``name`` whose outcome is unknown (its call lost an input, its writer may still be
+    running behind a partition) before any of its rows is made again elsewhere: abort the name. Returns the
+    ``ShardStats`` of the attempt that had committed it (its rows are done: make nothing again), or None once
+    no attempt of it can commit any more."""
+    from kbatch import storage
+    from kbatch.output import commits
+    from kbatch.output.writer import _stats_of
+
+    fs, root = storage.get_fs(spec.root, spec.storage_options)
+    fence = spec.fence
+    existing = commits.abort(fs, root, name, {"run_id": getattr(fence, "run_id", None),
+                                              "epoch": getattr(fence, "epoch", None),
+                                              "reason": "its rows are written again in other shards"})
+    if existing is not None and commits.is_commit(existing):
+        return _stats_of(name, existing)
+    return None
 
 
 def write_call(writer, shard: Shard, spec, cfg: JobConfig, template: dict):

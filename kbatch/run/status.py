@@ -27,7 +27,9 @@ def _uncommitted(fs, base: str, committed: set[str]) -> list[str]:
     names |= set(storage.list_names(fs, storage.join(base, "data"), ".parquet"))
     names |= set(storage.list_names(fs, storage.join(base, "tars"), ".tar"))
     names |= set(storage.list_names(fs, storage.join(base, "images"), dirs=True))
-    return sorted(names - committed)
+    from kbatch.output.commits import shard_of  # objects are named <shard>~<attempt>
+
+    return sorted({shard_of(n) for n in names} - committed)
 
 
 def _manifest_of(job: dict | None, storage_options) -> tuple[Any, str]:
