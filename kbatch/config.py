@@ -184,6 +184,19 @@ class FaultsConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Quality scores (SPEC §10, docs/quality.md): the CLIP score of every image, best-of-k candidates."""
+
+    clip_score: bool = False  # each image's record gets clip_score (100 x CLIP cosine with its prompt)
+    best_of: int = 1  # k candidates of every image, the best by clip_score kept (1..16; > 1 scores too)
+
+    @property
+    def scores(self) -> bool:
+        """Whether images are scored: ``clip_score``, or ``best_of > 1`` (which needs the scores)."""
+        return self.clip_score or self.best_of > 1
+
+
+@dataclass
 class JobConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     manifest: str | None = None
@@ -194,6 +207,7 @@ class JobConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     stage: str = "all"  # all | prior (write embeddings) | decoder (manifest is an embeddings dataset)
     # fsspec options for manifest, inputs and output (endpoint_url, key, secret, ...). Never written to
     # _job.json or records, nor in a repr; credentials may also come from the environment (AWS_*, GOOGLE_*).
@@ -249,7 +263,7 @@ def _build(cls, data: Any, path: str, default=None):
 def _dataclass_type(cls, f):
     hints = {"ModelsConfig": ModelsConfig, "SimConfig": SimConfig, "OutputConfig": OutputConfig, "StageResources": StageResources,
              "ResourcesConfig": ResourcesConfig, "Defaults": Defaults, "LimitsConfig": LimitsConfig,
-             "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig}
+             "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig, "QualityConfig": QualityConfig}
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
     return hints.get(t)
 
@@ -466,6 +480,8 @@ def validate_config(cfg: JobConfig) -> None:
     _check(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
     _check(cfg.faults.fail_start in (None, "prior", "decoder"), "faults.fail_start", cfg.faults.fail_start,
            "must be prior, decoder or null")
+    q = cfg.quality
+    _check(1 <= q.best_of <= 16, "quality.best_of", q.best_of, "must be in [1, 16] (candidates per image)")
     rt = cfg.retries
     _check(rt.max_attempts >= 1, "retries.max_attempts", rt.max_attempts, "must be >= 1")
     _check(rt.max_actor_restarts >= 0, "retries.max_actor_restarts", rt.max_actor_restarts, "must be >= 0")

@@ -145,7 +145,7 @@ class PriorWorker:
                                             threads=_threads(cfg, stage), revision=m.revision,
                                             concurrency=getattr(cfg.resources, stage).concurrency,
                                             storage_options=dict(cfg.storage_options) or None,
-                                            cache_dir=m.cache_dir)
+                                            cache_dir=m.cache_dir, clip_text=cfg.quality.scores)
 
     def ready(self) -> dict:
         return {"worker": self.predictor.worker, "node": _node_id()}
@@ -184,7 +184,7 @@ class DecoderWorker:
         if m.decoder == SIM:
             from kbatch.models.sim import SimDecoder
 
-            self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds)
+            self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds, cfg.quality.scores)
             return
         from kbatch.models.decoder import DecoderPredictor  # torch and diffusers: only in the actor
         from kbatch.models.loading import compiles
@@ -199,6 +199,16 @@ class DecoderWorker:
             self.predictor.pad_to = cfg.resources.decoder.batch_size
             self.warmup = self.predictor.warmup(shapes)
             self.warmup_by_shape = dict(self.predictor.warmup_by_shape)
+        if cfg.quality.scores and not self.COLOCATED:  # the prior folder's image encoder, loaded now
+            from kbatch.models.scoring import ClipScorer
+            from kbatch.models.store import stage_model
+
+            path = stage_model(m.prior, dict(cfg.storage_options) or None, m.cache_dir, m.revision)
+            self.predictor.scorer = ClipScorer(path=path, device=self.predictor.place.device,
+                                               image_format=cfg.output.image_format, quality=cfg.output.quality)
+            self.predictor.scorer.vision()
+
+    COLOCATED = False  # StagesWorker: the scorer uses the prior's own modules
 
     def ready(self) -> dict:
         return {"worker": self.predictor.worker, "node": _node_id()}
@@ -230,9 +240,17 @@ class StagesWorker(DecoderWorker):
     actor's ``decoder.concurrency`` threads).
     """
 
+    COLOCATED = True
+
     def __init__(self, cfg: JobConfig, slot: str | None = None, need_inpaint: bool = False, shapes=()):
         super().__init__(cfg, slot, need_inpaint, shapes)
         self.prior = PriorWorker(cfg, stage="decoder", running=self.running)
+        if cfg.quality.scores and cfg.models.decoder != SIM:  # the prior's image encoder, in this process
+            from kbatch.models.scoring import ClipScorer
+
+            self.predictor.scorer = ClipScorer(pipe=self.prior.predictor.pipe, device=self.predictor.place.device,
+                                               image_format=cfg.output.image_format, quality=cfg.output.quality)
+            self.predictor.scorer.vision()
 
     @ray.method(num_returns=2)
     def run_prior(self, token: str, rows: list[Row], *input_maps):
@@ -296,6 +314,7 @@ def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=No
 def write_shard(spec, shard: str, template: dict, error_records: list[dict], *payloads):
     """Flatten decoder outputs into one record per image, encode and commit one shard. ``template``: what
     every record of the run shares (``schema.record_template``); each row's part comes with its images."""
+    from kbatch.models.scoring import record_fields
     from kbatch.output.writer import write_shard as _write
 
     records, images = [], []
@@ -306,7 +325,7 @@ def write_shard(spec, shard: str, template: dict, error_records: list[dict], *pa
                 records.append({**base, "image_index": i, "status": "ok", "error": None,
                                 "key": record_key(out.id, i), "prior_worker": out.prior_worker,
                                 "decoder_worker": out.decoder_worker, "seconds": out.seconds,
-                                "dtype": out.dtype or base.get("dtype")})
+                                "dtype": out.dtype or base.get("dtype"), **record_fields(out, i)})
                 images.append(img)
     for rec in error_records:
         records.append(rec)

@@ -22,6 +22,7 @@ from kbatch.models.lanes import Lanes, clone_pipeline
 from kbatch.models.loading import Placement, dtype_name, load_decoder, load_inpaint, placement
 from kbatch.schema.payloads import DecoderOutput, PriorOutput
 from kbatch.models.prior import generator_from_state
+from kbatch.models.scoring import candidate_count, keep_best, row_text_embeds
 from kbatch.schema.rows import Row
 
 
@@ -77,7 +78,7 @@ class DecoderPredictor:
                  dtype: str = "float32", scheduler: str = "ddim", offload: bool = False, threads: int = 0,
                  channels_last: bool = True, compile: bool = False, revision: str | None = None,
                  pad_to: int = 0, concurrency: int = 1,
-                 storage_options: dict | None = None, cache_dir: str | None = None):
+                 storage_options: dict | None = None, cache_dir: str | None = None, scorer=None):
         """``pad_to``: fill every call up to this many images with throw-away copies of its last image, so
         that a compiled UNet sees one batch size per shape (a key's last, partial batch would otherwise
         recompile it: minutes on full-size models). The padding never changes the real images.
@@ -94,6 +95,7 @@ class DecoderPredictor:
         self.pipe = load_decoder(model, self.place, **self._opts)
         self.lanes = Lanes(concurrency, lambda i: _Lane(self.pipe if i == 0 else clone_pipeline(self.pipe)))
         self.inpaint_model = inpaint_model
+        self.scorer = scorer  # quality: a kbatch.models.scoring.ClipScorer scores (and picks) what is decoded
         # one copy shared by the lanes (each lane clones its scheduler and tokenizer on first use)
         self._inpaint = load_inpaint(inpaint_model, self.pipe, self.place, **self._opts) if inpaint_model else None
 
@@ -163,12 +165,17 @@ class DecoderPredictor:
         raw, real = self._pipeline_call(lane, rows, priors, inputs, "pt")
         images = to_uint8(raw[:real])
         per_image = (time.perf_counter() - t0) / len(images)
-        out, k = [], 0
-        for r, p in zip(rows, priors):
-            out.append(DecoderOutput(r.id, images[k:k + r.num_images], p.prior_worker, self.worker, per_image,
-                                     dtype_name(self.place.dtype)))
-            k += r.num_images
-        return out
+        dtype = dtype_name(self.place.dtype)
+        return keep_best(rows, priors, images, self._scores(rows, priors, images),
+                         lambda r, p, kept: DecoderOutput(r.id, kept, p.prior_worker, self.worker, per_image, dtype))
+
+    def _scores(self, rows: list[Row], priors: list[PriorOutput], images):
+        """quality: the clip_score of every decoded image (candidates included), or None when not scoring."""
+        if self.scorer is None:
+            return None
+        texts = row_text_embeds(self.scorer, rows, priors)
+        per_image = [t for r, p, t in zip(rows, priors, texts) for _ in range(r.num_images * len(p.states))]
+        return self.scorer.scores(images, np.stack(per_image))
 
     def _pipeline_call(self, lane: _Lane, rows: list[Row], priors: list[PriorOutput], inputs, output_type: str):
         """The diffusers call for a batch (padded to ``pad_to``): (its ``.images``, the number of real images,
@@ -180,13 +187,14 @@ class DecoderPredictor:
         inputs = inputs or [None] * len(rows)
         prompts, gens, inits, masks = [], [], [], []
         for r, p, inp in zip(rows, priors, inputs):
-            g = generator_from_state(p.generator_state)
-            prompts += [r.prompt] * r.num_images
-            gens += [g] * r.num_images
+            n = r.num_images * candidate_count(r, p)  # quality.best_of: every candidate, candidate-major
+            for state in p.states:  # one generator per candidate, drawn from by each of its images
+                gens += [generator_from_state(state)] * r.num_images
+            prompts += [r.prompt] * n
             if r.mode in ("img2img", "inpaint"):
-                inits += [inp["init_image"]] * r.num_images
+                inits += [inp["init_image"]] * n
             if r.mode == "inpaint":
-                masks += [inp["mask"]] * r.num_images
+                masks += [inp["mask"]] * n
         dtype, device = self.place.dtype, self.place.device
         emb = np.concatenate([p.image_embeds for p in priors])
         neg = np.concatenate([p.negative_image_embeds for p in priors])

@@ -11,27 +11,31 @@ prior travels with the embeddings, as ``KandinskyCombinedPipeline`` hands its on
 """
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import torch
 
 from kbatch.models.lanes import Lanes, clone_pipeline
 from kbatch.models.loading import Placement, load_prior, placement
+from kbatch.models.scoring import ClipScorer
 from kbatch.schema.payloads import PriorOutput
-from kbatch.schema.rows import Row
+from kbatch.schema.rows import Row, candidate_seeds
 
 
 class PriorPredictor:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str = "unclip",
                  offload: bool = False, threads: int = 0, revision: str | None = None, concurrency: int = 1,
-                 storage_options: dict | None = None, cache_dir: str | None = None):
+                 storage_options: dict | None = None, cache_dir: str | None = None, clip_text: bool = False):
         """``concurrency``: batches that may run at once from different threads (``kbatch.models.lanes``); each
         uses ``threads`` torch threads. ``storage_options`` / ``cache_dir``: for a model URL
-        (``kbatch.models.store.stage_model``)."""
+        (``kbatch.models.store.stage_model``). ``clip_text``: every output carries its prompt's CLIP text
+        embedding (``quality`` scores, ``kbatch.models.scoring``)."""
         self.place: Placement = placement(device, dtype, threads)
         self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision,
                                storage_options=storage_options, cache_dir=cache_dir)
         self.lanes = Lanes(concurrency, lambda i: self.pipe if i == 0 else clone_pipeline(self.pipe))
+        self.scorer = ClipScorer(pipe=self.pipe, device=self.place.device) if clip_text else None
 
     @property
     def worker(self) -> str:
@@ -47,17 +51,20 @@ class PriorPredictor:
 
     def _run(self, pipe, rows: list[Row], inputs) -> list[PriorOutput]:
         if rows[0].mode == "interpolate":
-            return [self._interpolate(pipe, r, (inputs or [None])[i]) for i, r in enumerate(rows)]
+            return self._with_text(rows, [self._interpolate_candidates(pipe, r, (inputs or [None])[i])
+                                          for i, r in enumerate(rows)])
         key = rows[0].prior_key()
         if any(r.prior_key() != key for r in rows):
             raise ValueError(f"prior batch mixes keys: {sorted({r.prior_key() for r in rows})}")
-        gens = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
+        # quality.best_of: each candidate seed of a row is one more prompt of the batch (candidate-major)
+        cands = [(r, s) for r in rows for s in candidate_seeds(r.seed, r.candidates)]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, s in cands]
         n = rows[0].num_images
         per_image = [g for g in gens for _ in range(n)]
         has_neg = rows[0].negative_prompt is not None
         out = pipe(
-            prompt=[r.prompt for r in rows],
-            negative_prompt=[r.negative_prompt for r in rows] if has_neg else None,
+            prompt=[r.prompt for r, _ in cands],
+            negative_prompt=[r.negative_prompt for r, _ in cands] if has_neg else None,
             num_images_per_prompt=n,
             num_inference_steps=rows[0].prior_num_inference_steps,
             guidance_scale=rows[0].prior_guidance_scale,
@@ -65,8 +72,32 @@ class PriorPredictor:
             output_type="pt",
         )
         emb, neg = _np(out.image_embeds), _np(out.negative_image_embeds)
-        return [PriorOutput(r.id, emb[i * n:(i + 1) * n], neg[i * n:(i + 1) * n], _state(gens[i]), self.worker)
-                for i, r in enumerate(rows)]
+        outs, at = [], 0
+        for r in rows:
+            k = r.candidates
+            outs.append(_with_candidates(
+                PriorOutput(r.id, emb[at * n:(at + k) * n], neg[at * n:(at + k) * n], _state(gens[at]), self.worker),
+                [s for _, s in cands[at:at + k]], [_state(g) for g in gens[at:at + k]]))
+            at += k
+        return self._with_text(rows, outs)
+
+    def _with_text(self, rows: list[Row], outs: list[PriorOutput]) -> list[PriorOutput]:
+        """quality scores: each row's prompt embedding, once per row, beside the pipeline's own text pass."""
+        if self.scorer is not None:
+            for o, t in zip(outs, self.scorer.text_embeds([r.prompt for r in rows])):
+                o.text_embeds = t
+        return outs
+
+    def _interpolate_candidates(self, pipe, row: Row, inputs: dict | None) -> PriorOutput:
+        """``_interpolate`` once per candidate seed (quality.best_of), stacked candidate-major."""
+        if row.candidates == 1:
+            return self._interpolate(pipe, row, inputs)
+        seeds = candidate_seeds(row.seed, row.candidates)
+        parts = [self._interpolate(pipe, dataclasses.replace(row, seed=s), inputs) for s in seeds]
+        merged = PriorOutput(row.id, np.concatenate([p.image_embeds for p in parts]),
+                             np.concatenate([p.negative_image_embeds for p in parts]), parts[0].generator_state,
+                             self.worker)
+        return _with_candidates(merged, seeds, [p.generator_state for p in parts])
 
     def _interpolate(self, pipe, row: Row, inputs: dict | None) -> PriorOutput:
         """``KandinskyPriorPipeline.interpolate`` for one row.
@@ -103,6 +134,12 @@ class PriorPredictor:
         zero = pipe("", num_inference_steps=kw["num_inference_steps"], num_images_per_prompt=n, generator=g,
                          negative_prompt=row.negative_prompt, guidance_scale=kw["guidance_scale"])
         return PriorOutput(row.id, _np(emb), _np(zero.negative_image_embeds), _state(g), self.worker)
+
+
+def _with_candidates(out: PriorOutput, seeds: list[int], states: list[bytes]) -> PriorOutput:
+    if len(seeds) > 1:
+        out.candidate_seeds, out.candidate_states = list(seeds), list(states)
+    return out
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from kbatch.schema.payloads import DecoderOutput, PriorOutput
-from kbatch.schema.rows import Row
+from kbatch.schema.rows import Row, candidate_seeds
 
 EMBED_DIM = 768  # Kandinsky 2.1's CLIP image-embedding width
 _SIM_STATE = b"sim:"  # prefix of the stand-in "generator state": the seed as 8 bytes
@@ -81,28 +81,50 @@ class SimPrior:
         time.sleep(self.seconds_per_image * sum(r.num_images for r in rows))
         out = []
         for r in rows:
-            emb, neg = sim_embeddings(r.seed, r.num_images)
-            out.append(PriorOutput(r.id, emb, neg, _SIM_STATE + r.seed.to_bytes(8, "big"), self.worker))
+            seeds = candidate_seeds(r.seed, r.candidates)  # quality.best_of: candidate-major, like the real prior
+            emb, neg = _candidate_embeddings(seeds, r.num_images)
+            states = [_SIM_STATE + s.to_bytes(8, "big") for s in seeds]
+            o = PriorOutput(r.id, emb, neg, states[0], self.worker)
+            if len(seeds) > 1:
+                o.candidate_seeds, o.candidate_states = seeds, states
+            out.append(o)
         return out
+
+
+def _candidate_embeddings(seeds: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(seeds) == 1:
+        return sim_embeddings(seeds[0], n)
+    parts = [sim_embeddings(s, n) for s in seeds]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 class SimDecoder:
     """Stands in for ``DecoderPredictor`` (every mode, inpaint included)."""
 
-    def __init__(self, seconds_per_image: float = 0.0, load_seconds: float = 0.0):
+    def __init__(self, seconds_per_image: float = 0.0, load_seconds: float = 0.0, scores: bool = False):
+        """``scores``: quality scores on: a stand-in clip_score (``scoring.sim_score``) for every image, and
+        best_of picks by it."""
         time.sleep(load_seconds)
         self.seconds_per_image = seconds_per_image
         self.worker = worker_label()
+        self.scores = scores
 
     def __call__(self, rows: list[Row], priors: list[PriorOutput], inputs=None) -> list[DecoderOutput]:
+        from kbatch.models.scoring import candidate_count, keep_best, sim_score
+
         t0 = time.perf_counter()
         for r, p in zip(rows, priors):
             _check_prior(r, p)
-        images = sum(r.num_images for r in rows)
-        time.sleep(self.seconds_per_image * images)
-        per_image = (time.perf_counter() - t0) / max(1, images)
-        return [DecoderOutput(r.id, np.stack([sim_image(r.seed, i, r.height, r.width) for i in range(r.num_images)]),
-                              p.prior_worker, self.worker, per_image, "sim") for r, p in zip(rows, priors)]
+        # every candidate's images, candidate-major per row (quality.best_of), like the real decoder
+        made = [(r, sim_image(s, i, r.height, r.width)) for r, p in zip(rows, priors) if candidate_count(r, p)
+                for s in (p.candidate_seeds or [r.seed]) for i in range(r.num_images)]
+        time.sleep(self.seconds_per_image * len(made))
+        per_image = (time.perf_counter() - t0) / max(1, len(made))
+        images = np.stack([im for _, im in made]) if made else np.zeros((0, 1, 1, 3), np.uint8)
+        scores = np.array([sim_score(im, r.prompt) for r, im in made]) if self.scores else None
+        return keep_best(rows, priors, images, scores,
+                         lambda r, p, kept: DecoderOutput(r.id, kept, p.prior_worker, self.worker, per_image, "sim"))
+
 
 
 def _check_prior(row: Row, prior: PriorOutput) -> None:
@@ -110,6 +132,6 @@ def _check_prior(row: Row, prior: PriorOutput) -> None:
     if prior.id != row.id:
         raise ValueError(f"decoder got the embeddings of row {prior.id!r} for row {row.id!r}")
     if prior.generator_state.startswith(_SIM_STATE):  # made by SimPrior: check the values too
-        emb, neg = sim_embeddings(row.seed, row.num_images)
+        emb, neg = _candidate_embeddings(candidate_seeds(row.seed, row.candidates), row.num_images)
         if not (np.array_equal(prior.image_embeds, emb) and np.array_equal(prior.negative_image_embeds, neg)):
             raise ValueError(f"row {row.id!r}: the embeddings the decoder got are not the ones the prior made")

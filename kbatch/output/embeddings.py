@@ -29,7 +29,11 @@ CELL_FIELDS = [("id", pa.string()), ("prompt", pa.string()), ("mode", pa.string(
                ("mask", pa.binary()), ("mask_uri", pa.string())]
 EMBED_SCHEMA = pa.schema(CELL_FIELDS + [
     ("image_embeds", pa.list_(pa.float32())), ("negative_image_embeds", pa.list_(pa.float32())),
-    ("embed_dim", pa.int32()), ("generator_state", pa.binary()), ("prior_worker", pa.string())])
+    ("embed_dim", pa.int32()), ("generator_state", pa.binary()), ("prior_worker", pa.string()),
+    # quality (kbatch.models.scoring): best_of's candidates (embeddings candidate-major; null: one candidate)
+    # and the prompt's CLIP text embedding (null: written without scores; a scoring decoder makes it)
+    ("candidate_seeds", pa.list_(pa.int64())), ("candidate_states", pa.list_(pa.binary())),
+    ("text_embeds", pa.list_(pa.float32()))])
 DECODER_CELLS = ("height", "width", "num_inference_steps", "guidance_scale", "strength")
 
 
@@ -64,14 +68,17 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
     data = [{**row_cells[o.id], "image_embeds": o.image_embeds.reshape(-1).tolist(),
              "negative_image_embeds": o.negative_image_embeds.reshape(-1).tolist(),
              "embed_dim": int(o.image_embeds.shape[-1]), "generator_state": o.generator_state,
-             "prior_worker": o.prior_worker} for o in outputs]
+             "prior_worker": o.prior_worker, "candidate_seeds": o.candidate_seeds,
+             "candidate_states": o.candidate_states,
+             "text_embeds": None if o.text_embeds is None else np.asarray(o.text_embeds).reshape(-1).tolist()}
+            for o in outputs]
     rel = f"embeddings/{commits.attempt_name(shard, attempt)}.parquet"  # this attempt's own name
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(data, schema=EMBED_SCHEMA), buf, compression="zstd")
     nbytes = storage.write_bytes_atomic(fs, storage.join(root, rel), buf.getvalue())
     records = []
     for o in outputs:
-        for i in range(o.image_embeds.shape[0]):
+        for i in range(o.image_embeds.shape[0] // len(o.states)):  # per image index, not per candidate
             records.append({**bases[o.id], "image_index": i, "status": "ok", "error": None,
                             "key": record_key(o.id, i), "path": f"{rel}#{o.id}", "shard": shard,
                             "image_format": "embeddings", "prior_worker": o.prior_worker})
@@ -94,15 +101,20 @@ def read_prior_outputs(locations: list[tuple[str, int, str]], storage_options: d
     found: dict[str, PriorOutput] = {}
     cols = ["id", "num_images", "image_embeds", "negative_image_embeds", "embed_dim", "generator_state",
             "prior_worker"]
+    quality = ["candidate_seeds", "candidate_states", "text_embeds"]  # absent from older embeddings outputs
     for uri, wanted in by_file.items():
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
-            table = pq.read_table(fh, columns=cols)
+            pf = pq.ParquetFile(fh)
+            table = pf.read(columns=cols + [c for c in quality if c in pf.schema_arrow.names])
         rows = table.take(pa.array([i for i, _ in wanted])).to_pylist()
         for r, (_, rid) in zip(rows, wanted):
             if r["id"] != rid:
                 raise ValueError(f"embeddings file {uri!r} changed: row {rid!r} is not where it was")
-            shape = (r["num_images"], r["embed_dim"])
+            shape = (-1, r["embed_dim"])
+            text = r.get("text_embeds")
             found[rid] = PriorOutput(rid, np.asarray(r["image_embeds"], np.float32).reshape(shape),
                                      np.asarray(r["negative_image_embeds"], np.float32).reshape(shape),
-                                     r["generator_state"], r["prior_worker"])
+                                     r["generator_state"], r["prior_worker"], r.get("candidate_seeds"),
+                                     r.get("candidate_states"),
+                                     None if text is None else np.asarray(text, np.float32))
     return [found[rid] for _, _, rid in locations]

@@ -35,7 +35,18 @@ _GRID_CSS = """
 .kbatch-gallery .card img{display:block;margin:0 auto 4px;max-width:100%%;height:auto}
 .kbatch-gallery .card .id{font-weight:600;font-size:12px} .kbatch-gallery .card .p{margin:2px 0;color:#333}
 .kbatch-gallery .card .k{color:#777}
+.kbatch-gallery .card.wide{width:auto;max-width:%(wide)dpx} .kbatch-gallery .pair{display:flex;gap:4px;align-items:flex-start}
+.kbatch-gallery .inputs{display:flex;flex-direction:column;gap:2px;color:#777;font-size:10px;text-align:center}
+.kbatch-gallery .inputs img{margin:0}
+.kbatch-gallery .score{font-weight:600;color:#0a5}
+.kbatch-gallery .sort{font-size:13px;margin:0 0 8px}
+.kbatch-gallery > input.kb-best:checked ~ .grid > .card{order:var(--best)}
+.kbatch-gallery > input.kb-worst:checked ~ .grid > .card{order:var(--worst)}
 """
+
+
+def _grid_css(thumb: int) -> str:
+    return _GRID_CSS % {"w": thumb + 12, "wide": 2 * thumb + 24}
 
 
 def _esc(v: Any) -> str:
@@ -51,6 +62,13 @@ def _isnull(v: Any) -> bool:
         return bool(pd.isna(v))
     except (TypeError, ValueError):
         return False
+
+
+def _isnull_list(v: Any) -> bool:
+    """A list cell (candidate_seeds): None / NaN, or an array."""
+    if v is None:
+        return True
+    return not hasattr(v, "__len__") and _isnull(v)
 
 
 def _fmt(v: Any) -> str:
@@ -88,6 +106,12 @@ def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
              f'<div class="p" title="prompt">{_esc(_fmt(prompt))}</div>']
     if not _isnull(neg):
         parts.append(f'<div class="p k" title="negative prompt">neg: {_esc(neg)}</div>')
+    score = rec.get("clip_score")
+    if not _isnull(score):
+        seeds = rec.get("candidate_seeds")
+        best_of = "" if _isnull_list(seeds) else f' <span class="k">best of {len(seeds)}</span>'
+        parts.append(f'<div class="score" title="clip_score: 100 x CLIP cosine(image, prompt)">'
+                     f'clip {float(score):.2f}{best_of}</div>')
     parts.append(
         f'<div class="k">seed {_esc(_fmt(rec.get("seed")))} &middot; {_esc(_fmt(rec.get("mode")))} &middot; '
         f'{_esc(_fmt(w))}&times;{_esc(_fmt(h))} &middot; steps {_esc(_fmt(rec.get("num_inference_steps")))} '
@@ -95,10 +119,16 @@ def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
     return "".join(parts)
 
 
-def _ok_records(df, max_images: int) -> list[dict]:
+def _ok_records(df, max_images: int, sort: str | None = None) -> list[dict]:
+    """The first ``max_images`` ok records; ``sort``: "best" / "worst" first by clip_score (unscored last)."""
     if df is None or not len(df):
         return []
     ok = df[df["status"] == "ok"]
+    if sort is not None:
+        if sort not in ("best", "worst"):
+            raise ValueError(f"sort must be 'best', 'worst' or None, got {sort!r}")
+        if "clip_score" in ok:
+            ok = ok.sort_values("clip_score", ascending=sort == "worst", na_position="last", kind="stable")
     return ok.head(max(0, int(max_images))).to_dict("records")
 
 
@@ -122,13 +152,45 @@ class _Item:
     thumb: Any  # PIL image
     full_size: tuple[int, int]
     href: str | None
+    inputs: list = None  # img2img / inpaint: [(label, PIL thumbnail or None, note)] of the init image and mask
+
+
+def _input_thumbs(rec: dict, size: int, storage_options: dict | None, cache: dict) -> list:
+    """The init image (and mask) of an img2img / inpaint record, as small thumbnails, read from the URIs the
+    record names; inline manifest bytes are not stored in the output (only their sha256): a note instead."""
+    if rec.get("mode") not in ("img2img", "inpaint"):
+        return []
+    out = []
+    for label, key in (("init", "init_image"), ("mask", "mask")):
+        ref = rec.get(key)
+        if _isnull(ref):
+            continue
+        ref = str(ref)
+        if ref.startswith("sha256:"):
+            out.append((label, None, "inline bytes (not stored in the output)"))
+            continue
+        if ref not in cache:
+            try:
+                fs, path = storage.get_fs(ref, storage_options)
+                cache[ref] = (_thumbnail(fs.cat_file(path), size)[0], ref)
+            except Exception as e:  # noqa: BLE001 - moved, no credentials: the card says so
+                cache[ref] = (None, f"cannot read {ref}: {type(e).__name__}")
+        out.append((label, *cache[ref]))
+    return out
 
 
 def _load_items(reader, recs: list[dict], thumb: int, copy_full: bool) -> list[_Item]:
-    """Thumbnails for ``recs``; for tar/parquet formats (``copy_full``) also full-size copies under gallery/."""
+    """Thumbnails for ``recs``; for tar/parquet formats (``copy_full``) also full-size copies under gallery/;
+    img2img / inpaint records also get their init image and mask (``_input_thumbs``)."""
     fs, root = reader.fs
+    input_cache: dict = {}  # one read per input URI (many rows may share an init image)
 
     def one(rec: dict) -> _Item:
+        item = _one(rec)
+        item.inputs = _input_thumbs(rec, max(32, thumb // 2), getattr(reader, "storage_options", None), input_cache)
+        return item
+
+    def _one(rec: dict) -> _Item:
         data = reader.bytes_of(rec, verify=False)
         img, size = _thumbnail(data, thumb)
         rel = str(rec.get("path") or "")
@@ -147,15 +209,60 @@ def _load_items(reader, recs: list[dict], thumb: int, copy_full: bool) -> list[_
     return [one(r) for r in recs]
 
 
+def _score_ranks(items: list[_Item]) -> tuple[list[int], list[int]]:
+    """Each card's place when sorted by clip_score, best first and worst first (unscored cards last)."""
+    scores = [it.rec.get("clip_score") for it in items]
+    scored = [i for i, s in enumerate(scores) if not _isnull(s)]
+    best, worst = [len(items) + i for i in range(len(items))], [len(items) + i for i in range(len(items))]
+    for rank, i in enumerate(sorted(scored, key=lambda i: (-float(scores[i]), i))):
+        best[i] = rank
+    for rank, i in enumerate(sorted(scored, key=lambda i: (float(scores[i]), i))):
+        worst[i] = rank
+    return best, worst
+
+
+def _sort_controls(uid: str) -> str:
+    """Radio buttons that reorder the cards (CSS ``order`` from each card's ranks: no script, so it works
+    in a notebook's output as in the page). Direct children of ``.kbatch-gallery``, before the grid."""
+    out = ['<span class="sort">sort:</span>']
+    for key, label, checked in (("as", "as written", " checked"), ("best", "clip score, best first", ""),
+                                ("worst", "clip score, worst first", "")):
+        out.append(f'<input type="radio" class="kb-sort kb-{key}" name="kbs-{uid}" id="kbs-{uid}-{key}"{checked}>'
+                   f'<label for="kbs-{uid}-{key}">{label}</label> ')
+    return "".join(out)
+
+
+def _inputs_html(inputs: list) -> str:
+    parts = []
+    for label, img, note in inputs:
+        if img is None:
+            parts.append(f'<div title="{_esc(note)}">{_esc(label)}: -</div>')
+        else:
+            parts.append(f'<div><img src="{_esc(_data_uri(img))}" width="{img.size[0]}" height="{img.size[1]}" '
+                         f'alt="{_esc(label)}" title="{_esc(note)}"><div>{_esc(label)}</div></div>')
+    return '<div class="inputs">' + "".join(parts) + "</div>"
+
+
 def _cards(items: list[_Item], thumb: int) -> str:
+    import uuid
+
     out = []
-    for it in items:
+    best, worst = _score_ranks(items)
+    for k, it in enumerate(items):
         img = (f'<img src="{_esc(_data_uri(it.thumb))}" width="{it.thumb.size[0]}" height="{it.thumb.size[1]}" '
                f'alt="{_esc(it.rec.get("id"))}" title="{_esc(it.rec.get("prompt"))}">')
         if it.href:
             img = f'<a href="{_esc(urllib.parse.quote(it.href, safe="/~-_."))}">{img}</a>'
-        out.append(f'<div class="card">{img}{_caption(it.rec, it.full_size)}</div>')
-    return '<div class="grid">' + "\n".join(out) + "</div>"
+        score = it.rec.get("clip_score")
+        attrs = f' style="--best:{best[k]};--worst:{worst[k]}"'
+        if not _isnull(score):
+            attrs += f' data-score="{float(score):.4f}"'
+        cls = "card"
+        if it.inputs:  # img2img / inpaint: the init image (and mask) beside the output
+            cls, img = "card wide", f'<div class="pair">{img}{_inputs_html(it.inputs)}</div>'
+        out.append(f'<div class="{cls}"{attrs}>{img}{_caption(it.rec, it.full_size)}</div>')
+    controls = _sort_controls(uuid.uuid4().hex[:8]) if any(s < len(items) for s in best) else ""
+    return controls + '<div class="grid">' + "\n".join(out) + "</div>"
 
 
 def _error_table(errors: list[dict], limit: int = 1000) -> str:
@@ -233,7 +340,7 @@ def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
                else "")
             + f"<span>shown: <b>{len(items)}</b> of {counts['images']} images</span></div>")
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>{_esc(title)}</title><style>{_PAGE_CSS}{_GRID_CSS % {'w': thumb + 12}}</style></head><body>\n"
+            f"<title>{_esc(title)}</title><style>{_PAGE_CSS}{_grid_css(thumb)}</style></head><body>\n"
             f"{head}\n<div class=\"kbatch-gallery\">{_cards(items, thumb)}</div>\n{_error_table(errors)}\n"
             '<p class="sub"><a href="contact_sheet.png">contact sheet</a></p>\n</body></html>\n')
     html_path = storage.join(base, "gallery.html")
@@ -254,15 +361,18 @@ class InlineGallery:
         self.n = n
 
     @classmethod
-    def from_records(cls, df, reader, root: str, max_images: int = 50, thumb: int = 160) -> "InlineGallery":
-        recs = _ok_records(df, max_images)
+    def from_records(cls, df, reader, root: str, max_images: int = 50, thumb: int = 160,
+                     sort: str | None = None) -> "InlineGallery":
+        """``sort``: "best" / "worst": the ``max_images`` best (worst) images of ``df`` by clip_score, in that
+        order (the view's sort buttons reorder what is shown)."""
+        recs = _ok_records(df, max_images, sort)
         items = _load_items(reader, recs, thumb, copy_full=False)
         for it in items:
             it.href = None  # inline view: no links to files the notebook cannot serve
         counts = _counts(df)
         header = (f"<div><b>{_esc(root)}</b>: {counts['rows']} rows, {counts['images']} images, "
                   f"{counts['errors']} failed rows; showing {len(items)}</div>")
-        style = _GRID_CSS % {"w": thumb + 12}
+        style = _grid_css(thumb)
         return cls(f"<div class=\"kbatch-gallery\"><style>{style}</style>{header}{_cards(items, thumb)}</div>",
                    len(items))
 

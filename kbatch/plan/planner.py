@@ -24,7 +24,8 @@ _TO_READ = np.array([NEW, RETRY, DUP, BADID], dtype=np.uint8)
 
 
 def images(rows) -> int:
-    return sum(r.num_images for r in rows)
+    """Images the stages render for ``rows`` (``quality.best_of`` candidates included)."""
+    return sum(r.renders for r in rows)
 
 
 def chunk(rows: list[Row], key, max_images: int) -> list[list[Row]]:
@@ -35,13 +36,13 @@ def chunk(rows: list[Row], key, max_images: int) -> list[list[Row]]:
     n_cur = 0
     for r in rows:
         k = key(r)
-        if cur and (k != k_cur or n_cur + r.num_images > max_images):
+        if cur and (k != k_cur or n_cur + r.renders > max_images):
             out.append(cur)
             cur, n_cur = [], 0
         if not cur:
             k_cur = k
         cur.append(r)
-        n_cur += r.num_images
+        n_cur += r.renders
     if cur:
         out.append(cur)
     return out
@@ -99,6 +100,8 @@ class Planner:
         if interpolated and isinstance(out, Row):
             out.mode = "interpolate"
             out.row_hash = out.fingerprint()
+        if isinstance(out, Row):  # quality.best_of: the row's images are rendered with k candidate seeds
+            out.candidates = self.cfg.quality.best_of
         return out
 
     def fingerprints(self, rows: list[dict], positions, first_at: dict) -> list[str]:

@@ -76,8 +76,30 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
         "progress": (job or {}).get("progress"),
         "lease": lease,
         "job": job,
+        "clip_score": score_summary(root, storage_options, committed),
     })
     return out
+
+
+SCORE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+def score_summary(root: str, storage_options: dict | None = None, shards: list[str] | None = None) -> dict | None:
+    """The distribution of ``clip_score`` over the committed images (``quality.clip_score``): count, mean,
+    min, max and quantiles (``SCORE_QUANTILES``), for choosing a filter threshold; None when no image has a
+    score. Reads one column (8 bytes an image)."""
+    import numpy as np
+
+    from kbatch.output.writer import read_records_table
+
+    t = read_records_table(root, ["clip_score"], storage_options, shards=shards)
+    v = t.column("clip_score").drop_null().to_numpy() if t.num_rows else np.zeros(0)
+    if not len(v):
+        return None
+    qs = np.quantile(v, SCORE_QUANTILES)
+    return {"images": int(len(v)), "mean": round(float(v.mean()), 4), "min": round(float(v.min()), 4),
+            "max": round(float(v.max()), 4),
+            "quantiles": {f"p{round(q * 100):02d}": round(float(x), 4) for q, x in zip(SCORE_QUANTILES, qs)}}
 
 
 def _from_manifest(source, root: str, storage_options) -> dict:
@@ -149,6 +171,12 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  (and {s['records_not_in_manifest']} ids with records that are not in this manifest: "
                      "left alone, not counted)")
     lines.append(f"images:   {s.get('images', 0)}")
+    cs = s.get("clip_score")
+    if cs:
+        q = cs["quantiles"]
+        lines.append(f"clip_score: {cs['images']} scored images, mean {cs['mean']:.2f}, min {cs['min']:.2f}, "
+                     f"max {cs['max']:.2f}")
+        lines.append("  quantiles: " + "  ".join(f"{k} {v:.2f}" for k, v in q.items()))
     lines.append(f"shards:   {s.get('shards', 0)} committed, {s.get('uncommitted_shards', 0)} uncommitted"
                  + (" (a writer died before committing; a rerun rewrites them)" if s.get("uncommitted_shards") else ""))
     if s.get("duplicate_records"):

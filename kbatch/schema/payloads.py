@@ -16,6 +16,16 @@ class PriorOutput:
     negative_image_embeds: np.ndarray  # (num_images, D) float32
     generator_state: bytes  # torch.Generator("cpu") state after the prior
     prior_worker: str
+    # quality.best_of k > 1: the embeddings are (k * num_images, D), candidate-major, and every candidate's
+    # seed and generator state after the prior (candidate 0's state is ``generator_state``)
+    candidate_seeds: list[int] | None = None
+    candidate_states: list[bytes] | None = None
+    text_embeds: np.ndarray | None = None  # quality scores: (P,) float32 CLIP text embedding of the prompt
+
+    @property
+    def states(self) -> list[bytes]:
+        """The generator state of every candidate (one without best_of)."""
+        return list(self.candidate_states) if self.candidate_states else [self.generator_state]
 
 
 @dataclass
@@ -27,3 +37,9 @@ class DecoderOutput:
     seconds: float  # wall seconds of the batch, per image
     dtype: str = ""  # the dtype the decoder really ran in (float16 falls back to float32 on CPU)
     row: Row | None = None  # the request (set by the worker): the writer makes the record from it
+    # quality scores, per kept image (kbatch.models.scoring): clip_score, the seed of the candidate kept
+    # (the row's seed without best_of), and with best_of every candidate's seed and, per image, score
+    clip_scores: list[float] | None = None
+    seeds: list[int] | None = None
+    candidate_seeds: list[int] | None = None
+    candidate_scores: list[list[float]] | None = None

@@ -53,6 +53,14 @@ class Row:
     mask: bytes | str | None = None
     mix: list[MixItem] = field(default_factory=list)
     row_hash: str = ""  # fingerprint of everything that decides the pixels (resume checks it)
+    # quality.best_of: seeds rendered per image (candidate_seeds); the job's, set by the planner; not part of
+    # the fingerprint (which candidate is kept is decided by the scores, as recorded)
+    candidates: int = 1
+
+    @property
+    def renders(self) -> int:
+        """Images rendered for this row: ``num_images`` for each candidate seed (what a batch's size counts)."""
+        return self.num_images * self.candidates
 
     def prior_key(self) -> tuple:
         """Rows with equal keys can share one prior forward pass."""
@@ -82,7 +90,7 @@ class Row:
 
 
 
-_ROW_FIELDS = [f for f in Row.__dataclass_fields__ if f != "row_hash"]
+_ROW_FIELDS = [f for f in Row.__dataclass_fields__ if f not in ("row_hash", "candidates")]
 
 
 def raw_fingerprint(cells: dict) -> str:
@@ -109,3 +117,13 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     """Stable default seed of a row: independent of row order, batch and worker."""
     h = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") & (2**63 - 1)
+
+
+def candidate_seeds(seed: int, k: int) -> list[int]:
+    """The seeds of a row's ``quality.best_of`` candidates: candidate 0 is the row's seed, candidate c > 0 the
+    first 63 bits of sha256(f"{seed}:candidate:{c}") (stable: independent of batch, worker and k)."""
+    out = [int(seed)]
+    for c in range(1, k):
+        h = hashlib.sha256(f"{seed}:candidate:{c}".encode()).digest()
+        out.append(int.from_bytes(h[:8], "big") & (2**63 - 1))
+    return out

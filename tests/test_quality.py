@@ -1,0 +1,312 @@
+"""Issue 21 (SPEC §10): clip_score of every image, best-of-k candidates, and the readers that show them.
+
+The scores are recomputed here the way a user would, with transformers alone: the prior folder's
+``image_encoder`` / ``image_processor`` on the image file as read back, and its ``text_encoder`` /
+``tokenizer`` on the prompt. Kept best-of images are rendered again with plain diffusers from their record's
+seed (SPEC §4).
+"""
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import kbatch
+from conftest import assert_pixels_close, sim_models, tiny_config
+from kbatch.config import ConfigError, from_dict
+from kbatch.schema.rows import candidate_seeds, derive_seed
+from reference import render_row
+
+STEPS = dict(height=64, width=64, num_inference_steps=4, guidance_scale=4.0, prior_num_inference_steps=3,
+             prior_guidance_scale=4.0, negative_prompt=None, strength=0.5)
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _mix(*items):
+    return [{"prompt": None, "image": None, "image_uri": None, **it} for it in items]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quality-inputs")
+    rng = np.random.default_rng(7)
+    init = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    (folder / "init.png").write_bytes(_png(init))
+    (folder / "mask.png").write_bytes(_png(mask))
+    return folder
+
+
+def _manifest(folder, rows, name="m.parquet"):
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), folder / name)
+    return str(folder / name)
+
+
+ROWS = [
+    {"id": "t2i", "prompt": "a red fox in the snow", "mode": "text2img", "num_images": 2},
+    {"id": "i2i", "prompt": "an oil painting", "mode": "img2img", "init_image": "init.png", "strength": 0.6,
+     "num_images": 1},
+    {"id": "inp", "prompt": "a straw hat", "mode": "inpaint", "init_image": "init.png", "mask": "mask.png",
+     "num_images": 1},
+    {"id": "mix", "prompt": "a cat and a tree", "mode": "interpolate",
+     "mix": _mix({"prompt": "a cat", "weight": 0.4}, {"image_uri": "init.png", "weight": 0.6}), "num_images": 1},
+]
+
+
+# ------------------------------------------------------------------------------------------- the reference
+@pytest.fixture(scope="module")
+def clip(tiny_models):
+    """transformers alone: (score(PIL image, prompt)) with the prior folder's encoders."""
+    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                              CLIPVisionModelWithProjection)
+
+    folder = tiny_models["prior"]
+    vision = CLIPVisionModelWithProjection.from_pretrained(folder, subfolder="image_encoder").eval()
+    processor = CLIPImageProcessor.from_pretrained(folder, subfolder="image_processor")
+    text = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+
+    @torch.no_grad()
+    def score(image, prompt):
+        i = vision(**processor(images=image, return_tensors="pt")).image_embeds
+        t = text(**tokenizer([prompt], padding=True, return_tensors="pt")).text_embeds
+        return 100 * torch.nn.functional.cosine_similarity(i, t).item()
+
+    return score
+
+
+def _check_scores(res, clip, rows=None):
+    """Every ok record's clip_score equals transformers' score of its image file and prompt."""
+    df = res.df[res.df["status"] == "ok"]
+    assert len(df) and df["clip_score"].notna().all()
+    for rec in df.to_dict("records"):
+        want = clip(res.image(rec["id"], int(rec["image_index"])).convert("RGB"), rec["prompt"])
+        assert abs(rec["clip_score"] - want) < 0.05, (rec["id"], rec["image_index"], rec["clip_score"], want)
+    return df
+
+
+# --------------------------------------------------------------------------- every mode, best_of 3, files/png
+@pytest.fixture(scope="module")
+def best_of_job(tiny_models, ray_session, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "out"
+    cfg = tiny_config(tiny_models, out, manifest=_manifest(inputs, ROWS), quality={"best_of": 3},
+                      output={"gallery": True})
+    from kbatch.run.runner import run_job
+
+    result = run_job(from_dict(cfg))
+    assert result.exit_code == 0, result
+    return kbatch.open_results(str(out)), out
+
+
+def test_clip_score_every_mode_equals_transformers(best_of_job, clip):
+    res, _ = best_of_job
+    df = _check_scores(res, clip)
+    assert sorted(df["mode"].unique()) == ["img2img", "inpaint", "interpolate", "text2img"]
+    assert str(df["clip_score"].dtype) == "float64"
+
+
+def test_best_of_keeps_the_argmax_and_only_it(best_of_job):
+    res, out = best_of_job
+    df = res.df[res.df["status"] == "ok"]
+    assert len(df) == 5  # 2 + 1 + 1 + 1 kept images
+    files = sorted(p.name for p in (out / "images").rglob("*.png"))
+    assert len(files) == 5, files  # only kept images are written
+    kept_other = 0
+    for rec in df.to_dict("records"):
+        seeds, scores = list(rec["candidate_seeds"]), list(rec["candidate_scores"])
+        assert seeds == candidate_seeds(derive_seed(0, rec["id"]), 3) and len(scores) == 3
+        best = int(np.argmax(scores))
+        assert rec["clip_score"] == scores[best] and rec["seed"] == seeds[best]
+        kept_other += best != 0
+    assert kept_other, "some image kept a candidate other than 0 (else the test tells nothing)"
+    # the two images of one row choose independently, each among its own image index
+    t2i = df[df["id"] == "t2i"].sort_values("image_index")
+    assert [len(s) for s in t2i["candidate_scores"]] == [3, 3]
+    assert list(t2i["candidate_scores"].iloc[0]) != list(t2i["candidate_scores"].iloc[1])
+
+
+def test_kept_image_is_diffusers_with_its_recorded_seed(best_of_job, tiny_models, inputs):
+    res, _ = best_of_job
+    df = res.df[res.df["status"] == "ok"]
+    init = Image.open(inputs / "init.png").convert("RGB")
+    mask = Image.open(inputs / "mask.png")
+    by_id = {r["id"]: r for r in ROWS}
+    for rec in df.to_dict("records"):
+        row = {**STEPS, "num_images": 1, **by_id[rec["id"]], "seed": int(rec["seed"])}
+        ref = render_row(tiny_models, row, init_image=init, mask=mask, mix_images=[None, init])
+        got = np.asarray(res.image(rec["id"], int(rec["image_index"])).convert("RGB"))
+        assert_pixels_close(got, ref[int(rec["image_index"])], f"{rec['id']}#{rec['image_index']}")
+
+
+def test_status_shows_score_quantiles(best_of_job):
+    from kbatch.run.status import format_summary, summarize
+
+    res, out = best_of_job
+    s = summarize(str(out))
+    cs = s["clip_score"]
+    scores = res.df["clip_score"].dropna().to_numpy()
+    assert cs["images"] == 5 and cs["min"] == round(scores.min(), 4) and cs["max"] == round(scores.max(), 4)
+    assert cs["quantiles"]["p50"] == round(float(np.quantile(scores, 0.5)), 4)
+    q = list(cs["quantiles"].values())
+    assert q == sorted(q)
+    text = format_summary(s)
+    assert "clip_score: 5 scored images" in text and "p50" in text
+
+
+def test_gallery_shows_scores_inputs_and_sorts(best_of_job):
+    res, out = best_of_job
+    page = (out / "gallery.html").read_text()
+    df = res.df[res.df["status"] == "ok"]
+    for v in df["clip_score"]:
+        assert f'data-score="{v:.4f}"' in page and f"clip {v:.2f}" in page
+    assert "clip score, best first" in page and "clip score, worst first" in page
+    assert page.count('class="card wide"') == 2  # img2img and inpaint: the init image beside the output
+    assert page.count('alt="init"') == 2 and page.count('alt="mask"') == 1
+    # inline (Jupyter): the worst first over the whole output
+    inline = res.gallery(max_images=2, sort="worst").html
+    worst = df.sort_values("clip_score")["clip_score"].head(2)
+    assert all(f'data-score="{v:.4f}"' in inline for v in worst) and inline.count('class="card') == 2
+
+
+# ------------------------------------------------------------------------ webdataset/jpeg, colocated stages
+def test_jpeg_scores_the_image_as_written(tiny_models, ray_session, inputs, tmp_path, clip):
+    rows = [{"id": "a", "prompt": "a blue bird", "num_images": 2},
+            {"id": "b", "prompt": "a straw hat", "mode": "inpaint", "init_image": "init.png", "mask": "mask.png",
+             "num_images": 1}]
+    out = tmp_path / "jpeg"
+    cfg = tiny_config(tiny_models, out, manifest=_manifest(inputs, rows, "jpeg.parquet"),
+                      quality={"clip_score": True},
+                      output={"format": "webdataset", "image_format": "jpeg", "quality": 60},
+                      resources={"colocate": True})
+    from kbatch.run.runner import run_job
+
+    assert run_job(from_dict(cfg)).exit_code == 0
+    res = kbatch.open_results(str(out))
+    df = _check_scores(res, clip)
+    assert df["candidate_seeds"].isna().all() and df["candidate_scores"].isna().all()
+    assert (df["seed"] == [derive_seed(0, i) for i in df["id"]]).all()
+
+
+# ----------------------------------------------------------------------- stage prior -> stage decoder, parquet
+def test_split_stages_carry_what_scoring_needs(tiny_models, ray_session, inputs, tmp_path, clip):
+    from kbatch.run.runner import run_job
+
+    rows = [{"id": "s1", "prompt": "a lighthouse", "num_images": 2}, {"id": "s2", "prompt": "a teapot"}]
+    emb = tmp_path / "emb"
+    cfg = tiny_config(tiny_models, emb, manifest=_manifest(inputs, rows, "split.parquet"), stage="prior",
+                      quality={"best_of": 2})
+    assert run_job(from_dict(cfg)).exit_code == 0
+    stored = pq.read_table(next((emb / "embeddings").glob("*.parquet"))).to_pylist()
+    assert all(len(r["candidate_states"]) == 2 and len(r["text_embeds"]) > 0 for r in stored)
+    out = tmp_path / "dec"
+    cfg = tiny_config(tiny_models, out, manifest=str(emb), stage="decoder", quality={"best_of": 2},
+                      output={"format": "parquet", "image_format": "webp", "quality": 90})
+    assert run_job(from_dict(cfg)).exit_code == 0
+    res = kbatch.open_results(str(out))
+    df = _check_scores(res, clip)
+    assert len(df) == 3
+    for rec in df.to_dict("records"):
+        assert rec["seed"] == list(rec["candidate_seeds"])[int(np.argmax(rec["candidate_scores"]))]
+    # a decoding job whose best_of differs from the embeddings' fails those rows, naming the key
+    out2 = tmp_path / "dec2"
+    cfg = tiny_config(tiny_models, out2, manifest=str(emb), stage="decoder", quality={"best_of": 3})
+    run_job(from_dict(cfg))
+    errs = kbatch.open_results(str(out2)).df
+    assert (errs["status"] == "error").all() and errs["error"].str.contains("quality.best_of").all()
+
+
+# ------------------------------------------------------------------------------- no Ray: the pieces
+def test_config_quality_keys():
+    assert from_dict({}).quality.best_of == 1 and not from_dict({}).quality.scores
+    assert from_dict({"quality": {"best_of": 4}}).quality.scores  # best_of > 1 scores
+    assert from_dict({"quality": {"best_of": 16, "clip_score": True}}).quality.best_of == 16
+    for bad in (0, 17, -1):
+        with pytest.raises(ConfigError, match=rf"'quality.best_of' must be in \[1, 16\].*got {bad}"):
+            from_dict({"quality": {"best_of": bad}})
+    with pytest.raises(ConfigError, match="'quality.best_of' must be int, got 'many'"):
+        from_dict({"quality": {"best_of": "many"}})
+    with pytest.raises(ConfigError, match="'quality.clip_score' must be bool"):
+        from_dict({"quality": {"clip_score": "maybe"}})
+    with pytest.raises(ConfigError, match="unknown config key 'quality.top_k'"):
+        from_dict({"quality": {"top_k": 2}})
+
+
+def test_candidate_seeds_are_stable():
+    s = candidate_seeds(1234, 4)
+    assert s[0] == 1234 and len(set(s)) == 4 and all(0 <= x < 2**63 for x in s)
+    assert candidate_seeds(1234, 2) == s[:2]  # a candidate's seed does not depend on k
+
+
+def test_text_embedding_beside_the_prior_and_in_the_decoder_agree(tiny_models):
+    """The prior's text pass (sent with the embeddings) and the decoder's own (embeddings without it) give
+    the same scores; the prior's pipeline output is unchanged by it."""
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.prior import PriorPredictor
+    from kbatch.models.scoring import ClipScorer
+    from kbatch.schema.rows import Row
+
+    rows = [Row("x", "a red fox", seed=3, num_images=2, **{k: v for k, v in STEPS.items() if k != "strength"})]
+    with_text = PriorPredictor(tiny_models["prior"], device="cpu", clip_text=True)(rows)
+    without = PriorPredictor(tiny_models["prior"], device="cpu")(rows)
+    assert without[0].text_embeds is None and with_text[0].text_embeds.shape == (32,)
+    np.testing.assert_array_equal(with_text[0].image_embeds, without[0].image_embeds)
+    dec = DecoderPredictor(tiny_models["decoder"], device="cpu", scorer=ClipScorer(path=tiny_models["prior"]))
+    a, b = dec(rows, with_text)[0], dec(rows, without)[0]
+    np.testing.assert_allclose(a.clip_scores, b.clip_scores, atol=1e-4)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_as_written_decodes_lossy_formats():
+    from kbatch.models.scoring import as_written, lossless
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert lossless("png", 95) and lossless("webp", 100) and not lossless("jpeg", 100) and not lossless("webp", 90)
+    np.testing.assert_array_equal(np.asarray(as_written(img, "png", 95)), img)
+    np.testing.assert_array_equal(np.asarray(as_written(img, "webp", 100)), img)
+    jpeg = np.asarray(as_written(img, "jpeg", 80))
+    assert jpeg.shape == img.shape and not np.array_equal(jpeg, img)
+
+
+def test_score_summary_none_without_scores(tmp_path):
+    from kbatch.output.writer import OutputSpec, write_shard
+    from kbatch.run.status import format_summary, score_summary, summarize
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    write_shard(OutputSpec(str(tmp_path)), "s0", [{"id": "a", "image_index": 0, "status": "ok"}], [img])
+    assert score_summary(str(tmp_path)) is None
+    assert "clip_score" not in format_summary(summarize(str(tmp_path)))
+
+
+# --------------------------------------------------------------------------------------- simulated models
+def test_sim_models_deterministic_stand_in_scores(ray_session, tmp_path):
+    from kbatch.models.scoring import sim_score
+    from kbatch.models.sim import sim_image
+    from kbatch.run.runner import run_job
+
+    rows = [{"id": f"r{i}", "prompt": f"prompt {i}", "num_images": 1 + i % 2} for i in range(4)]
+    frames = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        cfg = tiny_config(sim_models(), out, manifest=_manifest(tmp_path, rows),
+                          quality={"best_of": 3}, output={"format": "parquet"})
+        assert run_job(from_dict(cfg)).exit_code == 0
+        frames.append(kbatch.open_results(str(out)).df.sort_values(["id", "image_index"]).reset_index(drop=True))
+    a, b = frames
+    assert len(a) == 6 and (a["model_decoder"] == "sim").all()
+    pd.testing.assert_series_equal(a["clip_score"], b["clip_score"])
+    for rec in a.to_dict("records"):
+        i = int(rec["image_index"])
+        seeds = candidate_seeds(derive_seed(0, rec["id"]), 3)
+        want = [sim_score(sim_image(s, i, 64, 64), rec["prompt"]) for s in seeds]
+        assert list(rec["candidate_scores"]) == want and list(rec["candidate_seeds"]) == seeds
+        assert rec["seed"] == seeds[int(np.argmax(want))] and rec["clip_score"] == max(want)
