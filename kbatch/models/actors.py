@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import ray
 
 from kbatch.config import SIM, JobConfig
+from kbatch.models.ray_metrics import observe_batch
 from kbatch.schema.payloads import DecoderOutput, PriorOutput
 from kbatch.schema.rows import Row
 from kbatch.schema.records import base_record, record_key
@@ -156,7 +157,9 @@ class PriorWorker:
             t0 = time.perf_counter()
             inputs = _merge(input_maps)
             out = self.predictor(rows, [inputs.get(r.id) for r in rows])
-            return Status(time.perf_counter() - t0, _memory()), out
+            seconds = time.perf_counter() - t0
+            observe_batch(self.running.slot, "prior", seconds)  # metrics: kbatch_batch_seconds
+            return Status(seconds, _memory()), out
 
 
 def maybe_crash(faults, rows: list[Row] = (), once_file: str | None = None):
@@ -228,7 +231,9 @@ class DecoderWorker:
             with self.running.lock:  # lanes: report it once
                 warmup, self.warmup = self.warmup, 0.0
                 by_shape, self.warmup_by_shape = self.warmup_by_shape, None
-            return Status(time.perf_counter() - t0, _memory(), warmup, by_shape), out
+            seconds = time.perf_counter() - t0
+            observe_batch(self.running.slot, "decoder", seconds)  # metrics: kbatch_batch_seconds
+            return Status(seconds, _memory(), warmup, by_shape), out
 
 
 class StagesWorker(DecoderWorker):
@@ -264,6 +269,7 @@ class WriterWorker:
     def __init__(self, slot: str | None = None, faults=None):
         note_placed(slot)
         self.faults = faults
+        self.slot = slot  # names the run in the batch-seconds metric
 
     def ready(self) -> dict:
         return {"worker": f"node:{_node_id()[:8]}/pid:{os.getpid()}", "node": _node_id()}
@@ -272,7 +278,10 @@ class WriterWorker:
     def write(self, spec, shard: str, template: dict, error_records: list[dict], *payloads):
         if self.faults is not None and self.faults.crash_writer_once_file:
             maybe_crash(self.faults, once_file=self.faults.crash_writer_once_file)
-        return write_shard(_as_writer(spec), shard, template, error_records, *payloads)
+        t0 = time.perf_counter()
+        out = write_shard(_as_writer(spec), shard, template, error_records, *payloads)
+        observe_batch(self.slot, "writer", time.perf_counter() - t0)  # metrics: kbatch_batch_seconds
+        return out
 
     @ray.method(max_task_retries=2, retry_exceptions=[OSError])
     def write_embeddings(self, spec, shard: str, bases: dict, row_cells: dict, error_records, *payloads):

@@ -24,7 +24,7 @@ from kbatch.run.progress import Progress
 log = logging.getLogger("kbatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
-PROGRESS_EVERY = 15.0  # seconds between progress writes to _job.json (SPEC: at least every 30 s)
+PROGRESS_EVERY = 5.0  # seconds between progress writes to _job.json (SPEC: at least every 30 s; status --watch)
 
 
 @dataclass
@@ -164,8 +164,10 @@ class Runner:
         except LeaseLost as e:
             self.lease.release()
             return self._lost(t_start, e)
-        self.progress = Progress(scan.total, initial=scan.skipped_ok + scan.skipped_failed, mode=self.progress_mode)
+        self.progress = Progress(scan.total, initial=scan.skipped_ok + scan.skipped_failed, mode=self.progress_mode,
+                                 failed_before=scan.skipped_failed, root=self.output, run_id=self.run_id)
         self.driver = None
+        self.metrics = None  # kbatch.run.metrics.RunMetrics, once Ray is up
         interrupted, error, unexpected, lost = False, None, False, None
         previous_handler = _sigterm_interrupts()
         try:
@@ -230,6 +232,9 @@ class Runner:
         self.job["layout"] = stages.layout
         if stages.compile is not None:  # models.compile / decoder batch: the decision, its rule and inputs
             self.job["compile"] = stages.compile
+        from kbatch.run.metrics import RunMetrics
+
+        self.metrics = RunMetrics(self.run_id)
         self._last_write = time.monotonic()
         self.lease.check()
         spec = dataclasses.replace(stages.spec, fence=self.lease.fence())  # every write call carries the fence
@@ -251,7 +256,8 @@ class Runner:
         from kbatch import storage
 
         res = driver.outcomes
-        self.progress.set(res.rows_ok + res.rows_failed, res.images)
+        self.progress.set(res.rows_ok + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
+        self.metrics.tick(self.progress, driver.queues)
         self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
         if any("Fenced:" in f for f in res.write_failures):  # a writer was refused: whose lease is it?
             self.lease.verify()
@@ -297,11 +303,14 @@ class Runner:
                            dict(d.memory) if d else {}, scan.skipped_failed, error)
         status = ("complete" if complete else "interrupted" if interrupted else "failed" if unexpected
                   else "incomplete")
-        self.progress.set(rows_ok + rows_failed, n_images)
+        self.progress.set(rows_ok + rows_failed, n_images, rows_failed)
         job = self.job
         job.update(status=status, exit_code=code, finished=now_iso(), result=dataclasses.asdict(result),
                    worker_start_errors=dict(d.start_errors) if d else {}, unseen_shards=unseen, error=error,
                    progress=self.progress.snapshot(queues=self.driver.queues() if d else {}))
+        self.progress.end(job)  # the notebook view shows the end
+        if self.metrics is not None:  # final counts; the gauges of work in progress to 0
+            self.metrics.end(self.progress, job["progress"]["queues"])
         if d is not None:
             import resource
 
