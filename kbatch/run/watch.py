@@ -245,7 +245,8 @@ def format_html(v: dict, now: float | None = None) -> str:
     if v.get("replicas") and v["state"] == "running":
         rows.append(("replicas", _replicas_text(v["replicas"])))
     if v.get("updated"):
-        rows.append(("updated", f"{v['updated']} ({_age(v['updated'], time.time() if now is None else now)})"))
+        age = f" ({_age(v['updated'], time.time() if now is None else now)})" if v["state"] == "running" else ""
+        rows.append(("updated", f"{v['updated']}{age}"))  # a static page: an age only while it is redrawn
     if v.get("error"):
         rows.append(("stopped", v["error"]))
     pct = 100 * f if f is not None else 0.0
