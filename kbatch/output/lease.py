@@ -828,8 +828,12 @@ class Fence:
 
     def _message(self, store, seen: _Seen | None) -> str:
         root = store.path.rsplit("/", 1)[0] if "/" in store.path else ""
+        hint = ""
+        if seen is None and storage.exclusive_kind(store.fs) in ("local", "memory"):
+            hint = (" (or this writer, on another node, does not see the driver's output folder: use object "
+                    "storage or a shared filesystem)")
         return _lost_message(f"run {self.run_id!r} (lease epoch {self.epoch})", display_path(store.fs, store.path),
-                             seen, store.fs, root) + "; its write is refused"
+                             seen, store.fs, root) + hint + "; its write is refused"
 
     def check(self) -> None:
         store = self._store()
