@@ -208,7 +208,7 @@ def test_architecture_names_every_module():
 # links and paths
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
-_TOP = ("kbatch", "configs", "bench", "docs", "tests", "jobs", "examples", ".ci")
+_TOP = ("kbatch", "configs", "bench", "docs", "tests", "jobs", "examples", "dashboards", ".ci")
 _QUOTED_PATH = re.compile(r"`((?:%s)/[A-Za-z0-9_./+-]*)`" % "|".join(re.escape(t) for t in _TOP))
 
 
