@@ -310,3 +310,62 @@ def test_sim_models_deterministic_stand_in_scores(ray_session, tmp_path):
         want = [sim_score(sim_image(s, i, 64, 64), rec["prompt"]) for s in seeds]
         assert list(rec["candidate_scores"]) == want and list(rec["candidate_seeds"]) == seeds
         assert rec["seed"] == seeds[int(np.argmax(want))] and rec["clip_score"] == max(want)
+
+
+# ------------------------------------------------------------------------------- the gallery in a browser
+SORT_SCRIPT = """
+<script id="kbatch-check">
+window.addEventListener('load', () => {
+  const order = () => [...document.querySelectorAll('.kbatch-gallery .card')].map(c => {
+      const r = c.getBoundingClientRect(); return {y: r.top, x: r.left, s: c.dataset.score};
+    }).sort((a, b) => (a.y - b.y) || (a.x - b.x)).map(c => c.s === undefined ? null : Number(c.s));
+  const res = {as: order()};
+  document.querySelector('label[for$="-best"]').click(); res.best = order();
+  document.querySelector('label[for$="-worst"]').click(); res.worst = order();
+  res.inputs = [...document.querySelectorAll('.inputs img')].map(i => [i.alt, i.naturalWidth]);
+  const pre = document.createElement('pre'); pre.id = 'kbatch-result'; pre.textContent = JSON.stringify(res);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_gallery_sorts_by_score_in_a_browser(tmp_path):
+    """Headless Chromium: the sort buttons put the cards in score order (best first, worst first; unscored
+    last), with no script in the page; an img2img card's init image decodes beside the output."""
+    import html as _html
+    import json
+    import os
+    import re
+
+    from test_gallery_browser import CHROMIUM, MISSING, WINDOW, _run_chromium
+
+    if CHROMIUM is None:
+        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+            pytest.fail(f"{MISSING}, and CI requires it", pytrace=False)
+        pytest.skip(MISSING)
+    from kbatch.output.gallery import write_gallery
+    from kbatch.output.writer import OutputSpec, write_shard
+
+    rng = np.random.default_rng(1)
+    init = tmp_path / "init.png"
+    init.write_bytes(_png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    scores = [21.5, 33.25, None, 12.0, 27.75]
+    records = [{"id": f"r{k}", "image_index": 0, "status": "ok", "prompt": f"p{k}", "seed": k, "clip_score": s,
+                "mode": "img2img" if k == 1 else "text2img", "init_image": str(init) if k == 1 else None}
+               for k, s in enumerate(scores)]
+    root = tmp_path / "out"
+    write_shard(OutputSpec(str(root)), "s0", records, [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+                                                         for _ in records])
+    page = write_gallery(str(root), thumb=96)["html"]
+    text = open(page, encoding="utf-8").read()
+    assert "<script" not in text
+    check = root / "_sort_check.html"
+    check.write_text(text.replace("</body>", SORT_SCRIPT + "</body>"), encoding="utf-8")
+    p = _run_chromium(tmp_path, *WINDOW, "--virtual-time-budget=10000", "--dump-dom", check.as_uri())
+    got = json.loads(_html.unescape(re.search(r'<pre id="kbatch-result">(.*?)</pre>', p.stdout, re.S).group(1)))
+    shown = [round(v, 2) if v is not None else None for v in got["as"]]
+    assert sorted(shown, key=str) == sorted(scores, key=str)
+    assert got["best"] == [33.25, 27.75, 21.5, 12.0, None]
+    assert got["worst"] == [12.0, 21.5, 27.75, 33.25, None]
+    assert got["inputs"] == [["init", 48]]

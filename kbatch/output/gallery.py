@@ -35,7 +35,7 @@ _GRID_CSS = """
 .kbatch-gallery .card img{display:block;margin:0 auto 4px;max-width:100%%;height:auto}
 .kbatch-gallery .card .id{font-weight:600;font-size:12px} .kbatch-gallery .card .p{margin:2px 0;color:#333}
 .kbatch-gallery .card .k{color:#777}
-.kbatch-gallery .card.wide{width:auto;max-width:%(wide)dpx} .kbatch-gallery .pair{display:flex;gap:4px;align-items:flex-start}
+.kbatch-gallery .card.wide{width:%(wide)dpx} .kbatch-gallery .pair{display:flex;gap:4px;justify-content:center}
 .kbatch-gallery .inputs{display:flex;flex-direction:column;gap:2px;color:#777;font-size:10px;text-align:center}
 .kbatch-gallery .inputs img{margin:0}
 .kbatch-gallery .score{font-weight:600;color:#0a5}
@@ -46,7 +46,7 @@ _GRID_CSS = """
 
 
 def _grid_css(thumb: int) -> str:
-    return _GRID_CSS % {"w": thumb + 12, "wide": 2 * thumb + 24}
+    return _GRID_CSS % {"w": thumb + 12, "wide": thumb + max(32, thumb // 2) + 16}
 
 
 def _esc(v: Any) -> str:
