@@ -214,6 +214,13 @@ def test_job_shapes_count_images_per_shape(tmp_path):
                             ("base", 512, 768, True): 3, ("base", 512, 512, False): 4}
     assert shapes.max_num_images == 4
     assert shapes.scaled(0.5)[("base", 512, 512, False)] == 2 and shapes.scaled(0.5).max_num_images == 4
+    # a pandas column with nulls is float (2.0, NaN): its rows still count, the nulls as the defaults
+    # (an inpaint row missed here would leave the inpaint model unloaded: every inpaint row would fail)
+    df = pd.DataFrame([{"id": "a", "prompt": "p", "mode": "inpaint"}, {"id": "b", "prompt": "p", "num_images": 2,
+                                                                      "width": 576}])
+    assert df.num_images.dtype == float
+    shapes = job_shapes(ManifestSource.from_table(pa.Table.from_pandas(df, preserve_index=False), str(tmp_path)), cfg)
+    assert dict(shapes) == {("inpaint", 512, 512, True): 1, ("base", 512, 576, True): 2}
 
 
 def test_cli_refuses_a_compiled_job_with_too_many_shapes(tiny_models, tmp_path):

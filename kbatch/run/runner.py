@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -321,6 +322,10 @@ class Runner:
                              "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
                              "first_image_seconds": d.first_image_at, "loop_seconds": self.driver.loop_seconds,
                              "replicas": self.driver.replica_counts()}
+            if "compile" in job and getattr(d, "compile_warmups", None):  # the measured warm-up per shape
+                from kbatch.models.compile_plan import warmup_summary
+
+                job["compile"]["warmup"] = warmup_summary(d.compile_warmups)
         self.lease.write_json(JOB_FILE, job)  # fenced: raises LeaseLost once another run holds the output
         if complete:
             if cfg.output.gallery and cfg.stage != "prior":
@@ -392,6 +397,7 @@ def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
         counts = Counter(zip(cols["mode"], cols["height"], cols["width"], cols["guidance_scale"],
                              cols["num_images"]))
         for (mode, h, w, g, n), rows in counts.items():
+            h, w, n = _whole(h), _whole(w), _whole(n)  # a column with nulls in pandas is float: 64.0
             if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 and h % 64 == 0 and w % 64 == 0
                     and h * w <= lim.max_pixels and isinstance(g, (int, float))
                     and isinstance(n, int) and 1 <= n <= lim.max_num_images):
@@ -399,6 +405,13 @@ def job_shapes(source, cfg: JobConfig) -> "ShapeImages":
             k = n * best_of  # the images one row renders (quality.best_of: k candidates of each)
             out.add((("inpaint" if mode == "inpaint" else "base"), h, w, float(g) > 1), rows * k, k)
     return out
+
+
+def _whole(v):
+    """An integral float (what validation accepts, kbatch.plan.validate) as an int; anything else unchanged."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return v
 
 
 def check_models(cfg: JobConfig, need_inpaint: bool, storage_options, rendering: bool) -> None:
