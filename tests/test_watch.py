@@ -324,3 +324,17 @@ def test_watch_on_s3(tmp_path):
     text = out.getvalue()
     assert code == 0, text
     assert "running: rows 2/6" in text and "ENDED COMPLETE" in text and "status:   COMPLETE" in text
+
+
+def test_driver_reports_draining_replicas():
+    """The driver's queues (what _job.json's progress and the metrics carry) count draining replicas."""
+    from kbatch.run.driver import Driver
+
+    def rep(state):
+        return types.SimpleNamespace(state=state)
+
+    pool = types.SimpleNamespace(name="decoder", n_running=lambda: 2, pending=lambda: [rep("pending")],
+                                 all={0: rep("running"), 1: rep("running"), 2: rep("pending"), 3: rep("draining")})
+    fake = types.SimpleNamespace(dispatch=types.SimpleNamespace(queues=lambda: {"decoder": 4}), pools=lambda: [pool])
+    q = Driver.queues(fake)
+    assert q == {"decoder": 4, "replicas": {"decoder": {"running": 2, "pending": 1, "draining": 1}}}

@@ -141,7 +141,9 @@ class Driver:
     def queues(self) -> dict:
         """Queue depths per stage (rows, or shards for the writers) and replicas, for progress reports."""
         return {**self.dispatch.queues(),
-                "replicas": {p.name: {"running": p.n_running(), "pending": len(p.pending())} for p in self.pools()}}
+                "replicas": {p.name: {"running": p.n_running(), "pending": len(p.pending()),
+                                      "draining": sum(r.state == "draining" for r in p.all.values())}
+                             for p in self.pools()}}
 
     def replica_counts(self) -> dict:
         """Per stage: replicas started, lost with their nodes, and drained (above the target, or stopped to
