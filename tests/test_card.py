@@ -421,3 +421,22 @@ def test_decoder_warmup_times_each_shape(predictors):
         dec.pad_to = 0
     assert set(dec.warmup_by_shape) == {"base 64x64 cfg", "base 64x64", "inpaint 64x64 cfg"}
     assert 0 < sum(dec.warmup_by_shape.values()) <= total
+
+
+def test_the_driver_keeps_each_replicas_warmup_per_shape():
+    """A compiled decoder's first Status carries its per-shape warm-up; the run's outcomes collect it (the runner
+    writes compile.warmup from them)."""
+    from types import SimpleNamespace
+
+    from kbatch.models.actors import Status
+    from kbatch.run.outcomes import Outcomes
+
+    added = []
+    o = Outcomes(None, from_dict({}), SimpleNamespace(buffer=SimpleNamespace(add=added.append)), None, {},
+                 lambda: ())
+    call = SimpleNamespace(pool=SimpleNamespace(on_success=lambda *a: None), unit=SimpleNamespace(rows=[], images=0),
+                           payload=None, replica=SimpleNamespace(node="n"))
+    o._done_decoder(call, Status(2.0, {}, 81.5, {"base 512x512 cfg": 81.5}))
+    o._done_decoder(call, Status(2.0, {}))  # later batches: nothing
+    assert o.compile_warmups == [{"base 512x512 cfg": 81.5}] and o.stats["decoder_warmup_seconds"] == 81.5
+    assert len(added) == 2

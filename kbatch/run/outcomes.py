@@ -59,6 +59,7 @@ class Outcomes:
         self.start_errors: dict[str, str] = {}
         self.driver_gets = 0  # objects this driver fetched (statuses only)
         self.first_image_at: float | None = None  # seconds from the loop's start to the first decoder batch done
+        self.compile_warmups: list[dict] = []  # per compiled decoder replica: {shape: first call's seconds}
 
     # ======================================================================================= completion
     def complete(self, ref) -> None:
@@ -131,6 +132,8 @@ class Outcomes:
         self.stats["decoder_seconds"] += status.seconds
         if status.warmup:
             self.stats["decoder_warmup_seconds"] += status.warmup
+            if getattr(status, "warmup_by_shape", None):  # a compiled replica's first batch: _job.json compile
+                self.compile_warmups.append(status.warmup_by_shape)
         self._peak("decoder", status.memory)
         call.pool.on_success()
         self.work.buffer.add(Entry(call.unit.rows, call.payload, call.replica.node))
