@@ -250,3 +250,67 @@ def test_a_frozen_run_loses_its_lease_and_writes_nothing_more(ray_session, tmp_p
 def _committed(out):
     folder = out / "_commits"
     return [f for f in os.listdir(folder) if f.endswith(".json")] if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------- the driver's side
+class _Work:
+    """What ``Outcomes._inputs_lost`` uses of the dispatcher."""
+
+    def __init__(self, spec):
+        from collections import deque
+
+        self.spec, self.buffer, self.to_write, self.restarted = spec, ShardBuffer("run-a", 2), deque(), []
+
+    def restart_rows(self, rows, extra=None):
+        self.restarted += [r.id for r in rows]
+
+
+class _Nodes:
+    def __init__(self, dead):
+        self.dead = dead
+
+    def refresh(self, force=False):
+        return []
+
+    def is_dead(self, node):
+        return node in self.dead
+
+
+def _lost_write_case(tmp_path, commit_first: bool):
+    from types import SimpleNamespace
+
+    from kbatch.config import JobConfig
+    from kbatch.run.outcomes import Outcomes
+    from kbatch.run.shards import Entry
+
+    root = str(tmp_path / "out")
+    lease = Lease.acquire(root, "run-a")
+    spec = OutputSpec(root, "files", "png", fence=lease.fence())
+    work = _Work(spec)
+    shard = work.buffer.take()  # run-a-00000: x made on node-1, y on node-2 (which dies)
+    shard.entries = [Entry([SimpleNamespace(id="x", num_images=1)], None, "node-1"),
+                     Entry([SimpleNamespace(id="y", num_images=1)], None, "node-2")]
+    if commit_first:  # an attempt had committed it (a writer behind a partition, a Ray retry)
+        write_shard(spec, shard.name, *_records(["x", "y"]))
+    out = Outcomes(None, JobConfig(), work, _Nodes({"node-2"}), {}, lambda: [])
+    out._inputs_lost(SimpleNamespace(kind="write", shard=shard), RuntimeError("ObjectLostError"))
+    return lease, spec, work, out, shard
+
+
+def test_the_driver_makes_rows_again_only_after_aborting_the_shards_name(tmp_path):
+    lease, spec, work, out, shard = _lost_write_case(tmp_path, commit_first=False)
+    assert work.restarted == ["y"]  # y's images died with node-2: made again
+    assert [s.name for s in work.to_write] == ["run-a-00001"]  # x goes out under a new name
+    assert commits.read(*_fs(spec.root), "run-a-00000")["aborted"]
+    with pytest.raises(ShardAborted):  # the first attempt, if it still runs, commits nothing
+        write_shard(spec, "run-a-00000", *_records(["x", "y"]))
+    assert out.rows_ok == 0 and not out.write_failures
+    lease.release()
+
+
+def test_the_driver_counts_a_lost_write_that_had_committed(tmp_path):
+    lease, spec, work, out, shard = _lost_write_case(tmp_path, commit_first=True)
+    assert work.restarted == [] and not work.to_write  # nothing made again, nothing resent
+    assert out.rows_ok == 2 and out.committed == {0}
+    _every_id_once_and_readable(spec.root, ["x", "y"])
+    lease.release()

@@ -265,13 +265,23 @@ class Outcomes:
         w = self.work
         if call.kind == "write":
             shard = call.shard
+            # one shard, one commit: abort its name before any of its rows is made again elsewhere (an attempt
+            # may still be running, or have committed it: then its rows are done)
+            from kbatch.run.shards import settle_lost_write
+
+            try:
+                done = settle_lost_write(w.spec, shard.name)
+            except Exception as e:  # noqa: BLE001 - cannot tell: its rows stay missing, a rerun makes them
+                return self._write_lost(shard, f"could not settle its lost write: {type(e).__name__}: {e}")
+            if done is not None:
+                return self._done_write(call, done)
             self.nodes.refresh(force=True)
             dead = [x for x in shard.entries if self.nodes.is_dead(x.node)] or list(shard.entries)
             shard.entries = [x for x in shard.entries if x not in dead]
             for x in dead:
                 w.restart_rows(x.rows, x.extra)
             if shard.entries or shard.errors:
-                w.to_write.appendleft(shard)
+                w.to_write.appendleft(w.buffer.rename(shard))  # the rest under a new name
         elif call.kind == "decoder":  # past the prior: back before it
             w.restart_rows(call.unit.rows, call.unit.extra)
         else:  # still before the prior: load again
