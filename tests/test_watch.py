@@ -21,6 +21,7 @@ from kbatch.output.writer import OutputSpec, write_shard
 from kbatch.run import watch as W
 
 RUN = "20261202T100000-abc123"
+pytestmark = pytest.mark.timeout(120)  # a watch that never sees the end fails instead of hanging
 
 
 def _progress(done, total, failed=0, images=None):
