@@ -266,6 +266,18 @@ def test_text_embedding_beside_the_prior_and_in_the_decoder_agree(tiny_models):
     np.testing.assert_array_equal(a.images, b.images)
 
 
+def test_batches_count_candidates():
+    """A batch's size counts every candidate's images: best_of 3 rows of 1 image fill a 4-image batch alone."""
+    from kbatch.plan.planner import chunk, images
+    from kbatch.schema.rows import Row
+
+    rows = [Row(f"r{i}", "p", candidates=3) for i in range(3)]
+    assert images(rows) == 9 and [len(b) for b in chunk(rows, Row.prior_key, 4)] == [1, 1, 1]
+    rows = [Row(f"r{i}", "p") for i in range(3)]
+    assert images(rows) == 3 and [len(b) for b in chunk(rows, Row.prior_key, 4)] == [3]
+    assert Row("a", "p", candidates=3).fingerprint() == Row("a", "p").fingerprint()  # resume: same row
+
+
 def test_as_written_decodes_lossy_formats():
     from kbatch.models.scoring import as_written, lossless
 

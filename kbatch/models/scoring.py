@@ -141,7 +141,13 @@ class ClipScorer:
         import torch
 
         enc, proc = self.vision()
-        pil = [as_written(im, self.image_format, self.quality) for im in images]
+        if len(images) > 1 and not lossless(self.image_format, self.quality):  # PIL's codecs release the GIL
+            import concurrent.futures as cf
+
+            with cf.ThreadPoolExecutor(max_workers=min(4, len(images))) as ex:
+                pil = list(ex.map(lambda im: as_written(im, self.image_format, self.quality), images))
+        else:
+            pil = [as_written(im, self.image_format, self.quality) for im in images]
         with torch.inference_mode():
             px = proc(images=pil, return_tensors="pt").pixel_values.to(self.device, torch.float32)
             out = enc(pixel_values=px).image_embeds

@@ -180,10 +180,10 @@ class Dispatch:
             dq = self.waiting.get(key)
             while dq and (self.waiting_images[key] >= limit or self.before_decoder[key] == 0 or starving):
                 take, n = [], 0
-                while dq and (not take or n + dq[0][0].num_images <= limit):
+                while dq and (not take or n + dq[0][0].renders <= limit):  # renders: best_of candidates too
                     w = dq.popleft()
                     take.append(w)
-                    n += w[0].num_images
+                    n += w[0].renders
                 self.waiting_images[key] -= n
                 unit = Unit([w[0] for w in take])
                 unit.priors = list({id(w[1]): w[1] for w in take}.values())

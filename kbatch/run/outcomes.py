@@ -124,7 +124,7 @@ class Outcomes:
             w.past_prior(r)
             key = r.decoder_key()
             w.waiting[key].append((r, call.payload, tuple(unit.inputs), node))
-            w.waiting_images[key] += r.num_images
+            w.waiting_images[key] += r.renders  # images to render (best_of candidates too), as dispatch counts
 
     def _done_decoder(self, call: Call, status) -> None:
         if self.first_image_at is None:
