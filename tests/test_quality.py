@@ -278,6 +278,20 @@ def test_batches_count_candidates():
     assert Row("a", "p", candidates=3).fingerprint() == Row("a", "p").fingerprint()  # resume: same row
 
 
+def test_resume_refuses_other_quality_settings():
+    """Scores and best_of decide which image is kept and what its record holds: an output is not resumed
+    with other settings; with scores off the fingerprint is what it was before quality existed."""
+    from kbatch.output.job_file import ResumeError, check_config, fingerprint, meaning
+
+    off, best3 = from_dict({}), from_dict({"quality": {"best_of": 3}})
+    assert "quality" not in meaning(off)
+    prev = {"fingerprint": fingerprint(best3), "meaning": meaning(best3), "output": "out"}
+    check_config(prev, from_dict({"quality": {"best_of": 3, "clip_score": True}}))  # the same job
+    for other in (off, from_dict({"quality": {"best_of": 2}}), from_dict({"quality": {"clip_score": True}})):
+        with pytest.raises(ResumeError, match="quality"):
+            check_config(prev, other)
+
+
 def test_as_written_decodes_lossy_formats():
     from kbatch.models.scoring import as_written, lossless
 

@@ -28,10 +28,13 @@ def now_iso() -> str:
 def meaning(cfg: JobConfig) -> dict:
     """The parts of a config that decide what a row's records are (resume refuses if they change)."""
     d = cfg.to_dict()
-    return {"models": {k: d["models"][k] for k in ("prior", "decoder", "inpaint", "dtype", "scheduler",
-                                                  "prior_scheduler", "revision")},
-            "defaults": d["defaults"], "seed": d["seed"], "stage": d["stage"],
-            "output": {k: d["output"][k] for k in ("format", "image_format", "quality")}}
+    out = {"models": {k: d["models"][k] for k in ("prior", "decoder", "inpaint", "dtype", "scheduler",
+                                                 "prior_scheduler", "revision")},
+           "defaults": d["defaults"], "seed": d["seed"], "stage": d["stage"],
+           "output": {k: d["output"][k] for k in ("format", "image_format", "quality")}}
+    if cfg.quality.scores:  # which image is kept and what its record holds; absent when off (older outputs)
+        out["quality"] = {"clip_score": True, "best_of": cfg.quality.best_of}
+    return out
 
 
 def fingerprint(cfg: JobConfig) -> str:
