@@ -76,7 +76,9 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
         "progress": (job or {}).get("progress"),
         "lease": lease,
         "job": job,
-        "clip_score": score_summary(root, storage_options, committed),
+        # read only where scores can be: the job's meaning names its quality settings (one per output)
+        "clip_score": (score_summary(root, storage_options, committed)
+                       if job is None or (job.get("meaning") or {}).get("quality") else None),
     })
     return out
 
