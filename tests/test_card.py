@@ -440,3 +440,43 @@ def test_the_driver_keeps_each_replicas_warmup_per_shape():
     o._done_decoder(call, Status(2.0, {}))  # later batches: nothing
     assert o.compile_warmups == [{"base 512x512 cfg": 81.5}] and o.stats["decoder_warmup_seconds"] == 81.5
     assert len(added) == 2
+
+
+def _png_zlib_level(data: bytes) -> int:
+    """FLEVEL of a PNG's zlib stream (first IDAT): 0 for zlib levels 0-1, 1 for 2-5, 2 for 6, 3 for 7-9."""
+    import struct
+
+    pos = 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            return data[pos + 9] >> 6  # the zlib header's second byte
+        pos += 12 + length
+    raise ValueError("no IDAT")
+
+
+def test_a_run_records_its_compile_decision_and_writes_at_the_png_level(tiny_models, ray_session, tmp_path):
+    """A whole (CPU) run: _job.json's compile says what was decided and why, and the writers encode at
+    output.png_compress_level (the zlib header of the PNGs written says so)."""
+    import json
+
+    import pandas as pd
+
+    import kbatch
+    from conftest import tiny_config
+
+    rows = pd.DataFrame([{"id": "a", "prompt": "a red fox"}, {"id": "b", "prompt": "a boat"}])
+    levels = {}
+    for level in (1, 9):
+        out = tmp_path / f"l{level}"
+        res = kbatch.render(rows, str(out), tiny_config(tiny_models, out, output={"png_compress_level": level}))
+        assert res.run.exit_code == 0
+        pngs = sorted(out.rglob("*.png"))
+        assert pngs
+        levels[level] = {_png_zlib_level(p.read_bytes()) for p in pngs if "contact" not in p.name}
+        job = json.loads((out / "_job.json").read_text())
+        comp = job["compile"]
+        assert comp["setting"] == "auto" and comp["on"] is False and "without CUDA" in comp["reason"]
+        assert comp["batch"] == 4 and comp["inputs"]["images_per_shape"] == {"base 64x64 cfg": 2}
+        assert comp["rule"] == cp.RULE and comp["inputs"]["break_even_images"] == 594
+    assert levels == {1: {0}, 9: {3}}
