@@ -215,7 +215,16 @@ def test_a_frozen_run_loses_its_lease_and_writes_nothing_more(ray_session, tmp_p
         assert a.poll() is None and len(_committed(out)) >= 2, a.communicate(timeout=60)
         os.kill(a.pid, signal.SIGSTOP)  # the driver only: its writers finish what they hold
         a_run = json.loads((out / "_lease.json").read_text())["run_id"]
-        time.sleep(5)  # past the ttl, and quiet (A's writers are done)
+        # past the ttl, and quiet: A's writers finish the writes they hold (each changes the lease: in flight,
+        # then done) on a busy machine maybe later than the ttl; B would then rightly see a live holder
+        last, since, deadline = None, time.monotonic(), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = (out / "_lease.json").read_bytes()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since > 4:
+                break
+            time.sleep(0.1)
         assert len(_committed(out)) < n // 20, "A finished before it was frozen: use more rows"
 
         from kbatch.cli import main
