@@ -323,3 +323,36 @@ def test_the_driver_counts_a_lost_write_that_had_committed(tmp_path):
     assert out.rows_ok == 2 and out.committed == {0}
     _every_id_once_and_readable(spec.root, ["x", "y"])
     lease.release()
+
+
+def test_the_lease_is_renewed_while_the_run_plans(tmp_path, monkeypatch):
+    """The renewer runs from the moment the lease is taken, not from the driver loop's first tick: a plan
+    (the resume scan, here held for 1.5 ttl) does not let another run take the output over."""
+    import kbatch.plan.resume_scan as resume_scan
+    from cli_helpers import write_job
+    from test_scale import sim_config
+
+    from kbatch.config import load_config
+    from kbatch.output.lease import LeaseHeld
+    from kbatch.run.runner import Runner
+
+    out = tmp_path / "out"
+    path = write_job(tmp_path, sim_config(out, output={"lease_ttl": 1}), [{"id": "a", "prompt": "p"}])
+    real_scan, seen = resume_scan.scan, {}
+
+    def slow_scan(*args, **kwargs):
+        time.sleep(1.5)  # a long plan: more than the ttl without a driver tick
+        try:
+            Lease.acquire(str(out), "contender", ttl=1.0)
+            seen["taken"] = True
+        except LeaseHeld as e:
+            seen["held"] = str(e)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(resume_scan, "scan", slow_scan)
+    runner = Runner(load_config(path)).plan()
+    try:
+        assert "held" in seen and "taken" not in seen, seen
+        assert runner.lease.lost is None and json.loads((out / "_lease.json").read_text())["renewals"] >= 4
+    finally:
+        runner.lease.release()
