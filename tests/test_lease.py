@@ -608,3 +608,32 @@ def test_one_commit_per_shard_on_every_store(any_root):
     assert not fs.exists(join(path, "meta", "run-a-00000~late0attempt.parquet"))
     assert sorted(read_records(any_root).id) == ["x", "y"]
     lease.release()
+
+
+def test_s3_job_file_write_of_an_old_holder_fails_after_a_takeover(s3, monkeypatch):
+    """S3 has no conditional write across two objects: an old holder that passed its lease check just before
+    a takeover (frozen between that check and its PUT) is stopped by If-Match on _job.json, which the run
+    taking over rewrote first."""
+    root = _s3_root()
+    a = Lease.acquire(root, "run-a", ttl=1.0)
+    a.write_json("_job.json", {"run_id": "run-a", "n": 1})
+    _make_takeable(root, a)
+    b = Lease.acquire(root, "run-b", ttl=1.0)
+    fs, path = get_fs(root)
+    marked = json.loads(fs.cat_file(join(path, "_job.json")))
+    assert marked["lease_taken_over"] == {"by": "run-b", "epoch": 2, "from": "run-a"}
+    real_verify, calls = Lease.verify, []
+
+    def verify(self):  # a's first check passes: it ran before b's takeover
+        calls.append(self.run_id)
+        if len(calls) > 1:
+            return real_verify(self)
+
+    monkeypatch.setattr(Lease, "verify", verify)
+    with pytest.raises(LeaseLost, match="run-b"):
+        a.write_json("_job.json", {"run_id": "run-a", "n": 2})
+    assert json.loads(fs.cat_file(join(path, "_job.json"))) == marked
+    monkeypatch.setattr(Lease, "verify", real_verify)
+    b.write_json("_job.json", {"run_id": "run-b"})
+    assert json.loads(fs.cat_file(join(path, "_job.json"))) == {"run_id": "run-b"}
+    b.release()

@@ -29,8 +29,10 @@ someone else's), and a shard becomes visible only by the exclusive creation of i
 lease lists, before it reads the output: a late commit of the old holder then finds the name taken and
 commits nothing. ``_job.json`` and ``_SUCCESS`` are written through :meth:`Lease.write` /
 :meth:`Lease.remove`: on a local disk and ``memory://`` under the same lock as the takeover, after checking
-the token; on S3 after reading the lease back (a holder frozen between that read and its PUT could still
-land one write: S3 has no conditional write across two objects).
+the token; on S3 after reading the lease back, and ``If-Match`` the object as this run last wrote it (the run
+taking over rewrites ``_job.json`` first, so an old holder frozen between its lease check and its PUT still
+fails; S3 has no conditional write across two objects, so ``_SUCCESS``, created once at the very end, keeps
+that check-then-PUT window).
 
 **Atomic compare-and-swap per store:**
 
@@ -513,6 +515,7 @@ class Lease:
     _stop: Any = field(default_factory=threading.Event, init=False, repr=False)
     _last_ok: float = field(default=0.0, init=False, repr=False)
     _mutex: Any = field(default_factory=threading.Lock, init=False, repr=False)
+    _etags: dict = field(default_factory=dict, init=False, repr=False)  # S3: guarded objects as last written
     path: str = field(default="", init=False)  # what users see: a local path or a URL
 
     def __post_init__(self):
@@ -606,6 +609,8 @@ class Lease:
                 self._verify_ours()
             if previous is not None:
                 self._abort_open(previous, f"lease taken over from run {previous.get('run_id')!r}")
+                if isinstance(self._store, _S3Store):
+                    self._mark_job_file(previous)
         except BaseException:
             self.release()
             raise
@@ -742,10 +747,55 @@ class Lease:
             yield
 
     def write(self, name: str, data: bytes) -> None:
-        """Write ``<root>/<name>`` atomically, fenced (:meth:`guarded`)."""
+        """Write ``<root>/<name>`` atomically, fenced (:meth:`guarded`). On S3 also ``If-Match`` the object as
+        this run last wrote it: a run that takes the lease over changes ``_job.json`` first
+        (:meth:`_mark_job_file`), so an old holder's write that passed its lease check just before the takeover
+        still fails."""
         path = join(self._root, storage.check_relative(name))
         with self.guarded():
-            write_bytes_atomic(self._fs, path, data)
+            if not isinstance(self._store, _S3Store):
+                write_bytes_atomic(self._fs, path, data)
+                return
+            bucket, key, _ = self._fs.split_path(path)
+            cond = {"IfMatch": self._etags[path]} if path in self._etags else {}
+            try:
+                resp = self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+            except Exception as e:  # noqa: BLE001
+                if not (s3_conflict(e) or (cond and _s3_missing(e))):
+                    raise
+                self.verify()  # changed since this run wrote it: a takeover (LeaseLost), or a person's edit
+                resp = self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data)
+            finally:
+                self._fs.invalidate_cache(path)
+            self._etags[path] = resp.get("ETag")
+
+    def _mark_job_file(self, previous: dict) -> None:
+        """S3, after a takeover: note it in ``_job.json`` (a conditional rewrite), which makes every later
+        conditional write of the old holder's fail."""
+        path = join(self._root, "_job.json")
+        bucket, key, _ = self._fs.split_path(path)
+        for _ in range(10):
+            seen = _S3Store(self._fs, path).read()
+            if seen is None:
+                return
+            try:
+                job = json.loads(seen.raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                job = None
+            if not isinstance(job, dict):
+                return
+            job["lease_taken_over"] = {"by": self.run_id, "epoch": self.epoch, "from": previous.get("run_id")}
+            try:
+                resp = self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=dumps_json(job),
+                                        IfMatch=seen.version)
+            except Exception as e:  # noqa: BLE001
+                if s3_conflict(e):
+                    continue  # the old holder wrote it just now: read it again
+                raise
+            finally:
+                self._fs.invalidate_cache(path)
+            self._etags[path] = resp.get("ETag")
+            return
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write(name, dumps_json(obj))
