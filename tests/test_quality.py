@@ -320,16 +320,13 @@ def test_sim_models_deterministic_stand_in_scores(ray_session, tmp_path):
     from kbatch.run.runner import run_job
 
     rows = [{"id": f"r{i}", "prompt": f"prompt {i}", "num_images": 1 + i % 2} for i in range(4)]
-    frames = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        cfg = tiny_config(sim_models(), out, manifest=_manifest(tmp_path, rows),
-                          quality={"best_of": 3}, output={"format": "parquet"})
-        assert run_job(from_dict(cfg)).exit_code == 0
-        frames.append(kbatch.open_results(str(out)).df.sort_values(["id", "image_index"]).reset_index(drop=True))
-    a, b = frames
+    out = tmp_path / "sim"
+    cfg = tiny_config(sim_models(), out, manifest=_manifest(tmp_path, rows), quality={"best_of": 3},
+                      output={"format": "parquet"})
+    assert run_job(from_dict(cfg)).exit_code == 0
+    a = kbatch.open_results(str(out)).df
     assert len(a) == 6 and (a["model_decoder"] == "sim").all()
-    pd.testing.assert_series_equal(a["clip_score"], b["clip_score"])
+    # a function of (pixels, prompt) only: the same numbers computed here, without the job
     for rec in a.to_dict("records"):
         i = int(rec["image_index"])
         seeds = candidate_seeds(derive_seed(0, rec["id"]), 3)
