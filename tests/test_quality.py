@@ -292,6 +292,24 @@ def test_resume_refuses_other_quality_settings():
             check_config(prev, other)
 
 
+def test_half_precision_models_score_with_float32_weights(tiny_models):
+    """A bfloat16 prior (float16 on a GPU) was rounded when loaded: its scorer loads the folder's encoders in
+    float32 instead of widening the rounded weights, so the scores are the float32 ones."""
+    from kbatch.models.prior import PriorPredictor
+    from kbatch.models.scoring import ClipScorer
+
+    half = PriorPredictor(tiny_models["prior"], device="cpu", dtype="bfloat16", clip_text=True)
+    assert half.pipe.text_encoder.dtype == torch.bfloat16
+    want = ClipScorer(path=tiny_models["prior"])
+    prompts = ["a red fox", "a blue bird"]
+    np.testing.assert_allclose(half.scorer.text_embeds(prompts), want.text_embeds(prompts), atol=1e-6)
+    img = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    got = ClipScorer(pipe=half.pipe, path=half.scorer.path).image_embeds(img)
+    np.testing.assert_allclose(got, want.image_embeds(img), atol=1e-6)
+    rounded = ClipScorer(pipe=half.pipe).text_embeds(prompts)  # widened bfloat16 weights: not the same
+    assert np.abs(rounded - want.text_embeds(prompts)).max() > 1e-4
+
+
 def test_as_written_decodes_lossy_formats():
     from kbatch.models.scoring import as_written, lossless
 

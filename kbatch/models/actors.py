@@ -253,7 +253,8 @@ class StagesWorker(DecoderWorker):
         if cfg.quality.scores and cfg.models.decoder != SIM:  # the prior's image encoder, in this process
             from kbatch.models.scoring import ClipScorer
 
-            self.predictor.scorer = ClipScorer(pipe=self.prior.predictor.pipe, device=self.predictor.place.device,
+            prior = self.prior.predictor
+            self.predictor.scorer = ClipScorer(pipe=prior.pipe, path=prior.scorer.path, device=self.predictor.place.device,
                                                image_format=cfg.output.image_format, quality=cfg.output.quality)
             self.predictor.scorer.vision()
 

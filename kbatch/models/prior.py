@@ -19,6 +19,7 @@ import torch
 from kbatch.models.lanes import Lanes, clone_pipeline
 from kbatch.models.loading import Placement, load_prior, placement
 from kbatch.models.scoring import ClipScorer
+from kbatch.models.store import stage_model
 from kbatch.schema.payloads import PriorOutput
 from kbatch.schema.rows import Row, candidate_seeds
 
@@ -35,7 +36,11 @@ class PriorPredictor:
         self.pipe = load_prior(model, self.place, scheduler=scheduler, offload=offload, revision=revision,
                                storage_options=storage_options, cache_dir=cache_dir)
         self.lanes = Lanes(concurrency, lambda i: self.pipe if i == 0 else clone_pipeline(self.pipe))
-        self.scorer = ClipScorer(pipe=self.pipe, device=self.place.device) if clip_text else None
+        self.scorer = None
+        if clip_text:  # float32 encoders: the pipeline's own, or (float16 / bfloat16 pipeline) the folder's
+            path = None if self.place.dtype == torch.float32 else stage_model(model, storage_options, cache_dir,
+                                                                               revision)
+            self.scorer = ClipScorer(pipe=self.pipe, path=path, device=self.place.device)
 
     @property
     def worker(self) -> str:

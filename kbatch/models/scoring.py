@@ -87,10 +87,19 @@ class ClipScorer:
         self._lock = threading.Lock()  # lanes: one load
 
     # -- the two halves ---------------------------------------------------------------------------------
+    def _use_pipe(self, name: str) -> bool:
+        """The pipeline's own module when it is float32; a float16 / bfloat16 one was rounded when loaded, so
+        the folder's weights are loaded in float32 instead (when the folder is known)."""
+        import torch
+
+        if self.pipe is None:
+            return False
+        return getattr(self.pipe, name).dtype == torch.float32 or self.path is None
+
     def vision(self):
         with self._lock:
             if self._vision is None:
-                if self.pipe is not None:
+                if self._use_pipe("image_encoder"):
                     enc, proc = _float32(self.pipe.image_encoder, self.device), self.pipe.image_processor
                 else:
                     import torch
@@ -106,7 +115,7 @@ class ClipScorer:
     def text(self):
         with self._lock:
             if self._text is None:
-                if self.pipe is not None:
+                if self._use_pipe("text_encoder"):
                     enc, tok = _float32(self.pipe.text_encoder, self.device), self.pipe.tokenizer
                 else:
                     import torch
