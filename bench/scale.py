@@ -13,11 +13,12 @@ Two parts (``python bench/scale.py rows`` / ``python bench/scale.py cluster``; b
   high-water marks). Targets (issues "Ten million rows", 17): the whole command's peak RSS at the larger
   sizes within 15% of the smallest's; at least 1,000 rows/s end to end. ``--batch`` / ``--rows-per-shard``
   override the defaults; ``--kbatch-path`` runs another copy of the package (a before/after).
-* **cluster**: ``ray.cluster_utils.Cluster`` with fake GPUs: a head with the prior's GPU and ``--nodes``
-  worker nodes of ``--gpus-per-node`` GPUs for the decoders (``replicas: auto``), the prior at
-  ``--prior-s`` s/img and the decoders at ``--decoder-s`` s/img (defaults: 1 prior GPU at 0.004, 16 decoder
-  GPUs at 0.2). Achieved img/s after the first image against the simulated ideal
-  (decoder GPUs / decoder-s, or 1 / prior-s when the prior is the bottleneck). Target >= 0.9.
+* **cluster** (bench/scale_cluster.py): ``ray.cluster_utils.Cluster`` with fake GPUs (a head without GPUs,
+  ``--nodes`` x ``--gpus-per-node``, default 4 x 4; or ``--one-gpu``), the simulated models at a
+  prior:decoder cost ``--ratio`` (1:7 by default; 1:2, 1:3, 1:10), a config without ``resources:``. Steady
+  img/s (between the commits reaching 30% and 90% of the images) against GPUs / (prior_s + decoder_s),
+  every GPU counted; every row once; prior and decoder of a row on different GPUs; the prior:decoder split
+  over time. Target >= 0.9 at every ratio.
 
 Results go to stdout as a markdown table (copy them into RESULTS.md with the date and machine printed).
 """
@@ -33,6 +34,7 @@ import tempfile
 import textwrap
 import time
 
+import scale_cluster
 from _common import ROOT, loadavg, machine, ray_env, versions, write_yaml
 
 
@@ -205,64 +207,6 @@ def run_rows(sizes: list[int], batch: int | None, rows_per_shard: int | None, wo
     return out
 
 
-CLUSTER = textwrap.dedent("""
-    import json, os, sys, time
-    import ray
-    from ray.cluster_utils import Cluster
-    sys.path.insert(0, %(root)r)
-    from kbatch.config import load_config
-    from kbatch.run.runner import run_job
-
-    a = json.loads(sys.argv[1])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
-    for _ in range(a["nodes"]):
-        cluster.add_node(num_cpus=2, num_gpus=a["gpus_per_node"])
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
-        res = run_job(load_config(a["config"]))
-        job = json.load(open(os.path.join(res.output, "_job.json")))
-        print("RESULT" + json.dumps({"exit": res.exit_code, "images": res.images, "driver": job["driver"],
-                                     "layout": job.get("layout")}))
-    finally:
-        ray.shutdown(); cluster.shutdown()
-""")
-
-
-def run_cluster(a, work: str) -> dict:
-    m = os.path.join(work, f"manifest-{a.cluster_rows}")
-    if not os.path.isdir(m):
-        manifest(m, a.cluster_rows)
-    dest = os.path.join(work, "out-cluster")
-    shutil.rmtree(dest, ignore_errors=True)
-    decoders = a.nodes * a.gpus_per_node
-    cfg = config(m, dest, a.cluster_batch, a.cluster_batch * 8, a.prior_s, a.decoder_s,
-                 decoder={"replicas": "auto", "gpus": 1, "cpus": 0.1}, prior={"gpus": 1, "cpus": 0.1})
-    cfg["resources"].update(device="cpu", io_cpus=0.1)
-    path = write_yaml(os.path.join(work, "cluster.yaml"), cfg)
-    tmp = tempfile.mkdtemp(prefix="kbc-", dir="/tmp")
-    p = subprocess.run([sys.executable, "-c", CLUSTER % {"root": ROOT},
-                        json.dumps({"config": path, "nodes": a.nodes, "gpus_per_node": a.gpus_per_node})],
-                       env=ray_env(tmp), capture_output=True, text=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT")), None)
-    if not line:
-        print(p.stdout[-3000:], p.stderr[-5000:])
-        raise SystemExit("cluster run failed")
-    res = json.loads(line[len("RESULT"):])
-    d = res["driver"]
-    ideal = min(decoders / a.decoder_s, 1 / a.prior_s if a.prior_s else float("inf"))
-    after = d["loop_seconds"] - d["first_image_seconds"]
-    achieved = (res["images"] - a.cluster_batch) / after  # the first batch finished at first_image_seconds
-    r = {"rows": a.cluster_rows, "decoders": decoders, "prior_s": a.prior_s, "decoder_s": a.decoder_s,
-         "exit": res["exit"], "first_image_s": d["first_image_seconds"], "loop_s": d["loop_seconds"],
-         "achieved_img_s": round(achieved, 2), "ideal_img_s": round(ideal, 2), "fraction": round(achieved / ideal, 3),
-         "driver_cpu_s": d["cpu_seconds"], "high_water": d["high_water"]}
-    print(json.dumps(r), flush=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    return r
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", nargs="*", choices=["rows", "cluster"], default=["rows", "cluster"])
@@ -276,12 +220,7 @@ def main():
     ap.add_argument("--kbatch-path", default=None,
                     help="rows part: a folder holding another kbatch package to run (e.g. `git archive` of an "
                          "older commit, for a before/after)")
-    ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--gpus-per-node", type=int, default=4)
-    ap.add_argument("--prior-s", type=float, default=0.004)
-    ap.add_argument("--decoder-s", type=float, default=0.2)
-    ap.add_argument("--cluster-rows", type=int, default=16_000)
-    ap.add_argument("--cluster-batch", type=int, default=16)
+    scale_cluster.add_args(ap)
     ap.add_argument("--work", default="/tmp/kbatch-scale")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
@@ -303,11 +242,7 @@ def main():
               + ", ".join(f"{r['rows']}: {(r['peak_rss_mib'] or 0) / base:.3f}" for r in res) + " (target <= 1.15); "
               "VmHWM: " + ", ".join(f"{r['rows']}: {(r['hwm_mib'] or 0) / (res[0]['hwm_mib'] or 1):.3f}" for r in res))
     if "cluster" in a.part:
-        r = run_cluster(a, a.work)
-        print(f"\ncluster: {r['decoders']} decoder GPUs at {r['decoder_s']} s/img, prior at {r['prior_s']} s/img: "
-              f"{r['achieved_img_s']} img/s after the first image, ideal {r['ideal_img_s']}: "
-              f"**{r['fraction']:.3f}** of ideal")
-
+        scale_cluster.run(a, a.work, manifest)
 
 if __name__ == "__main__":
     main()

@@ -107,7 +107,8 @@ class StageResources:
 
 @dataclass
 class ResourcesConfig:
-    prior: StageResources = field(default_factory=lambda: StageResources(1, 1.0, 0.5, 16))
+    # auto: the prior and the decoders share the GPUs by their speeds measured during the run (run/balance.py)
+    prior: StageResources = field(default_factory=lambda: StageResources(AUTO, 1.0, 0.5, 16))
     decoder: StageResources = field(default_factory=lambda: StageResources(AUTO, 1.0, AUTO, AUTO, 0, AUTO))
     device: str = "auto"
     io_cpus: float = 0.25  # CPU share of each input-loading task and of each writer actor

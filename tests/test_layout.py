@@ -4,7 +4,8 @@ import pytest
 
 from kbatch.run.bounds import Bounds
 from kbatch.config import ConfigError, from_dict
-from kbatch.run.layout import auto_replicas, expected_writers, resolve
+from kbatch.run.layout import resolve
+from kbatch.run.replicas import auto_replicas, expected_writers
 from kbatch.run.stage_pool import CRASH, NODE, StagePool
 
 
@@ -36,17 +37,21 @@ def test_explicit_values_win_and_gpu_cluster_layout():
     cfg = resolve(from_dict({}), gpu, "g1")
     r = cfg.resources
     assert not cfg.colocated and r.decoder.gpus == 1 and r.decoder.concurrency == 1 and r.decoder.cpus == 0.5
-    # prior: 1 GPU, fixed; decoders: the 7 GPUs left
-    assert auto_replicas(cfg, "decoder", gpu, writers=2) == 7
+    # prior: auto, 1 GPU at the start (kbatch.run.balance); decoders: the 7 GPUs left
+    assert auto_replicas(cfg, "decoder", gpu, writers=2, others={"prior": 1}) == 7
+    assert auto_replicas(cfg, "decoder", gpu, writers=2, others={"prior": 3}) == 5
+    pinned = resolve(from_dict({"resources": {"prior": {"replicas": 2}}}), gpu, "g1")
+    assert auto_replicas(pinned, "decoder", gpu, writers=2) == 6  # a pinned prior keeps its GPUs
     two = [node(2, 1, "a"), node(2, 1, "b")]
-    assert auto_replicas(resolve(from_dict({}), two, "a"), "decoder", two, writers=1) == 1
+    assert auto_replicas(resolve(from_dict({}), two, "a"), "decoder", two, writers=1, others={"prior": 1}) == 1
     assert expected_writers(cfg, gpu) == 2  # one per 4 decoders
     capped = resolve(from_dict({"resources": {"decoder": {"max_replicas": 3}}}), gpu, "g1")
-    assert auto_replicas(capped, "decoder", gpu, writers=1) == 3
+    assert auto_replicas(capped, "decoder", gpu, writers=1, others={"prior": 1}) == 3
     # fractions share a card: prior 0.2 + decoder 0.8 on one GPU
     one = [node(4, 1)]
     frac = resolve(from_dict({"resources": {"prior": {"gpus": 0.2}, "decoder": {"gpus": 0.8}}}), one, "n1")
-    assert auto_replicas(frac, "decoder", one, writers=1) == 1
+    assert not frac.colocated  # they fit side by side: two processes, as asked
+    assert auto_replicas(frac, "decoder", one, writers=1, others={"prior": 1}) == 1
 
 
 def test_gpus_above_one_are_refused():

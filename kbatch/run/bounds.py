@@ -31,14 +31,17 @@ class Bounds:
         """Start another input-loading batch? ``loading``: in flight; ``loaded``: done, waiting for the prior."""
         return loading + loaded < self.res.load_ahead * max(1, prior_replicas)
 
-    def prior_limit(self, decoder_replicas: int) -> int:
-        """Images that may be past the prior and not yet at a decoder."""
-        return self.res.prior_ahead * max(1, decoder_replicas) * batch_of(self.res.decoder)
+    def prior_limit(self, decoder_replicas: int, prior_replicas: int = 1) -> int:
+        """Images that may be past the prior and not yet at a decoder, or running in the prior: every prior
+        replica past the first may also hold ``max_in_flight`` batches (a split with many priors per decoder,
+        ``kbatch.run.balance``, would otherwise leave priors idle)."""
+        return (self.res.prior_ahead * max(1, decoder_replicas) * batch_of(self.res.decoder)
+                + max(0, prior_replicas - 1) * self.res.max_in_flight * batch_of(self.res.prior))
 
-    def prior(self, ahead_images: int, batch_images: int, decoder_replicas: int) -> bool:
+    def prior(self, ahead_images: int, batch_images: int, decoder_replicas: int, prior_replicas: int = 1) -> bool:
         """Start a prior batch of ``batch_images``? ``ahead_images``: images running in the prior, waiting for
         a decoder batch, or queued for a decoder. Always lets one batch through when nothing is ahead."""
-        return ahead_images == 0 or ahead_images + batch_images <= self.prior_limit(decoder_replicas)
+        return ahead_images == 0 or ahead_images + batch_images <= self.prior_limit(decoder_replicas, prior_replicas)
 
     def write(self, pending: int, writers: int) -> bool:
         """Queue another shard at the writers? (``writers``: those running: none yet, no room.)"""

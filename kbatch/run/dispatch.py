@@ -96,7 +96,7 @@ class Dispatch:
             if self.cfg.stage == "prior":  # no decoders: the writers bound the prior
                 if not self.can_decode():
                     break
-            elif not self.bounds.prior(self.ahead(), unit.images, self.n(self.decoder)):
+            elif not self.bounds.prior(self.ahead(), unit.images, self.n(self.decoder), self.n(self.prior)):
                 break
             if self.stored_priors is not None:  # stage decoder: the "prior" reads stored embeddings
                 self.loaded.popleft()
@@ -172,7 +172,7 @@ class Dispatch:
         is queued for the decoders."""
         limit = self.cfg.resources.decoder.batch_size
         starving = not self.decoder_q and bool(self.loaded) and not self.bounds.prior(
-            self.ahead(), self.loaded[0].images, self.n(self.decoder))
+            self.ahead(), self.loaded[0].images, self.n(self.decoder), self.n(self.prior))
         keys = list(self.dirty)
         if starving or self.planner_exhausted:
             keys = [k for k, dq in self.waiting.items() if dq]

@@ -112,8 +112,8 @@ class Outcomes:
         w, unit = self.work, call.unit
         self.stats["prior_seconds"] += status.seconds
         self._peak("prior", status.memory)
-        if call.pool is not None:
-            call.pool.on_success()
+        if call.pool is not None:  # the batch's own time: the prior's measured speed (kbatch.run.balance)
+            call.pool.on_success(unit.images, status.seconds, stage="prior")
         node = call.replica.node if call.replica is not None else None
         if self.cfg.stage == "prior":
             for r in unit.rows:
@@ -135,7 +135,7 @@ class Outcomes:
             if getattr(status, "warmup_by_shape", None):  # a compiled replica's first batch: _job.json compile
                 self.compile_warmups.append(status.warmup_by_shape)
         self._peak("decoder", status.memory)
-        call.pool.on_success()
+        call.pool.on_success(call.unit.images, status.seconds)  # and the decoders' measured speed
         self.work.buffer.add(Entry(call.unit.rows, call.payload, call.replica.node))
 
     def _done_write(self, call: Call, stats) -> None:

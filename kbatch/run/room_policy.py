@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from kbatch.run.stage_pool import STOPPED, StagePool, fits
+from kbatch.run.replicas import fits
+from kbatch.run.stage_pool import STOPPED, StagePool
 
 log = logging.getLogger("kbatch")
 

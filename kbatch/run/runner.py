@@ -242,7 +242,7 @@ class Runner:
         self.driver = Driver(ray, stages.cfg, self.planner, self.run_id, spec=spec, prior=stages.prior,
                              decoder=stages.decoder, writers=stages.writers, loaders=stages.loaders,
                              stored_priors=stages.stored_priors, nodes=self.nodes,
-                             describe_cluster=stages.describe, on_tick=self._tick)
+                             describe_cluster=stages.describe, on_tick=self._tick, balance=stages.balance)
         try:
             self.driver.run()
         finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
@@ -267,6 +267,8 @@ class Runner:
             return
         self._last_write = now
         self.job["progress"] = self.progress.snapshot(queues=driver.queues())
+        if driver.balance is not None:  # the split so far (the finish writes the whole driver section)
+            self.job.setdefault("driver", {})["balance"] = driver.balance.history
         from kbatch.output.lease import LeaseLost
 
         try:
@@ -321,7 +323,9 @@ class Runner:
                              "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
                              "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
                              "first_image_seconds": d.first_image_at, "loop_seconds": self.driver.loop_seconds,
-                             "replicas": self.driver.replica_counts()}
+                             "replicas": self.driver.replica_counts(),
+                             # the prior:decoder split over time and why it moved (kbatch.run.balance)
+                             "balance": self.driver.balance.history if self.driver.balance is not None else None}
             if "compile" in job and getattr(d, "compile_warmups", None):  # the measured warm-up per shape
                 from kbatch.models.compile_plan import warmup_summary
 

@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kbatch.run.balance import Speed
+from kbatch.run.replicas import fits
+
 log = logging.getLogger("kbatch")
 
 NODE, CRASH, STOPPED = "node", "crash", "stopped"  # why a replica is gone
@@ -113,22 +116,18 @@ class NodeTable:
         return out
 
 
-def fits(demand: dict[str, float], have: dict[str, float]) -> int:
-    """How many replicas asking ``demand`` fit in ``have`` (a large number when it asks for nothing)."""
-    counts = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0]
-    return max(0, min(counts)) if counts else 1 << 20
-
-
 class StagePool:
     """The replicas of one stage (``name``: prior | decoder | writer).
 
     ``factory(slot)`` creates one actor (a Ray actor handle, or an in-driver stand-in). ``demand``: what one
     replica asks of a node ({"CPU": .., "GPU": ..}). ``replicas``: a number, or "auto" with
-    ``target_fn()`` giving the number the cluster can hold now."""
+    ``target_fn()`` giving the number the cluster can hold now (``kbatch.run.replicas``, and for the prior
+    beside the decoders ``kbatch.run.balance``). ``lanes``: batches one replica runs at once (its
+    ``concurrency``), for its measured speed."""
 
     def __init__(self, name: str, factory: Callable[[str], object], demand: dict[str, float], replicas, *,
                  limit: int, run_id: str, target_fn: Callable[[], int] | None = None, max_start_failures: int = 3,
-                 max_crashes: int = 8, kill: Callable[[object], None] | None = None):
+                 max_crashes: int = 8, kill: Callable[[object], None] | None = None, lanes: int = 1):
         self.name, self.factory, self.demand, self.replicas = name, factory, demand, replicas
         self.limit, self.run_id, self.target_fn = limit, run_id, target_fn
         self.max_start_failures, self.max_crashes = max_start_failures, max_crashes
@@ -144,6 +143,9 @@ class StagePool:
         self.drained = 0  # replicas stopped above the target or to make room for another stage
         self.unplaced_since: float | None = None  # since when nothing of this stage is placed (checks)
         self.broken: str | None = None  # set when the stage cannot go on: the run ends (exit 3)
+        self.lanes = lanes
+        # seconds per image of one replica, measured, per stage it runs (a colocated pool runs two)
+        self.speeds: dict[str, Speed] = {name: Speed(lanes)}
 
     # -- size --------------------------------------------------------------------------------------------
     @property
@@ -277,8 +279,20 @@ class StagePool:
         self.all.pop(r.seq, None)
         self.kill(r.handle)
 
-    def on_success(self) -> None:
+    @property
+    def speed(self) -> Speed:
+        """This pool's stage's measured seconds per image per replica (``kbatch.run.balance``)."""
+        return self.speeds[self.name]
+
+    def on_success(self, images: int = 0, seconds: float = 0.0, stage: str | None = None) -> None:
+        """A batch finished (its rows may still have failed): the crash streak ends. ``images`` made in
+        ``seconds`` of the replica's own time (``Status.seconds``) feed the measured speed of ``stage``
+        (default: the pool's; a colocated pool runs the prior's batches too)."""
         self.crashes = 0
+        stage = stage or self.name
+        if stage not in self.speeds:
+            self.speeds[stage] = Speed(self.lanes)
+        self.speeds[stage].add(images, seconds)
 
     def stop(self) -> None:
         for r in list(self.all.values()):

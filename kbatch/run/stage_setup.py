@@ -12,7 +12,9 @@ import logging
 from dataclasses import dataclass
 
 from kbatch.config import AUTO, ConfigError, JobConfig
-from kbatch.run.layout import auto_replicas, demand, expected_writers, resolve
+from kbatch.run.balance import Balance
+from kbatch.run.layout import resolve, shares_card
+from kbatch.run.replicas import auto_replicas, decoders_for, demand, expected_writers, max_priors
 from kbatch.run.stage_pool import NodeTable, StagePool
 
 log = logging.getLogger("kbatch")
@@ -29,6 +31,7 @@ class Stages:
     loaders: tuple  # (task anywhere, task on the driver's node, in-driver stand-in)
     stored_priors: object | None
     describe: object  # pool -> "what it asks, what the cluster has"
+    balance: Balance | None = None  # an auto prior beside the decoders: the split by measured speeds
     compile: dict | None = None  # models.compile and the decoder batch: decision, rule, inputs (_job.json)
 
 
@@ -79,8 +82,19 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
     wcfg = _worker_config(rcfg)
     n_writers = 1 if in_driver else expected_writers(rcfg, alive)
 
+    def now_alive() -> list[dict]:
+        return list(nodes.alive.values())
+
+    balance = None  # an auto prior beside its own decoders: the GPUs split by the stages' measured speeds
+    if cfg.stage == "all" and not rcfg.colocated and r.prior.replicas == AUTO:
+        balance = Balance(lambda p: decoders_for(rcfg, now_alive(), n_writers, p),
+                          lambda: max_priors(rcfg, now_alive(), n_writers),
+                          lambda: (prior.speed, decoder.speed))
+
     def target(stage: str):
-        return lambda: auto_replicas(rcfg, stage, list(nodes.alive.values()), n_writers)
+        if balance is not None:
+            return balance.target if stage == "prior" else lambda: max(1, balance.decoders())
+        return lambda: auto_replicas(rcfg, stage, now_alive(), n_writers)
 
     def kill(handle):
         if isinstance(handle, ray.actor.ActorHandle):
@@ -95,12 +109,13 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
         s = r.decoder
         decoder = StagePool("decoder", lambda slot: DecoderA.remote(wcfg, slot, need_inpaint, shapes),
                             demand(rcfg, "decoder"), s.replicas, limit=r.max_in_flight + s.concurrency - 1,
-                            target_fn=target("decoder") if s.replicas == AUTO else None, **common)
+                            target_fn=target("decoder") if s.replicas == AUTO else None, lanes=s.concurrency,
+                            **common)
     if cfg.stage == "prior" or (cfg.stage == "all" and not rcfg.colocated):
         s = r.prior
         prior = StagePool("prior", lambda slot: PriorA.remote(wcfg, slot), demand(rcfg, "prior"), s.replicas,
                           limit=r.max_in_flight + s.concurrency - 1,
-                          target_fn=target("prior") if s.replicas == AUTO else None, **common)
+                          target_fn=target("prior") if s.replicas == AUTO else None, lanes=s.concurrency, **common)
     elif rcfg.colocated:
         prior = decoder  # the decoder processes run the prior too
     if in_driver:
@@ -108,7 +123,9 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
     else:
         writers = StagePool("writer", lambda slot: WriterA.remote(slot, wcfg.faults), demand(rcfg, "writer"),
                             r.writers or AUTO, limit=r.pending_writes,
-                            target_fn=lambda: expected_writers(rcfg, list(nodes.alive.values())), **common)
+                            target_fn=lambda: expected_writers(rcfg, now_alive(),
+                                                               decoder.target if decoder is not None else None),
+                            **common)
     loaders = (io_task(load_inputs, rcfg), io_task(load_inputs, rcfg, scheduling_strategy=here),
                InDriver(load_inputs, num_returns=2))
     stored = None
@@ -119,6 +136,8 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
                       image_format=cfg.output.image_format, quality=cfg.output.quality,
                       png_compress_level=cfg.output.png_compress_level, storage_options=storage_options)
     layout = {"colocate": rcfg.colocated, "device": r.device,
+              "shares_card": rcfg.colocated and shares_card(rcfg, gpus_in_cluster),  # one GPU: one process
+              "split": "measured" if balance is not None else "fixed",  # prior:decoder (kbatch.run.balance)
               "prior": None if cfg.stage == "decoder" else dataclasses.asdict(r.prior),
               "decoder": None if cfg.stage == "prior" else dataclasses.asdict(r.decoder),
               "writers": "in driver" if in_driver else (r.writers or "auto"),
@@ -137,7 +156,7 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
         return (f"resources.{pool.name} asks {n} replica(s) of {asked}; the cluster has {have} "
                 f"on {len(nodes.alive)} alive node(s)")
 
-    return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe, compile=compile_info)
+    return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe, balance, compile_info)
 
 
 def _compile_and_batch(cfg: JobConfig, rcfg: JobConfig, alive: list[dict], gpus_in_cluster: float,
