@@ -181,7 +181,8 @@ def _compile_and_batch(cfg: JobConfig, rcfg: JobConfig, alive: list[dict], gpus_
             cuda = True if gpus_in_cluster else None
         replicas = dec.replicas
         if replicas == AUTO:
-            replicas = auto_replicas(rcfg, "decoder", alive, 1) if gpus_in_cluster else 1
+            # the decoders at the start (beside 1 auto prior; the measured split may only give the prior more)
+            replicas = auto_replicas(rcfg, "decoder", alive, 1, {"prior": 1}) if gpus_in_cluster else 1
         d = decide(m.compile, cuda=cuda, shape_images=shape_images,
                    max_num_images=getattr(shape_images, "max_num_images", 0), replicas=replicas,
                    batch_setting=dec.batch_size, card=card_gib(alive), lanes=dec.concurrency)
