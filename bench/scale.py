@@ -244,5 +244,6 @@ def main():
     if "cluster" in a.part:
         scale_cluster.run(a, a.work, manifest)
 
+
 if __name__ == "__main__":
     main()
