@@ -160,7 +160,14 @@ class LimitsConfig:
     max_image_bytes: int = 32 * 2**20  # encoded init images / masks
     max_image_pixels: int = 4096 * 4096  # decoded init images / masks (decompression bombs)
     max_mix_items: int = 16
-    # Where manifest URIs may be read from. Empty roots: only under the manifest's own folder.
+    max_prompt_chars: int = 2000  # prompt, negative_prompt, mix prompts (CLIP reads 77 tokens of them)
+    # decoded input pixels (init image + mask + mix images) of one row, and of one loading batch: a 57 KiB PNG
+    # can decode to 48 MiB. A row over its budget gets an error record; rows that would take a loading batch
+    # over its budget are loaded by another task (never lost)
+    max_row_pixels: int = 3 * 4096 * 4096
+    max_batch_pixels: int = 8 * 4096 * 4096
+    # Where manifest URIs may be read from. Empty roots: only under the manifest's own folder (a stage: decoder
+    # job: only under the embeddings output it reads).
     allowed_roots: list[str] = field(default_factory=list)
     allowed_protocols: list[str] = field(default_factory=lambda: ["file", "local", "s3", "gs", "gcs", "memory"])
 
@@ -490,8 +497,11 @@ def validate_config(cfg: JobConfig) -> None:
     _check(0 <= rt.max_failed_fraction <= 1, "retries.max_failed_fraction", rt.max_failed_fraction,
            "must be in [0, 1]")
     lim = cfg.limits
-    for k in ("max_pixels", "max_num_images", "max_steps", "max_image_bytes", "max_image_pixels", "max_mix_items"):
+    for k in ("max_pixels", "max_num_images", "max_steps", "max_image_bytes", "max_image_pixels", "max_mix_items",
+              "max_prompt_chars", "max_row_pixels", "max_batch_pixels"):
         _check(getattr(lim, k) >= 1, f"limits.{k}", getattr(lim, k), "must be >= 1")
+    _check(lim.max_batch_pixels >= lim.max_row_pixels, "limits.max_batch_pixels", lim.max_batch_pixels,
+           f"must be >= limits.max_row_pixels ({lim.max_row_pixels}): a row must fit a loading batch alone")
     # the job defaults are checked with the same rules as manifest rows
     from kbatch.schema.params import check_params
 

@@ -40,13 +40,21 @@ def test_embeddings_round_trip(tiny_models, ray_session, tmp_path):
     emb = job("emb", stage="prior")
     assert (emb.df.image_format == "embeddings").all() and sorted(emb.df.id.unique()) == list("abcd")
     assert (tmp_path / "emb" / "_SUCCESS").exists()
-    dec = job("dec", stage="decoder", manifest=str(tmp_path / "emb"))
+    # the init image lives beside the prior job's manifest, outside the embeddings output: the decoding job
+    # reads it only because its own limits allow that folder (SPEC §6)
+    dec = job("dec", stage="decoder", manifest=str(tmp_path / "emb"), limits={"allowed_roots": [str(tmp_path)]})
     assert sorted(dec.df.id.unique()) == list("abcd") and len(dec.df) == len(both.df) == 5
     assert set(dec.df[dec.df.id == "d"]["mode"]) == {"interpolate"}
     for rid, n in [("a", 2), ("b", 1), ("c", 1), ("d", 1)]:
         for i in range(n):
             assert_pixels_close(np.asarray(dec.image(rid, i)), np.asarray(both.image(rid, i)), f"{rid}[{i}]")
-    # decoder settings can change on fixed embeddings
-    more = job("more", stage="decoder", manifest=str(tmp_path / "emb"), defaults={"num_inference_steps": 6})
-    assert set(more.df.num_inference_steps) == {6}
+    # decoder settings can change on fixed embeddings; without limits.allowed_roots the decoding job reads
+    # inputs only under the embeddings output (not under the root the prior job's _job.json names)
+    cfg = from_dict(tiny_config(tiny_models, tmp_path / "more", manifest=str(tmp_path / "emb"), stage="decoder",
+                                defaults={"num_inference_steps": 6}))
+    assert run_job(cfg).exit_code == 1
+    more = kbatch.open_results(str(tmp_path / "more"))
+    (err,) = more.df[more.df.id == "c"].error
+    assert "init_image" in err and "outside the allowed roots" in err and str(tmp_path / "emb") in err, err
+    assert set(more.df[more.df.status == "ok"].num_inference_steps) == {6}
     assert not np.array_equal(np.asarray(more.image("b")), np.asarray(both.image("b")))

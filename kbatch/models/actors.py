@@ -298,15 +298,25 @@ def _as_writer(spec):
 
 
 def load_inputs(rows: list[Row], limits, storage_options=None) -> tuple[dict[str, str], dict[str, dict]]:
-    """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id)."""
-    from kbatch.plan.input_images import load_row_inputs
+    """CPU task: decode init images / masks / mix images. Returns (errors by id, inputs by id); the rows that
+    would take this task over ``limits.max_batch_pixels`` are listed under ``errors[LATER]`` for another task
+    (the first row always fits: a row's own budget is at most the batch's)."""
+    from kbatch.plan.input_images import LATER, BatchFull, PixelBudget, load_row_inputs
 
-    errors, inputs = {}, {}
+    errors, inputs, later = {}, {}, []
+    batch = PixelBudget(limits.max_batch_pixels, "limits.max_batch_pixels", row=False)
     for r in rows:
+        used = batch.used
         try:
-            inputs[r.id] = load_row_inputs(r, limits, storage_options)
+            inputs[r.id] = load_row_inputs(r, limits, storage_options, batch=batch)
+        except BatchFull:
+            batch.used = used  # what it had decoded is dropped with it
+            later.append(r.id)
         except ValueError as e:
+            batch.used = used
             errors[r.id] = str(e)
+    if later:
+        errors[LATER] = later
     return errors, inputs
 
 

@@ -237,9 +237,35 @@ def _open_header(data: bytes) -> Image.Image:
     raise UnidentifiedImageError("cannot identify image file")
 
 
+#: in the errors a loading task returns: the ids of rows left for another task (the batch's pixel budget)
+LATER = "__later__"
+
+
+class BatchFull(Exception):
+    """An image would take its loading batch over ``limits.max_batch_pixels``: the row goes to another task."""
+
+
+class PixelBudget:
+    """Decoded pixels left to a row (``limits.max_row_pixels``: over it, the row fails) or to a loading batch
+    (``limits.max_batch_pixels``: over it, the row waits for another task). Charged from an image's header,
+    before the image is decoded."""
+
+    def __init__(self, limit: int, key: str, *, row: bool):
+        self.limit, self.key, self.row, self.used = int(limit), key, row, 0
+
+    def charge(self, pixels: int, field: str, value: Any, shown: str) -> None:
+        if self.used + pixels > self.limit:
+            if not self.row:
+                raise BatchFull(self.key)
+            raise InputError(field, value, f"image {shown} would take the row's decoded input pixels to "
+                                           f"{self.used + pixels} > {self.limit} ({self.key})")
+        self.used += pixels
+
+
 def decode_image(data: bytes, *, field: str, limits, mode: str = "RGB", shown: str | None = None,
-                 value: Any = None) -> Image.Image:
-    """Decode encoded image bytes with the header pixel check, full load, EXIF orientation, ``mode``."""
+                 value: Any = None, budgets: tuple = ()) -> Image.Image:
+    """Decode encoded image bytes with the header pixel check (``limits.max_image_pixels`` and the row's and
+    batch's ``budgets``), full load, EXIF orientation, ``mode``."""
     shown = shown or describe(data)
     value = value if value is not None else shown
     max_px = int(limits.max_image_pixels)
@@ -261,6 +287,8 @@ def decode_image(data: bytes, *, field: str, limits, mode: str = "RGB", shown: s
         if w * h > max_px:
             raise InputError(field, value, f"image {shown} is too large: {w}x{h} = {w * h} pixels > {max_px} "
                                            "(limits.max_image_pixels)")
+        for budget in budgets:
+            budget.charge(w * h, field, value, shown)
         try:
             im.load()
         except Exception as e:  # noqa: BLE001 - OSError 'truncated', SyntaxError, struct.error, ...
@@ -282,7 +310,7 @@ def decode_image(data: bytes, *, field: str, limits, mode: str = "RGB", shown: s
 
 
 def load_image(src: bytes | str, *, field: str, limits, mode: str = "RGB",
-               storage_options: dict | None = None) -> Image.Image:
+               storage_options: dict | None = None, budgets: tuple = ()) -> Image.Image:
     """Read (bounded), check and decode one image. ``src`` is inline encoded bytes or a resolved URI.
 
     Raises :class:`InputError` ("<field>: image '<uri>' not found" / "... is too large: 20000x20000 = ...
@@ -298,27 +326,31 @@ def load_image(src: bytes | str, *, field: str, limits, mode: str = "RGB",
         if len(src) > int(limits.max_image_bytes):
             raise InputError(field, shown, f"image {shown} is too large: {len(src)} bytes > "
                                            f"{int(limits.max_image_bytes)} (limits.max_image_bytes)")
-        return decode_image(src, field=field, limits=limits, mode=mode, shown=shown, value=shown)
+        return decode_image(src, field=field, limits=limits, mode=mode, shown=shown, value=shown, budgets=budgets)
     if not isinstance(src, str):
         raise InputError(field, src, f"must be image bytes or a URI string, got {type(src).__name__}")
     data = _read_limited(src, field, limits, storage_options)
-    return decode_image(data, field=field, limits=limits, mode=mode, shown=describe(src), value=src)
+    return decode_image(data, field=field, limits=limits, mode=mode, shown=describe(src), value=src,
+                        budgets=budgets)
 
 
-def load_row_inputs(row, limits, storage_options: dict | None = None) -> dict:
-    """Load a validated row's input images (runs in CPU tasks before the GPU stage).
+def load_row_inputs(row, limits, storage_options: dict | None = None, batch: PixelBudget | None = None) -> dict:
+    """Load a validated row's input images (runs in CPU tasks before the GPU stage), within the row's decoded
+    pixel budget (``limits.max_row_pixels``) and the loading batch's (``batch``: raises :class:`BatchFull`).
 
     Returns ``{"init_image": PIL | None, "mask": PIL | None, "mix_images": [PIL | None per mix item]}``;
     init and mix images are RGB, masks L (white = repaint). Raises :class:`InputError`, e.g.
     ``"mask: size 32x32 differs from init_image size 64x64"``.
     """
+    budgets = (PixelBudget(limits.max_row_pixels, "limits.max_row_pixels", row=True),) + ((batch,) if batch else ())
     init = None
     mask = None
     if row.init_image is not None:
         init = load_image(row.init_image, field="init_image", limits=limits, mode="RGB",
-                          storage_options=storage_options)
+                          storage_options=storage_options, budgets=budgets)
     if row.mask is not None:
-        mask = load_image(row.mask, field="mask", limits=limits, mode="L", storage_options=storage_options)
+        mask = load_image(row.mask, field="mask", limits=limits, mode="L", storage_options=storage_options,
+                          budgets=budgets)
     if init is not None and mask is not None and mask.size != init.size:
         raise InputError("mask", _ref(row.mask), f"size {mask.size[0]}x{mask.size[1]} differs from init_image "
                                                  f"size {init.size[0]}x{init.size[1]}")
@@ -326,10 +358,10 @@ def load_row_inputs(row, limits, storage_options: dict | None = None) -> dict:
     for i, item in enumerate(row.mix or []):
         if item.image is not None:
             mix_images.append(load_image(item.image, field=f"mix[{i}].image", limits=limits, mode="RGB",
-                                         storage_options=storage_options))
+                                         storage_options=storage_options, budgets=budgets))
         elif item.image_uri is not None:
             mix_images.append(load_image(item.image_uri, field=f"mix[{i}].image_uri", limits=limits,
-                                         mode="RGB", storage_options=storage_options))
+                                         mode="RGB", storage_options=storage_options, budgets=budgets))
         else:
             mix_images.append(None)
     return {"init_image": init, "mask": mask, "mix_images": mix_images}

@@ -294,10 +294,14 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> tuple[pa.Tab
     return table, src.base_uri
 
 
-def embeddings_source(uri: str, storage_options: dict | None = None):
+def embeddings_source(uri: str, storage_options: dict | None = None, limits=None):
     """An embeddings output as a manifest (``stage: decoder``): its committed shards' ``embeddings/*.parquet``
     files, streamed like any manifest (the embedding columns are read by the decoding tasks, not the driver).
-    Relative URIs resolve against the prior job's own manifest folder."""
+    Relative URIs resolve against the prior job's own manifest folder, but are read only under the decoding
+    job's own ``limits.allowed_roots`` (``limits``: when empty, it becomes the embeddings output's location):
+    a root named by the embeddings output (its ``_job.json``) is never trusted."""
+    if limits is not None and not limits.allowed_roots:
+        limits.allowed_roots = [uri]
     from kbatch import storage
     from kbatch.output.embeddings import CELL_FIELDS
     from kbatch.output.job_file import JOB_FILE

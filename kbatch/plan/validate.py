@@ -85,6 +85,14 @@ class _Problems:
         return bool(self.items)
 
 
+def _check_length(field: str, text: Any, limits, probs: _Problems) -> None:
+    """Prompts have a length limit (CLIP reads 77 tokens; a megabyte prompt only costs memory and time)."""
+    n = int(limits.max_prompt_chars)
+    if isinstance(text, str) and len(text) > n:
+        probs.items.append((field, f"<{len(text)} characters>", f"{field}: must be at most {n} characters "
+                                                                f"(limits.max_prompt_chars), got {len(text)}"))
+
+
 def _image_ref(v: Any, field: str, base_uri: str, limits, probs: _Problems) -> bytes | str | None:
     """An init_image / mask / mix image cell: inline bytes (size-checked) or a URI (resolved, checked)."""
     if isinstance(v, (bytearray, memoryview)):
@@ -138,6 +146,7 @@ def _check_mix(mix: Any, base_uri: str, limits, probs: _Problems) -> list[MixIte
             if not isinstance(val, str):
                 probs.add(f"{f}.prompt", val, "must be a string")
                 continue
+            _check_length(f"{f}.prompt", val, limits, probs)
             item.prompt = val
         else:
             if src == "image" and isinstance(val, str):
@@ -191,11 +200,13 @@ def _validate_row(r: dict, index: int, cfg, base_uri: str, first_at: int | None,
         probs.add("prompt", prompt, "must be a string")
     elif mode not in (None, "interpolate") and not prompt.strip():
         probs.add("prompt", prompt, f"must not be empty for mode {mode!r}")
+    _check_length("prompt", prompt, limits, probs)
     negative = r.get("negative_prompt")
     if negative is None:
         negative = defaults.negative_prompt
     elif not isinstance(negative, str):
         probs.add("negative_prompt", negative, "must be a string or null")
+    _check_length("negative_prompt", negative, limits, probs)
 
     # seed
     seed = _as_int(r.get("seed"))

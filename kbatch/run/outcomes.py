@@ -100,11 +100,18 @@ class Outcomes:
             self._requeue(c)
 
     def _done_load(self, call: Call, errors: dict) -> None:
+        from kbatch.plan.input_images import LATER
+
         unit = call.unit
+        later = set(errors.pop(LATER, ()))  # over the loading batch's pixel budget: another task loads them
+        if later:
+            rows = [r for r in unit.rows if r.id in later]
+            self.work.planned.appendleft(Unit(rows, unit.attempts, extra={r.id: unit.extra[r.id] for r in rows
+                                                                          if r.id in unit.extra}))
         for r in unit.rows:
             if r.id in errors:
                 self.fail(r, errors[r.id], before_decoder=True)
-        unit.rows = [r for r in unit.rows if r.id not in errors]
+        unit.rows = [r for r in unit.rows if r.id not in errors and r.id not in later]
         if unit.rows:
             self.work.loaded.append(unit)
 

@@ -98,7 +98,7 @@ class Runner:
         elif cfg.stage == "decoder":
             from kbatch.plan.manifest import embeddings_source
 
-            source = embeddings_source(cfg.manifest, self.so)
+            source = embeddings_source(cfg.manifest, self.so, cfg.limits)
         else:
             source = ManifestSource.open(cfg.manifest, self.so)
         self.source = source
