@@ -19,8 +19,8 @@ Where the node types come from, first found wins (:func:`read_cluster_shape`):
    (KubeRay gives the head pod one that may read it when in-tree autoscaling is on) and turned into node types
    by Ray's own KubeRay code (``ray.autoscaler._private.kuberay.autoscaling_config``).
 3. The cluster launcher / ``ray start --autoscaling-config=FILE``: the config file of the autoscaler monitor
-   of this Ray session (found by its command line on the driver's node, where ``ray job submit`` runs
-   entrypoints), else ``~/ray_bootstrap_config.yaml``.
+   of this Ray session (found by its command line on the driver's node: the head, where ``ray job submit``
+   runs entrypoints; a driver elsewhere does not see it).
 
 None found: the cluster is what is alive (no autoscaler, or one kbatch cannot read: the pools still grow as
 nodes join). What the autoscaler is doing (nodes being launched, per node type) is read from its status:
@@ -208,10 +208,7 @@ def _from_file(ray) -> ClusterShape | None:
         session = ray._private.worker._global_node.get_session_dir_path()
     except Exception:  # noqa: BLE001 - a client connection, or the attribute moved
         pass
-    path = monitor_config_path(session)
-    if path is None:
-        boot = os.path.expanduser("~/ray_bootstrap_config.yaml")
-        path = boot if os.path.exists(boot) else None
+    path = monitor_config_path(session)  # not ~/ray_bootstrap_config.yaml blindly: it may be another cluster's
     if path is None:
         return None
     import yaml

@@ -47,6 +47,9 @@ class Driver:
         self.dispatch = Dispatch(cfg, run_id, planner, spec=spec, template=template, prior=prior, decoder=decoder,
                                  writers=writers, loaders=loaders, stored_priors=stored_priors)
         self.outcomes = Outcomes(ray, cfg, self.dispatch, nodes, template, self.pools)
+        for pool in (prior, decoder):  # near the tail, no replica (nor node) the work left cannot use
+            if pool is not None:
+                pool.work_cap = lambda p=pool: self._batches_left(p)
         self.loop_seconds = 0.0
         self._tick_at = 0.0
 
@@ -139,6 +142,22 @@ class Driver:
             return True
         w = self.dispatch
         return bool(w.planned or w.loaded or not self.planner.exhausted or w.kinds["prior"] > 0)
+
+    def _batches_left(self, pool: StagePool) -> int | None:
+        """The replicas of ``pool`` the work left can keep busy: its batches ahead (queued for the stage, in
+        flight there, or before it) over the batches one replica runs at once. None until the whole manifest
+        is planned (the work left is not known). Caps an ``auto`` pool's target (``StagePool.work_cap``)."""
+        if not self.planner.exhausted:
+            return None
+        w = self.dispatch
+        kinds = ("load", "prior", "decoder") if pool is self.decoder else ("load", "prior")
+        ahead = (sum(u.images for u in w.planned) + sum(u.images for u in w.loaded)
+                 + sum(c.unit.images for c in w.inflight.values() if c.kind in kinds and c.unit is not None))
+        if pool is self.decoder:
+            ahead += w.decoder_q.images + sum(w.waiting_images.values())
+        batch = getattr(self.cfg.resources, pool.name).batch_size
+        per_replica = max(1, int(batch) if isinstance(batch, int) else 16) * max(1, pool.lanes)
+        return -(-ahead // per_replica)
 
     # ========================================================================================== summary
     def queues(self) -> dict:

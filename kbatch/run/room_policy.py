@@ -46,8 +46,11 @@ class Room:
     def taken_by_others(pool: StagePool, pools: list[StagePool], capacity: Callable[[], dict[str, dict]]) -> bool:
         """Whether the replicas of the other stages whose node is known fill every alive node, for ``pool``'s
         ask. (A replica of ``pool`` still starting its process also leaves no room free, but then what the
-        others hold leaves room: that is a slow start, not a starved stage.)"""
+        others hold leaves room: that is a slow start, not a starved stage.) No alive node that could hold
+        one even empty (GPU nodes an autoscaler has yet to launch): nothing the others could free."""
         left = {node: dict(res) for node, res in capacity().items()}
+        if not any(fits(pool.demand, res) > 0 for res in left.values()):
+            return False
         for o in pools:
             if o is pool:
                 continue

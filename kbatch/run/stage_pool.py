@@ -66,6 +66,13 @@ class NodeTable:
         self.at = -math.inf
         self._free: dict[str, dict] = {}  # node id -> free resources (room_for)
         self._free_at = -math.inf
+        self.scaler = None  # kbatch.run.autoscaler.Autoscaler: the nodes the autoscaler can add (build_stages)
+
+    def can_become(self) -> list[dict]:
+        """The alive nodes, and the nodes the autoscaler can still add (``"Virtual": True`` entries): what
+        the layout and the ``auto`` targets size the job for. Without an autoscaler: the alive nodes."""
+        alive = list(self.alive.values())
+        return alive + (self.scaler.can_add(alive) if self.scaler is not None else [])
 
     def refresh(self, force: bool = False) -> set[str]:
         """Re-read the table (at most every ``every`` s unless ``force``); returns the nodes that died since
@@ -92,7 +99,11 @@ class NodeTable:
         return node is not None and node in self.dead
 
     def room_for(self, demand: dict[str, float]) -> bool:
-        """Whether some alive node has ``demand`` free right now (Ray places a replica there at once)."""
+        """Whether some alive node has ``demand`` free right now (Ray places a replica there at once), or the
+        autoscaler is launching a node that holds it (a boot is not a cluster too small: placement_timeout
+        and the room policy wait for it)."""
+        if self.scaler is not None and self.scaler.starting_for(demand):
+            return True
         now = time.monotonic()
         if now - self._free_at >= self.every:
             self._free_at = now
@@ -144,6 +155,10 @@ class StagePool:
         self.unplaced_since: float | None = None  # since when nothing of this stage is placed (checks)
         self.broken: str | None = None  # set when the stage cannot go on: the run ends (exit 3)
         self.lanes = lanes
+        # replicas the work left can use (the driver's count of batches ahead of the stage; None: not known
+        # yet): an auto pool's target never exceeds it, so near the tail pending replicas stop asking the
+        # autoscaler for nodes and idle ones drain, letting their nodes go
+        self.work_cap: Callable[[], int | None] | None = None
         # seconds per image of one replica, measured, per stage it runs (a colocated pool runs two)
         self.speeds: dict[str, Speed] = {name: Speed(lanes)}
 
@@ -151,7 +166,9 @@ class StagePool:
     @property
     def target(self) -> int:
         if self.replicas == "auto":
-            return max(1, self.target_fn() if self.target_fn else 1)
+            n = max(1, self.target_fn() if self.target_fn else 1)
+            cap = self.work_cap() if self.work_cap is not None else None
+            return n if cap is None else max(1, min(n, cap))
         return int(self.replicas)
 
     def running(self) -> list[Replica]:

@@ -64,11 +64,15 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
     from kbatch.output.writer import OutputSpec
 
     alive = list(nodes.alive.values())
+    if nodes.scaler is None:  # the node types the autoscaler can launch (kbatch.run.autoscaler)
+        from kbatch.run.autoscaler import Autoscaler, read_cluster_shape
+
+        nodes.scaler = Autoscaler(ray, read_cluster_shape(ray))
     gpus_in_cluster = sum(n.get("Resources", {}).get("GPU", 0.0) for n in alive)
-    if cfg.resources.device == "cuda" and not gpus_in_cluster:
+    if cfg.resources.device == "cuda" and not (gpus_in_cluster or nodes.scaler.shape.max_resources().get("GPU")):
         raise ConfigError("config key 'resources.device' is 'cuda' but the Ray cluster has no GPU")
     driver_node = ray.get_runtime_context().get_node_id()
-    rcfg = resolve(cfg, alive, driver_node)
+    rcfg = resolve(cfg, nodes.can_become(), driver_node)  # GPU node types at 0 alive: the GPU layout
     rcfg, compile_info = _compile_and_batch(cfg, rcfg, alive, gpus_in_cluster, shape_images)
     r = rcfg.resources
     in_driver = storage.process_local(output)  # memory://: the driver writes it, no writer actors
@@ -82,8 +86,8 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
     wcfg = _worker_config(rcfg)
     n_writers = 1 if in_driver else expected_writers(rcfg, alive)
 
-    def now_alive() -> list[dict]:
-        return list(nodes.alive.values())
+    def now_alive() -> list[dict]:  # and the nodes the autoscaler can still add: pending replicas are demand
+        return nodes.can_become()
 
     balance = None  # an auto prior beside its own decoders: the GPUs split by the stages' measured speeds
     if cfg.stage == "all" and not rcfg.colocated and r.prior.replicas == AUTO:
@@ -142,6 +146,8 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
               "decoder": None if cfg.stage == "prior" else dataclasses.asdict(r.decoder),
               "writers": "in driver" if in_driver else (r.writers or "auto"),
               "nodes": len(alive), "cluster": {k: v for k, v in nodes.totals().items() if k in ("CPU", "GPU")}}
+    if nodes.scaler.shape.autoscaling:
+        layout["autoscaler"] = nodes.scaler.shape.describe()
     log.info("kbatch: layout %s", layout)
 
     def describe(pool: StagePool) -> str:
@@ -153,8 +159,11 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
         have = ", ".join(f"{k} {totals.get(k, 0.0):g} ({free.get(k, 0.0):g} free)" for k in ("GPU", "CPU"))
         asked = {k: v for k, v in pool.demand.items() if v}
         n = pool.replicas if pool.replicas != AUTO else "auto"
+        shape = nodes.scaler.shape if nodes.scaler is not None else None
+        types = ", ".join(f"{t.max_workers} x {t.name} {t.resources}" for t in shape.node_types) if shape else ""
+        more = f"; the autoscaler ({shape.source}) can add {types}" if shape is not None and shape.autoscaling else ""
         return (f"resources.{pool.name} asks {n} replica(s) of {asked}; the cluster has {have} "
-                f"on {len(nodes.alive)} alive node(s)")
+                f"on {len(nodes.alive)} alive node(s){more}")
 
     return Stages(rcfg, layout, spec, prior, decoder, writers, loaders, stored, describe, balance, compile_info)
 
