@@ -420,7 +420,8 @@ def test_decoder_warmup_times_each_shape(predictors):
     finally:
         dec.pad_to = 0
     assert set(dec.warmup_by_shape) == {"base 64x64 cfg", "base 64x64", "inpaint 64x64 cfg"}
-    assert 0 < sum(dec.warmup_by_shape.values()) <= total
+    # each shape's seconds are rounded to 1 ms: their sum may pass the total by that much
+    assert 0 < sum(dec.warmup_by_shape.values()) <= total + 0.0005 * len(dec.warmup_by_shape)
 
 
 def test_the_driver_keeps_each_replicas_warmup_per_shape():
