@@ -35,7 +35,7 @@ import textwrap
 import time
 
 import scale_cluster
-from _common import ROOT, loadavg, machine, ray_env, versions, write_yaml
+from _common import ROOT, Poller, loadavg, machine, ray_env, versions, write_yaml
 
 
 def manifest(path: str, n: int, files: int = 1) -> None:
@@ -80,7 +80,7 @@ def default_config(manifest_path: str, out: str, batch: int | None = None,
     return cfg
 
 
-class _Outside:
+class _Outside(Poller):
     """Polls a ``kbatch run`` process from outside every ``interval`` s (psutil): the driver's RSS (the
     process itself), the RSS summed over it and its child processes (the local Ray it started: raylet, GCS,
     workers; shared pages counted in each, so an overstatement of the machine's use), and the phase, from
@@ -88,15 +88,12 @@ class _Outside:
     finish writes its final ``_job.json`` before the gallery and ``_SUCCESS``)."""
 
     def __init__(self, pid: int, job_path: str, interval: float = 1.0):
-        import threading
-
         import psutil
 
-        self.ps, self.pid, self.job_path, self.interval = psutil, pid, job_path, interval
+        super().__init__(interval)
+        self.ps, self.pid, self.job_path = psutil, pid, job_path
         self.samples: list[tuple[float, str, int, int]] = []  # (t, phase, driver rss, tree rss)
         self.hwm: dict[str, int] = {}  # phase -> the driver's VmHWM (kernel's peak RSS so far) at its last sample
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         self.t0 = time.perf_counter()
 
     def _phase(self) -> str:
@@ -130,19 +127,6 @@ class _Outside:
                 self.hwm[phase] = hwm
         except (OSError, ValueError):
             pass
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def peak(self, phase: str | None = None, tree: bool = False) -> float | None:
         vals = [s[3 if tree else 2] for s in self.samples if phase is None or s[1] == phase]
