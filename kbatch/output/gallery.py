@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kbatch import storage
+from kbatch.output.job_file import JOB_FILE
 from kbatch.output.writer import EXTENSIONS
 
 MAX_ERRORS = 1000  # error records shown (and read) at most
@@ -327,7 +328,7 @@ def write_gallery(root: str, df=None, max_images: int = 200, thumb: int = 128,
     recs = _ok_records(df, max_images)
     items = _load_items(reader, recs, thumb, copy_full=True)
     errors = _error_records(df)
-    job = storage.read_json(root, "_job.json", storage_options) or {}
+    job = storage.read_json(root, JOB_FILE, storage_options) or {}
     run = job.get("run_id")
     title = f"kbatch gallery: {storage.display_path(fs, base)}"
     head = (f"<h1>{_esc(title)}</h1><div class=\"sub\">"

@@ -11,6 +11,7 @@ import io
 from typing import Any, Iterable
 
 from kbatch import storage
+from kbatch.output.job_file import JOB_FILE
 from kbatch.output.image_reader import ImageReader
 from kbatch.output.writer import list_committed_shards, read_records
 
@@ -22,7 +23,7 @@ class Results:
         self.root = str(uri)
         self.storage_options = dict(storage_options or {})
         self.df = read_records(self.root, storage_options=self.storage_options) if df is None else df
-        self.job = storage.read_json(self.root, "_job.json", self.storage_options) if job is None else job
+        self.job = storage.read_json(self.root, JOB_FILE, self.storage_options) if job is None else job
         self.reader = ImageReader(self.root, self.storage_options)
         self._lookup: dict[tuple[str, int], int] | None = None
 

@@ -13,10 +13,8 @@ import time
 from typing import Any
 
 from kbatch import storage
+from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE
 from kbatch.output.writer import list_committed_shards, read_records, reason_of
-
-SUCCESS_MARKER = "_SUCCESS"
-JOB_FILE = "_job.json"
 
 
 def _uncommitted(fs, base: str, committed: set[str]) -> list[str]:
@@ -56,7 +54,7 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     fs, base = storage.get_fs(root, storage_options)
     job = storage.read_json(root, JOB_FILE, storage_options)
     committed = list_committed_shards(root, storage_options)
-    success = storage.exists(root, SUCCESS_MARKER, storage_options)
+    success = storage.exists(root, SUCCESS_FILE, storage_options)
     source, basis = _manifest_of(job, storage_options)
     out: dict[str, Any] = {"root": root, "run_id": (job or {}).get("run_id"), "counted_against": basis}
     if source is not None:

@@ -24,9 +24,8 @@ import time
 from typing import Any, TextIO
 
 from kbatch import storage
+from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE
 
-JOB_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS"
 STAGE_ORDER = ("planned", "loading", "prior", "waiting_for_decoder", "decoder", "shard_buffer", "writes")
 
 
