@@ -56,8 +56,8 @@ class _Reads:
         self.live = self.max_live = 0
         real = writer._read_meta
 
-        def spy(fs, path, shard, cols):
-            t = real(fs, path, shard, cols)
+        def spy(fs, path, shard, cols, rec=None):
+            t = real(fs, path, shard, cols, rec)
             self.calls.append((shard, None if cols is None else tuple(cols), t.num_rows))
             self.live += t.num_rows
             self.max_live = max(self.max_live, self.live)

@@ -487,10 +487,20 @@ def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _read_meta(fs, path: str, shard: str, cols: list[str] | None) -> pa.Table:
+def _committed(fs, path: str, shards: list[str] | None) -> dict[str, dict | None]:
+    """``{shard: its commit record}`` of every committed shard, read once; for named ``shards``, their
+    records are read by ``_read_meta`` (None here)."""
+    if shards is None:
+        return commits.read_all(fs, path)
+    return dict.fromkeys(shards)
+
+
+def _read_meta(fs, path: str, shard: str, cols: list[str] | None, rec: dict | None = None) -> pa.Table:
     """One shard's metadata (``cols`` only; None: every column), conformed to RECORD_SCHEMA: the metadata
-    object its commit record names (no rows when the shard has no commit: readers trust nothing else)."""
-    rec = commits.read(fs, path, shard)
+    object its commit record (``rec``, read here when not given) names (no rows when the shard has no
+    commit: readers trust nothing else)."""
+    if rec is None:
+        rec = commits.read(fs, path, shard)
     if not commits.is_commit(rec):
         return _conform(RECORD_SCHEMA.empty_table(), cols)
     data = fs.cat_file(storage.join(path, commits.meta_file(shard, rec)))
@@ -508,7 +518,8 @@ def iter_records_tables(root: str, columns: list[str] | None = None, storage_opt
     import collections
 
     fs, path = storage.get_fs(root, storage_options)
-    names = list_committed_shards(root, storage_options) if shards is None else list(shards)
+    recs = _committed(fs, path, shards)
+    names = list(recs)
     if newest_first:
         names.reverse()
     cols = list(columns) if columns is not None else None
@@ -522,14 +533,14 @@ def iter_records_tables(root: str, columns: list[str] | None = None, storage_opt
     ex = cf.ThreadPoolExecutor(max_workers=max(1, min(read_ahead, len(names))))
     try:
         for name in todo:
-            pending.append((name, ex.submit(_read_meta, fs, path, name, cols)))
+            pending.append((name, ex.submit(_read_meta, fs, path, name, cols, recs[name])))
             if len(pending) >= max(1, read_ahead):
                 break
         while pending:
             name, fut = pending.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, ex.submit(_read_meta, fs, path, nxt, cols)))
+                pending.append((nxt, ex.submit(_read_meta, fs, path, nxt, cols, recs[nxt])))
             yield name, fut.result()
     finally:  # also when the caller stops early: drop what was read ahead
         for _, fut in pending:
@@ -541,7 +552,8 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
                        shards: list[str] | None = None) -> pa.Table:
     """Arrow table of the metadata of committed shards (``shards`` narrows to those names)."""
     fs, path = storage.get_fs(root, storage_options)
-    committed = list_committed_shards(root, storage_options) if shards is None else list(shards)
+    recs = _committed(fs, path, shards)
+    committed = list(recs)
     cols = list(columns) if columns is not None else None
     if cols is not None:
         unknown = [c for c in cols if c not in RECORD_FIELDS]
@@ -549,7 +561,7 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
             raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
 
     def _read(shard: str) -> pa.Table:
-        return _read_meta(fs, path, shard, cols)
+        return _read_meta(fs, path, shard, cols, recs[shard])
 
     if not committed:
         return _conform(RECORD_SCHEMA.empty_table(), cols)
