@@ -205,6 +205,15 @@ class QualityConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Many jobs on one cluster (docs/clusters.md): this job's place among the cluster's kbatch jobs."""
+
+    priority: int = 0  # higher runs first; takes GPUs from lower-priority jobs at batch boundaries
+    weight: float = 1.0  # share among running jobs of the same priority
+    queue_timeout: float | None = None  # seconds it may wait queued behind other kbatch jobs (null: no limit)
+
+
+@dataclass
 class JobConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     manifest: str | None = None
@@ -216,6 +225,7 @@ class JobConfig:
     retries: RetriesConfig = field(default_factory=RetriesConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     stage: str = "all"  # all | prior (write embeddings) | decoder (manifest is an embeddings dataset)
     # fsspec options for manifest, inputs and output (endpoint_url, key, secret, ...). Never written to
     # _job.json or records, nor in a repr; credentials may also come from the environment (AWS_*, GOOGLE_*).
@@ -271,7 +281,8 @@ def _build(cls, data: Any, path: str, default=None):
 def _dataclass_type(cls, f):
     hints = {"ModelsConfig": ModelsConfig, "SimConfig": SimConfig, "OutputConfig": OutputConfig, "StageResources": StageResources,
              "ResourcesConfig": ResourcesConfig, "Defaults": Defaults, "LimitsConfig": LimitsConfig,
-             "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig, "QualityConfig": QualityConfig}
+             "RetriesConfig": RetriesConfig, "FaultsConfig": FaultsConfig, "QualityConfig": QualityConfig,
+             "ScheduleConfig": ScheduleConfig}
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
     return hints.get(t)
 
@@ -490,6 +501,11 @@ def validate_config(cfg: JobConfig) -> None:
            "must be prior, decoder or null")
     q = cfg.quality
     _check(1 <= q.best_of <= 16, "quality.best_of", q.best_of, "must be in [1, 16] (candidates per image)")
+    sc = cfg.schedule
+    _check(-1000 <= sc.priority <= 1000, "schedule.priority", sc.priority, "must be an integer in [-1000, 1000]")
+    _check(0 < sc.weight <= 1000, "schedule.weight", sc.weight, "must be > 0 and <= 1000")
+    _check(sc.queue_timeout is None or sc.queue_timeout > 0, "schedule.queue_timeout", sc.queue_timeout,
+           "must be > 0 seconds or null (no limit)")
     rt = cfg.retries
     _check(rt.max_attempts >= 1, "retries.max_attempts", rt.max_attempts, "must be >= 1")
     _check(rt.max_actor_restarts >= 0, "retries.max_actor_restarts", rt.max_actor_restarts, "must be >= 0")
