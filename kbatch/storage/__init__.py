@@ -170,9 +170,8 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> int:
 
 
 # ------------------------------------------------------------------------------------ conditional writes
-# fsspec's memory:// store is process-global (a class attribute), so the guard that makes its check-and-set
-# atomic between threads has to be as well. It holds no state: the lease and the commit records use it.
-MEMORY_LOCK = threading.Lock()
+from kbatch.storage.conditional import ConditionalStore, PreconditionFailed, Versioned  # noqa: E402,F401
+from kbatch.storage.memory_store import MEMORY_LOCK  # noqa: E402,F401
 
 
 class Unsupported(ValueError):
@@ -413,3 +412,26 @@ def list_names(fs, dir_path: str, suffix: str = "", dirs: bool = False) -> list[
             continue
         out.append(name[: len(name) - len(suffix)] if suffix else name)
     return sorted(set(out))
+
+
+def conditional_store(url: str, storage_options: dict | None = None) -> ConditionalStore:
+    """The conditional-write store (``conditional.py``) rooted at ``url``: local folders, ``memory://``,
+    ``s3://`` and ``gs://``. Raises :class:`Unsupported` for other stores."""
+    from kbatch.storage.local_store import LocalStore
+    from kbatch.storage.memory_store import MemoryStore
+
+    fs, root = get_fs(url, storage_options)
+    if is_local(fs):
+        return LocalStore(root)
+    if "memory" in _protocols(fs):
+        return MemoryStore(root)
+    if _s3_like(fs):
+        from kbatch.storage.s3_store import S3Store
+
+        return S3Store(fs, root)
+    if _protocols(fs) & {"gs", "gcs"}:
+        from kbatch.storage.gcs_store import GCSStore
+
+        return GCSStore(fs, root)
+    raise Unsupported(f"{url}: {'/'.join(sorted(_protocols(fs)))} offers no conditional writes kbatch can use "
+                      "(create-if-absent, replace-if-version); use a local disk, s3:// or gs://")
