@@ -69,6 +69,18 @@ def parser() -> argparse.ArgumentParser:
                    help="follow the job's logs until it ends and exit with kbatch's exit code")
     j.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="with --wait: stop waiting after S seconds and exit 3 (the job keeps running)")
+    ls = sub.add_parser("jobs", help="list the kbatch jobs sharing a Ray cluster: priority, state (QUEUED, RUNNING, "
+                                     "DRAINING), GPUs held/allotted, rows, img/s, ETA, queue position")
+    ls.add_argument("--address", help="the cluster: head:6379, ray://head:10001 or the job server http://head:8265; "
+                                      "default: the Ray of RAY_ADDRESS or of this machine")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--reply", action="store_true", help=argparse.SUPPRESS)  # asked through a job server
+    cn = sub.add_parser("cancel", help="stop one kbatch job of a cluster cleanly (lease released, output resumable)")
+    cn.add_argument("run_id", metavar="RUN_ID", help="the run id `kbatch jobs` shows (or a prefix of exactly one)")
+    cn.add_argument("--address", help="the cluster, as for `kbatch jobs`")
+    cn.add_argument("--wait", action="store_true", help="wait until the run has stopped")
+    cn.add_argument("--timeout", type=float, default=120.0, metavar="S", help="with --wait: at most S seconds (exit 3)")
+    cn.add_argument("--reply", action="store_true", help=argparse.SUPPRESS)
     m = sub.add_parser("models", help="model folders")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     t = msub.add_parser("tiny", help="write tiny random-weight prior/, decoder/, inpaint/ folders, offline")
@@ -80,6 +92,23 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("dest", help="folder or fsspec URL (s3://bucket/models/kandinsky-2-1)")
     pl.add_argument("--revision", default=None)
     pl.add_argument("--config", default=None, help="a job config whose storage_options reach the destination")
+    rj = sub.add_parser("rayjob", help="print a KubeRay RayJob (+ ConfigMap) running this job on a cluster of "
+                                       "its own, queued by Kueue (docs/clusters.md)")
+    rj.add_argument("config", help="YAML config (path or fsspec URL)")
+    rj.add_argument("--manifest", help="override config 'manifest'")
+    rj.add_argument("--output", help="override config 'output.path'")
+    rj.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE")
+    rj.add_argument("--name", default="kbatch", help="the RayJob's name (default kbatch)")
+    rj.add_argument("--namespace", default=None)
+    rj.add_argument("--queue", default=None, help="Kueue LocalQueue: the job is printed suspended, for Kueue")
+    rj.add_argument("--priority-class", default=None, help="Kueue WorkloadPriorityClass")
+    rj.add_argument("--image", default="kbatch:latest", help="an image with kbatch installed")
+    rj.add_argument("--max-gpu-workers", type=int, default=8, help="elastic GPU group: the most GPU pods")
+    rj.add_argument("--gpu-workers", type=int, default=None,
+                    help="a fixed GPU group of N pods, autoscaling off (Kueue without feature gates)")
+    rj.add_argument("--gpus-per-worker", type=int, default=1)
+    rj.add_argument("--storage-secret", default=None,
+                    help="a Secret whose key storage_options.json the pods read as KBATCH_STORAGE_OPTIONS")
     return p
 
 
@@ -230,6 +259,52 @@ def cmd_submit(args) -> int:
     return code
 
 
+def cmd_jobs(args) -> int:
+    from kbatch.cluster.jobs import REPLY_MARKER, NoCluster, format_table, survey
+
+    try:
+        coordinator, rows = survey(args.address)
+    except NoCluster as e:
+        raise ConfigError(str(e)) from None
+    if args.reply:  # inside a Ray job started by `kbatch jobs --address http://...`
+        print(REPLY_MARKER + json.dumps({"coordinator": coordinator, "jobs": [r.to_dict() for r in rows]}),
+              flush=True)
+        return EXIT_OK
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    elif rows:
+        print(format_table(rows))
+    if not coordinator:
+        print("kbatch: no kbatch jobs on this cluster: no kbatch coordinator runs on it (the first kbatch job "
+              "started on the cluster starts it)", file=sys.stderr)
+    elif not rows:
+        print("kbatch: no kbatch jobs on this cluster now", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from kbatch.cluster.jobs import REPLY_MARKER, NoCluster, cancel, wait_gone
+
+    try:
+        row = cancel(args.run_id, args.address)
+    except NoCluster as e:
+        raise ConfigError(str(e)) from None
+    if args.reply:
+        print(REPLY_MARKER + json.dumps({"row": row.to_dict() if row else None}), flush=True)
+        return EXIT_OK
+    if row is None:
+        raise ConfigError(f"no kbatch job {args.run_id!r} on this cluster (`kbatch jobs` lists them by run id)")
+    print(f"kbatch: cancel requested: run {row.run_id} ({row.output}); it stops at its next heartbeat, its "
+          "batches in flight end, its lease is released and the output stays resumable (exit code 3)",
+          file=sys.stderr)
+    if args.wait:
+        if not wait_gone(row.run_id, args.address, timeout=args.timeout):
+            print(f"kbatch: run {row.run_id} still registered after {args.timeout:g} s", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        print(f"kbatch: run {row.run_id} stopped", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     if args.models_cmd == "pull":
         from kbatch.models.store import pull_model
@@ -249,6 +324,18 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+def cmd_rayjob(args) -> int:
+    from kbatch.rayjob import RayJobOptions, main as rayjob_main
+
+    cfg = load_config(args.config, sets=args.sets, manifest=args.manifest, output=args.output)
+    opts = RayJobOptions(name=args.name, namespace=args.namespace, image=args.image, queue=args.queue,
+                         priority_class=args.priority_class, max_gpu_workers=args.max_gpu_workers,
+                         gpu_workers=args.gpu_workers, gpus_per_worker=args.gpus_per_worker,
+                         storage_secret=args.storage_secret)
+    print(rayjob_main(cfg, opts), end="")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from kbatch.demo import run_demo
 
@@ -260,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     handler = {"run": cmd_run, "job": cmd_run, "validate": cmd_validate, "status": cmd_status, "models": cmd_models,
-               "demo": cmd_demo, "submit": cmd_submit}[args.cmd]
+               "demo": cmd_demo, "submit": cmd_submit, "jobs": cmd_jobs, "cancel": cmd_cancel,
+               "rayjob": cmd_rayjob}[args.cmd]
     try:
         return handler(args)
     except ConfigError as e:

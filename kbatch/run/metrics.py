@@ -1,5 +1,6 @@
 """The run's metrics in Ray's metrics system (SPEC §9), published by the driver: rows, images, queues,
-replicas, speed and what is left. Ray's Prometheus endpoint on each node exports them with the ``ray_``
+replicas, speed and what is left; on a cluster shared by kbatch jobs, its GPUs allotted and held and its queue
+position. Ray's Prometheus endpoint on each node exports them with the ``ray_``
 prefix (``ray_kbatch_rows_total``, ``ray_kbatch_queue``, ...); ``dashboards/kbatch_grafana.json`` shows them
 and ``docs/metrics.md`` says what each means and which alerts to set.
 
@@ -35,11 +36,16 @@ ROWS_REMAINING = Spec("gauge", "kbatch_rows_remaining", "Rows of the manifest wi
                       "this over the rate of ray_kbatch_rows_total)", ("run",))
 ROWS_MANIFEST = Spec("gauge", "kbatch_rows_manifest", "Rows of the run's manifest (with records from earlier "
                      "runs or not)", ("run",))
+GPUS = Spec("gauge", "kbatch_gpus", "GPUs of a cluster shared by kbatch jobs: allotted to this run by the "
+            "coordinator, and held by its placed replicas", ("run", "state"))
+QUEUE_POSITION = Spec("gauge", "kbatch_queue_position", "The run's place in its cluster's queue of kbatch jobs "
+                      "(1: next to start); 0 while it runs", ("run",))
 
 #: every metric kbatch publishes (the driver's and the actors'); the dashboard's queries use only these
 SPECS: tuple[Spec, ...] = (ROWS, IMAGES, QUEUE, REPLICAS, IMAGES_PER_SECOND, ROWS_REMAINING, ROWS_MANIFEST,
-                           BATCH_SECONDS)
+                           GPUS, QUEUE_POSITION, BATCH_SECONDS)
 REPLICA_STATES = ("running", "pending", "draining")
+GPU_STATES = ("allotted", "held")
 
 
 def exported_series() -> set[str]:
@@ -54,10 +60,11 @@ class RunMetrics:
     def __init__(self, run_id: str, every: float = EVERY):
         self.run_id, self.every = run_id, every
         self.m = {s.name: Metric(s) for s in (ROWS, IMAGES, QUEUE, REPLICAS, IMAGES_PER_SECOND, ROWS_REMAINING,
-                                               ROWS_MANIFEST)}
+                                               ROWS_MANIFEST, GPUS, QUEUE_POSITION)}
         self.sent = {"ok": 0, "failed": 0, "images": 0}  # what the counters hold already
         self.stages: set[str] = set()  # queue stages seen, zeroed at the end
         self.replica_stages: set[str] = set()
+        self.scheduled = False  # the run had a schedule (a shared cluster): its gauges are zeroed at the end
         self.at = None  # monotonic time of the last refresh
 
     def tick(self, progress, queues) -> None:
@@ -92,6 +99,23 @@ class RunMetrics:
             for state in REPLICA_STATES:
                 self.m["kbatch_replicas"].record(0 if ended else r.get(state, 0),
                                                  {**run, "stage": stage, "state": state})
+        self.publish_schedule(getattr(progress, "schedule", None), ended)
+
+    def publish_schedule(self, schedule: dict | None, ended: bool = False) -> None:
+        """The run's share of a cluster shared by kbatch jobs (``Progress.schedule``, set by the driver from
+        the coordinator's answers; None for a run alone on its Ray: nothing published): GPUs allotted and
+        held, and its queue position (0 while it runs). A run on a CPU-only layout is allotted CPUs: its
+        ``kbatch_gpus`` stay 0. At the end: all 0."""
+        if not schedule and not self.scheduled:
+            return
+        self.scheduled = True
+        s = schedule or {}
+        gpu = not ended and (s.get("resource") or "GPU") == "GPU"
+        run = {"run": self.run_id}
+        for state in GPU_STATES:
+            self.m["kbatch_gpus"].record(float(s.get(state) or 0) if gpu else 0.0, {**run, "state": state})
+        queued = not ended and str(s.get("state", "")).upper() == "QUEUED"
+        self.m["kbatch_queue_position"].record(int(s.get("queue_position") or 0) if queued else 0, run)
 
     def end(self, progress, queues: dict | None = None) -> None:
         """The run ended: the final counts, and the gauges of work in progress to 0."""

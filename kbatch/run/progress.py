@@ -4,7 +4,12 @@ queue depth and replicas per stage).
 
 ``mode``: ``auto`` picks ``notebook`` in a Jupyter kernel (an HTML view updated in place: the same view as
 ``kbatch status --watch`` and ``JobHandle.progress()``, ``kbatch.run.watch``), ``bar`` on a terminal,
-``log`` otherwise; ``off`` shows nothing (the ``_job.json`` block is still made)."""
+``log`` otherwise; ``off`` shows nothing (the ``_job.json`` block is still made).
+
+On a cluster shared with other kbatch jobs the driver hands over the run's place among them
+(:meth:`Progress.set_schedule`: ``QUEUED`` with its position and the runs ahead, ``RUNNING``, ``DRAINING``;
+the dict ``_job.json`` holds as ``schedule``): the notebook view shows it, the bar and the log print a line
+when it changes, and the metrics publish it (``kbatch.run.metrics``)."""
 from __future__ import annotations
 
 import sys
@@ -35,6 +40,7 @@ class Progress:
         self.bar = None
         self._display = None
         self._drawn = 0.0
+        self.schedule: dict | None = None  # _job.json's "schedule", set by the driver (set_schedule)
         if mode == "bar":
             from tqdm.auto import tqdm
 
@@ -71,6 +77,28 @@ class Progress:
             eta = f"{s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else "?"
             print(f"kbatch progress: {self.done}/{self.total} rows ({s['rows_failed']} failed), {self.images} "
                   f"images, {s['images_per_second_recent']:.2f} img/s, ETA {eta}", file=sys.stderr, flush=True)
+
+    def set_schedule(self, schedule: dict | None) -> None:
+        """The run's place among the cluster's kbatch jobs now (``_job.json``'s ``schedule``). A change of
+        state or queue position is shown at once: a redraw in a notebook, a line on a bar or in a log."""
+        before = _schedule_key(self.schedule)
+        self.schedule = dict(schedule) if schedule else None
+        if _schedule_key(self.schedule) == before or self.schedule is None:
+            return
+        if self.mode == "notebook":
+            self._draw_notebook(None, force=True)
+            return
+        from kbatch.run.watch import queue_text, schedule_line, schedule_of
+
+        s = schedule_of({"schedule": self.schedule})
+        if s is None:
+            return
+        text = (f"kbatch: QUEUED, {queue_text(s)}; it starts when it gets GPUs" if s["state"] == "QUEUED" else
+                f"kbatch: {s['state']}: {schedule_line(s)}")
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.mode == "log":
+            print(text, file=sys.stderr, flush=True)
 
     def update(self, rows: int, images_total: int):
         self.set(self.done - self.initial + rows, images_total)
@@ -125,7 +153,7 @@ class Progress:
 
             q = queues() if callable(queues) else queues
             if job is None:
-                job = {"run_id": self.run_id, "status": "running"}
+                job = {"run_id": self.run_id, "status": "running", "schedule": self.schedule}
                 view = make_view(self.root or "", job, progress=self.snapshot(q))
             else:
                 view = make_view(self.root or "", job)
@@ -144,6 +172,10 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def _schedule_key(s: dict | None):
+    return None if not s else (s.get("state"), s.get("queue_position"))
 
 
 def _duration(seconds: float) -> str:

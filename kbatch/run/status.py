@@ -5,7 +5,8 @@ read: the same scan a run does before it starts (``kbatch.plan.resume_scan``), i
 are not in that manifest are left alone and reported apart. Without a readable manifest (an in-memory
 DataFrame, a deleted file) the records themselves are counted. Only committed shards count, and a row
 rendered again supersedes its old error records. A run in progress shows its ``progress`` and who holds the
-output's lease. The output is complete when the completion marker ``_SUCCESS`` exists and no row is missing.
+output's lease, and on a cluster shared with other kbatch jobs its place among them (``_job.json``'s
+``schedule``: ``QUEUED`` with its position and the runs ahead, or its GPUs held / allotted; docs/clusters.md). The output is complete when the completion marker ``_SUCCESS`` exists and no row is missing.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _manifest_of(job: dict | None, storage_options) -> tuple[Any, str]:
 def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Counts of an output location (see module docstring); plain JSON-able values."""
     from kbatch.output.lease import read_lease
+    from kbatch.run.watch import schedule_of
 
     fs, base = storage.get_fs(root, storage_options)
     job = storage.read_json(root, JOB_FILE, storage_options)
@@ -72,6 +74,8 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
         "complete": bool(success and out["rows_missing"] == 0),
         "running": running,
         "progress": (job or {}).get("progress"),
+        "schedule": schedule_of(job) if running else None,
+        "queued": bool(running and (schedule_of(job) or {}).get("state") == "QUEUED"),
         "lease": lease,
         "job": job,
         # read only where scores can be: the job's meaning names its quality settings (one per output)
@@ -196,6 +200,12 @@ def format_summary(summary: dict) -> str:
                      f"(progress at {progress.get('updated', '?')})")
         lines.append(f"          held by run {lease.get('run_id')} on {lease.get('host')} pid {lease.get('pid')}, "
                      f"lease renewed {age:.0f} s ago (ttl {lease.get('ttl')} s)")
+        sched = s.get("schedule")
+        if sched:
+            from kbatch.run.watch import queue_text, schedule_line
+
+            lines.append(f"cluster:  {sched['state']}" + (f", {queue_text(sched)}" if s.get("queued") else "")
+                         + f"; {schedule_line(sched)}")
         queues = progress.get("queues") or {}
         if queues:
             lines.append("queues:   " + ", ".join(f"{k} {v}" for k, v in queues.items() if k != "replicas"))
@@ -204,6 +214,8 @@ def format_summary(summary: dict) -> str:
                                                      for k, v in queues["replicas"].items()))
     if s.get("complete"):
         state = "COMPLETE"
+    elif s.get("queued"):
+        state = "QUEUED (waiting for GPUs behind other kbatch jobs on its cluster: `kbatch jobs` shows the queue)"
     elif s.get("running"):
         state = "RUNNING"
     elif not s.get("success_marker") and (missing == 0):

@@ -10,6 +10,8 @@ A view's ``state``:
 
 * ``waiting``: no ``_job.json`` yet (a submitted job that has not started its run);
 * ``running``: ``_job.json`` says running and its run holds a live lease;
+* ``queued``: the same, but the run waits in the cluster's queue behind other kbatch jobs (``_job.json``'s
+  ``schedule``: its position and the runs ahead; docs/clusters.md): it holds no GPU yet;
 * ``ended``: ``_job.json`` has the run's end (status, exit code);
 * ``lost``: ``_job.json`` still says running but its run's lease is gone or stale (the driver was killed):
   the run will not write its end; a rerun resumes it.
@@ -85,6 +87,9 @@ def make_view(root: str, job: dict | None, lease: dict | None = None, success: b
         state = "running"
     else:
         state = "lost"
+    schedule = schedule_of(job)
+    if state == "running" and schedule and schedule["state"] == "QUEUED":
+        state = "queued"
     total = p.get("rows_total", job.get("total_rows"))
     done = p.get("rows_done")
     failed = p.get("rows_failed")
@@ -104,13 +109,26 @@ def make_view(root: str, job: dict | None, lease: dict | None = None, success: b
         "rows_missing": missing, "images": p.get("images"),
         "images_per_second": p.get("images_per_second"),
         "images_per_second_recent": p.get("images_per_second_recent", p.get("images_per_second")),
-        "eta_seconds": p.get("eta_seconds") if state == "running" else None,
+        "eta_seconds": p.get("eta_seconds") if state == "running" else None, "schedule": schedule,
         "seconds": p.get("seconds"), "updated": p.get("updated"),
         "queues": queues, "replicas": replicas,
         "started": job.get("started"), "finished": job.get("finished"),
         "lease": {k: lease.get(k) for k in ("run_id", "host", "pid", "renewed", "renewed_epoch", "ttl")}
         if lease and not lease.get("unreadable") else None,
     }
+
+
+def schedule_of(job: dict | None) -> dict | None:
+    """``_job.json``'s ``schedule`` (the run's place among the cluster's kbatch jobs, written by its driver
+    on every heartbeat to the coordinator), with every field present; None for a run alone on its Ray."""
+    s = (job or {}).get("schedule")
+    if not isinstance(s, dict) or not s.get("state"):
+        return None
+    ahead = [a.get("run_id", "?") if isinstance(a, dict) else str(a) for a in (s.get("ahead") or [])]
+    return {"state": str(s["state"]).upper(), "queue_position": s.get("queue_position"), "ahead": ahead,
+            "allotted": s.get("allotted"), "held": s.get("held"), "priority": s.get("priority", 0),
+            "weight": s.get("weight", 1), "since": s.get("since"), "resource": s.get("resource") or "GPU",
+            "capacity": s.get("capacity"), "coordinator": s.get("coordinator", True)}
 
 
 # ======================================================================================= formatting
@@ -165,8 +183,41 @@ def _replicas_text(replicas: dict) -> str:
     return " · ".join(parts)
 
 
+def _amount(v) -> str:
+    return "?" if v is None else f"{float(v):g}"
+
+
+def queue_text(sched: dict) -> str:
+    """``position 2 in the cluster's queue, behind A, B``."""
+    pos = sched.get("queue_position")
+    text = f"position {pos} in the cluster's queue" if pos else "in the cluster's queue"
+    ahead = sched.get("ahead") or []
+    if ahead:
+        text += ", behind " + ", ".join(ahead[:3]) + (f" and {len(ahead) - 3} more" if len(ahead) > 3 else "")
+    return text
+
+
+def schedule_line(sched: dict) -> str:
+    """The run's share of the cluster: priority, weight, GPUs held / allotted (``kbatch jobs`` shows all runs)."""
+    r = sched.get("resource") or "GPU"
+    text = (f"priority {sched.get('priority')} · weight {_amount(sched.get('weight'))} · {r} "
+            f"{_amount(sched.get('held'))} held / {_amount(sched.get('allotted'))} allotted")
+    if sched.get("capacity") is not None:
+        text += f" of {_amount(sched['capacity'])}"
+    if sched.get("coordinator") is False:
+        text += " (no coordinator answers: keeping the last allotment)"
+    return text
+
+
 def state_text(v: dict) -> str:
     s = v["state"]
+    sched = v.get("schedule") or {}
+    if s == "queued":
+        return f"QUEUED ({queue_text(sched)}; it starts when it gets GPUs)"
+    if s == "running" and sched.get("state") == "DRAINING":
+        return "RUNNING, DRAINING (giving replicas back at batch boundaries to a job of higher priority or share)"
+    if s == "running" and sched.get("state") == "CANCELLING":
+        return "RUNNING, CANCELLING (kbatch cancel asked it to stop: it ends after its batches in flight)"
     if s == "waiting":
         return "WAITING (no _job.json yet: the run has not started)"
     if s == "lost":
@@ -198,11 +249,14 @@ def format_frame(v: dict, now: float | None = None, width: int = 40) -> str:
         lines.append(f"queues   {_queues_text(v['queues'])}")
     if v.get("replicas") and v["state"] == "running":
         lines.append(f"replicas {_replicas_text(v['replicas'])}")
+    if v.get("schedule") and v["state"] in ("running", "queued"):
+        lines.append(f"cluster  {schedule_line(v['schedule'])}")
     if v.get("updated"):
         lease = v.get("lease") or {}
         held = (f" · driver {lease.get('host')} pid {lease.get('pid')}, lease renewed "
                 f"{duration(now - float(lease['renewed_epoch']))} ago" if lease.get("renewed_epoch") else "")
-        lines.append(f"updated  {v['updated']} ({_age(v['updated'], now)}){held if v['state'] == 'running' else ''}")
+        lines.append(f"updated  {v['updated']} ({_age(v['updated'], now)})"
+                     f"{held if v['state'] in ('running', 'queued') else ''}")
     if v.get("error"):
         lines.append(f"stopped  {v['error']}")
     return "\n".join(lines)
@@ -221,6 +275,10 @@ def format_line(v: dict) -> str:
         text += f" | queues {_queues_text(v['queues'])}"
     if v.get("replicas") and v["state"] == "running":
         text += f" | replicas {_replicas_text(v['replicas'])}"
+    if v["state"] == "queued":
+        text += f" | QUEUED: {queue_text(v['schedule'])}"
+    elif v["state"] == "running" and v.get("schedule"):
+        text += f" | {v['schedule']['state']}: {schedule_line(v['schedule'])}"
     if v["state"] == "ended":
         text += f" | {state_text(v)}"
     return text
@@ -231,7 +289,7 @@ def format_html(v: dict, now: float | None = None) -> str:
     e = _html.escape
     f = _fraction(v)
     colour = {"running": "#2a7ae2", "ended": "#2e8b57" if v.get("exit_code") == 0 else "#c0392b",
-              "lost": "#c0392b", "waiting": "#888"}[v["state"]]
+              "lost": "#c0392b", "waiting": "#888", "queued": "#d68910"}[v["state"]]
     rows = [("rows", f"{_n(v.get('rows_done'))} / {_n(v.get('rows_total'))} done · ok {_n(v.get('rows_ok'))} · "
                      f"failed {_n(v.get('rows_failed'))} · missing {_n(v.get('rows_missing'))}")]
     if v.get("images_per_second") is not None:
@@ -243,8 +301,13 @@ def format_html(v: dict, now: float | None = None) -> str:
         rows.append(("queues", _queues_text(v["queues"])))
     if v.get("replicas") and v["state"] == "running":
         rows.append(("replicas", _replicas_text(v["replicas"])))
+    if v["state"] == "queued":
+        rows.append(("queue", queue_text(v["schedule"])))
+    if v.get("schedule") and v["state"] in ("running", "queued"):
+        rows.append(("cluster", schedule_line(v["schedule"])))
     if v.get("updated"):
-        age = f" ({_age(v['updated'], time.time() if now is None else now)})" if v["state"] == "running" else ""
+        age = (f" ({_age(v['updated'], time.time() if now is None else now)})"
+               if v["state"] in ("running", "queued") else "")
         rows.append(("updated", f"{v['updated']}{age}"))  # a static page: an age only while it is redrawn
     if v.get("error"):
         rows.append(("stopped", v["error"]))
@@ -292,7 +355,8 @@ def watch(root: str, storage_options: dict | None = None, interval: float = 5.0,
             out.write(CLEAR + format_frame(v) + f"\n\n(every {interval:g} s; Ctrl-C stops watching, the run "
                                                 "goes on)\n")
         else:
-            key = (v["state"], v.get("updated"), v.get("rows_done"))
+            sched = v.get("schedule") or {}
+            key = (v["state"], v.get("updated"), v.get("rows_done"), sched.get("state"), sched.get("queue_position"))
             if key != last_line:
                 out.write((json.dumps(v, default=str) if as_json else format_line(v)) + "\n")
                 last_line = key
