@@ -208,8 +208,9 @@ def test_two_processes_on_one_node_download_once(s3_models, tiny_models, tmp_pat
 _CHILD_DIES = textwrap.dedent("""
     import os, sys
     import kbatch.models.store as ms
+    from kbatch.models.store import staging
     url, cache = sys.argv[1:3]
-    real, calls = ms._download, []
+    real, calls = staging._download, []
     def dying(fs, src, tmp):
         calls.append(src)
         if len(calls) == 3:  # killed while writing the third file
@@ -217,7 +218,7 @@ _CHILD_DIES = textwrap.dedent("""
             tmp.write_bytes(b"half a file")
             os._exit(9)
         return real(fs, src, tmp)
-    ms._download = dying
+    staging._download = dying
     ms.stage(url, cache_dir=cache)
 """)
 
@@ -445,7 +446,7 @@ def test_pull_to_s3_then_stage(s3, tiny_models, tmp_path, monkeypatch):
     rel = "movq/diffusion_pytorch_model.safetensors"
     s3.pipe_file(f"{BUCKET}/pulled/decoder/{rel}", os.urandom(files[rel]))
     s3.invalidate_cache()
-    monkeypatch.setattr(ms.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     with pytest.raises(ms.ChecksumMismatch, match="sha256"):
         ms.stage(dest, cache_dir=str(tmp_path / "cache"))
 
