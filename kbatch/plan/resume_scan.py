@@ -60,6 +60,9 @@ class ChangedRows(ValueError):
         super().__init__(f"{count} rows changed since their records were written (ids: {ids[:5]}"
                          f"{' ...' if count > 5 else ''})")
 
+    def __reduce__(self):  # picklable across Ray processes despite the 2-argument constructor
+        return (type(self), (self.ids, self.count))
+
 
 @dataclass
 class Scan:
