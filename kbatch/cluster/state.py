@@ -36,6 +36,11 @@ class JobDemand:
     started_at: float = 0.0  # registration time: queue order within a level, earliest first
     draining: bool = False  # the driver is giving back replicas (held > allotted)
     ttl_s: float = 15.0  # the registration expires this long after the last heartbeat
+    minimum: float = 0.0  # the least it can run with (one prior + one decoder replica); 0: one `unit`
+    allotted: float | None = None  # the allotment it holds now (a new coordinator keeps it while it learns)
+    overhead: float = 0.0  # resource it holds outside its allotment (writers, input loading: CPU layouts)
+    cluster: float | None = None  # the driver's view of the resource the cluster can become (alive nodes
+    # + nodes its autoscaler can still add); the coordinator divides the largest recent one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +58,7 @@ class Allotment:
     capacity: float = 0.0  # the resource kbatch runs may use (after non-kbatch usage)
     cancel: bool = False  # `kbatch cancel` asked this run to stop
     coordinator_epoch: int = 0
+    handing_over: float = 0.0  # what other runs hold above their allotments (draining): placement waits for it
 
     def to_dict(self) -> dict:
         return asdict(self)
