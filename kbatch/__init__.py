@@ -19,6 +19,10 @@ def __getattr__(name):  # lazy: importing kbatch does not import torch, ray or d
         from kbatch.output import results
 
         return getattr(results, name)
+    if name in ("export", "ExportResult"):
+        from kbatch.run import export
+
+        return getattr(export, name)
     if name in ("run_job", "RunResult"):
         from kbatch.run import runner
 
@@ -26,4 +30,4 @@ def __getattr__(name):  # lazy: importing kbatch does not import torch, ray or d
     raise AttributeError(name)
 
 
-__all__ = ["render", "submit", "open_results", "run_job", "load_config", "JobConfig", "ConfigError"]
+__all__ = ["render", "submit", "open_results", "export", "run_job", "load_config", "JobConfig", "ConfigError"]

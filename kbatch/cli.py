@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("--output", help="override config 'output.path'")
     j.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override any config key (repeatable)")
+    j.add_argument("--priority", type=int, default=None, metavar="N",
+                   help="schedule.priority: higher runs first on a cluster shared by kbatch jobs (default 0)")
+    j.add_argument("--weight", type=float, default=None, metavar="W",
+                   help="schedule.weight: share among running jobs of the same priority (default 1)")
     j.add_argument("--wait", action="store_true",
                    help="follow the job's logs until it ends and exit with kbatch's exit code")
     j.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -109,6 +113,21 @@ def parser() -> argparse.ArgumentParser:
     rj.add_argument("--gpus-per-worker", type=int, default=1)
     rj.add_argument("--storage-secret", default=None,
                     help="a Secret whose key storage_options.json the pods read as KBATCH_STORAGE_OPTIONS")
+    ex = sub.add_parser("export", help="the ok images whose records match --where, as webdataset tars, Parquet "
+                                       "shards or a datasets folder, embeddings beside them (docs/export.md)")
+    ex.add_argument("output", help="a kbatch output (path or fsspec URL)")
+    ex.add_argument("dest", help="the export's folder (path or fsspec URL); a rerun resumes it")
+    ex.add_argument("--where", default=None, metavar="EXPR",
+                    help="pandas expression over the record columns, e.g. 'clip_score > 28 and score_aesthetic > 6'")
+    ex.add_argument("--format", default="webdataset", choices=["webdataset", "parquet", "hf"])
+    ex.add_argument("--dedup", type=float, default=None, metavar="COS",
+                    help="drop images whose embedding cosine with an earlier kept image is >= COS (faiss)")
+    ex.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per export shard")
+    ex.add_argument("--overwrite", action="store_true", help="start DEST's export again from nothing")
+    ex.add_argument("--address", default=None,
+                    help="a Ray cluster to write the shards on (default: RAY_ADDRESS if set; else this process)")
+    ex.add_argument("--config", help="YAML config whose storage_options open OUTPUT and DEST")
+    ex.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
     return p
 
 
@@ -236,7 +255,8 @@ def cmd_status(args) -> int:
 def cmd_submit(args) -> int:
     from kbatch.api import submit
 
-    handle = submit(args.config, args.address, sets=args.sets, manifest=args.manifest, output=args.output)
+    handle = submit(args.config, args.address, sets=args.sets, manifest=args.manifest, output=args.output,
+                    priority=args.priority, weight=args.weight)
     print(f"job: {handle.job_id}", flush=True)
     print(f"output: {handle.output}", flush=True)
     if not args.wait:
@@ -336,6 +356,31 @@ def cmd_rayjob(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from kbatch.run.export import ExportError, export
+
+    options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    ray = None
+    try:
+        if address:
+            import ray
+
+            ray.init(address=address, log_to_driver=False)
+        result = export(args.output, args.dest, args.where, format=args.format, dedup=args.dedup,
+                        shard_size=args.shard_size, storage_options=dict(options) or None, progress=args.progress,
+                        overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"kbatch: export refused: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        if ray is not None:
+            ray.shutdown()
+    print(result.summary_line())
+    print(f"dest: {result.dest}")
+    return result.exit_code
+
+
 def cmd_demo(args) -> int:
     from kbatch.demo import run_demo
 
@@ -348,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     handler = {"run": cmd_run, "job": cmd_run, "validate": cmd_validate, "status": cmd_status, "models": cmd_models,
                "demo": cmd_demo, "submit": cmd_submit, "jobs": cmd_jobs, "cancel": cmd_cancel,
-               "rayjob": cmd_rayjob}[args.cmd]
+               "rayjob": cmd_rayjob, "export": cmd_export}[args.cmd]
     try:
         return handler(args)
     except ConfigError as e:
