@@ -27,13 +27,13 @@ import uuid
 
 from kbatch.config import ConfigError
 from kbatch.storage.conditional import BaseStore, PreconditionFailed, Versioned
+from kbatch.storage.paths import TMP_MARK
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-TMP_MARK = ".tmp-"
 LOCK_SUFFIX = ".lock"
 LOCK_TIMEOUT = 60.0
 
