@@ -26,16 +26,25 @@ def _config(config: str | JobConfig | Mapping | None, sets=None, manifest=None, 
     return load_config(path, sets=sets, manifest=manifest, output=output, overrides=deep_merge(base, overrides))
 
 
+def _with_schedule(overrides: dict, priority: int | None, weight: float | None) -> dict:
+    """``priority=`` / ``weight=`` keywords as the ``schedule`` section's keys (over ``schedule=`` ones)."""
+    extra = {k: v for k, v in (("priority", priority), ("weight", weight)) if v is not None}
+    if not extra:
+        return overrides
+    return {**overrides, "schedule": {**dict(overrides.get("schedule") or {}), **extra}}
+
+
 def render(manifest: Any, output: str | None = None, config: str | JobConfig | Mapping | None = None, *,
            sets: list[str] | None = None, overwrite: bool = False, retry_failed: bool = False,
-           progress: str | None = None, **overrides):
+           progress: str | None = None, priority: int | None = None, weight: float | None = None, **overrides):
     """Render ``manifest`` (pandas DataFrame, pyarrow Table, or Parquet URI) and return its results.
 
     ``config`` is a YAML path, a dict or a JobConfig; keyword arguments override sections of it
     (``render(df, "out", models={"prior": ...}, defaults={"height": 64})``). Uses the connected Ray
     (``ray.init`` / ``RAY_ADDRESS``) or starts a local one. Returns ``Results`` (``.df``, ``.image()``,
     ``.gallery()``) with the run summary in ``.run``. ``retry_failed``: render again the rows whose only
-    records are errors (``kbatch run --retry-failed``).
+    records are errors (``kbatch run --retry-failed``). ``priority``, ``weight``: ``schedule.priority`` /
+    ``schedule.weight`` on a cluster shared with other kbatch jobs (docs/clusters.md).
     """
     import pyarrow as pa
 
@@ -48,7 +57,7 @@ def render(manifest: Any, output: str | None = None, config: str | JobConfig | M
     else:
         table = manifest if isinstance(manifest, pa.Table) else pa.Table.from_pandas(manifest, preserve_index=False)
         manifest_uri = "<in-memory>"
-    cfg = _config(config, sets, manifest_uri, output, **overrides)
+    cfg = _config(config, sets, manifest_uri, output, **_with_schedule(overrides, priority, weight))
     result = run_job(cfg, overwrite=overwrite, retry_failed=retry_failed, progress=progress, table=table)
     res = open_results(result.output, dict(cfg.storage_options) or None)
     res.run = result
@@ -245,7 +254,8 @@ def _under(path: str, root: str) -> bool:
 def submit(config: str | JobConfig | Mapping, address: str | None = None, *, working_dir: str | None = None,
            sets: list[str] | None = None, manifest: str | None = None, output: str | None = None,
            runtime_env: Mapping | None = None, env_vars: Mapping[str, str] | None = None,
-           submission_id: str | None = None, **overrides) -> JobHandle:
+           submission_id: str | None = None, priority: int | None = None, weight: float | None = None,
+           **overrides) -> JobHandle:
     """Submit a render job with this config to the Ray cluster at ``address`` (or ``RAY_ADDRESS``): the
     dashboard's HTTP address, e.g. ``http://head-node:8265``.
 
@@ -273,7 +283,7 @@ def submit(config: str | JobConfig | Mapping, address: str | None = None, *, wor
 
     from kbatch.storage import absolute_if_exists, absolute_local, process_local
 
-    cfg = _config(config, sets, manifest, output, **overrides)
+    cfg = _config(config, sets, manifest, output, **_with_schedule(overrides, priority, weight))
     if process_local(cfg.resolved_output()):
         raise ConfigError(f"config key 'output.path' is {cfg.resolved_output()!r}: memory:// is the memory of the "
                           "job's driver process on the cluster and is gone when the job ends; submit with object "

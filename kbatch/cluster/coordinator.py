@@ -2,7 +2,7 @@
 the cluster and answers each run's heartbeat with its allotment.
 
 * **Where:** the actor ``kbatch-coordinator`` in Ray namespace ``kbatch``, ``lifetime="detached"``,
-  ``num_cpus=0`` (it takes no CPU a job could use), created by the first run's heartbeat with
+  ``num_cpus=0`` (it takes no CPU a job could use), on the head node (never keeping a worker from scaling down), created by the first run's heartbeat with
   ``get_if_exists=True`` (:func:`coordinator`), so it outlives the runs and every later run finds it.
 * **What:** ``heartbeat(demand) -> Allotment`` (registers a run on its first call), ``deregister(run_id)``,
   ``jobs() -> [JobRow]``, ``cancel(run_id) -> JobRow | None``. Every answer divides the cluster again with
@@ -36,6 +36,7 @@ KV_PREFIX = "run/"
 WARMUP = 8.0  # seconds a new coordinator waits at most to hear runs registered before it
 USED_WINDOW = 6.0  # seconds of cluster usage readings: the smallest non-kbatch usage is taken
 READ_EVERY = 1.0  # seconds between reads of the cluster's resources
+HEAD = "node:__internal_head__"  # the resource only Ray's head node has
 
 
 class Coordinator:
@@ -219,8 +220,14 @@ def note_registered(run_id: str, on: bool) -> None:
 def coordinator(ray):
     """The cluster's coordinator actor: the running one, or a new one (``get_if_exists``)."""
     actor = ray.remote(CoordinatorActor)
+    extra = {}
+    try:  # on the head node: a coordinator on a worker would keep the autoscaler from removing that node
+        if any(HEAD in n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")):
+            extra["resources"] = {HEAD: 0.001}
+    except Exception:  # noqa: BLE001
+        pass
     return actor.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-                         max_concurrency=1).remote()
+                         max_concurrency=1, **extra).remote()
 
 
 def find(ray):

@@ -69,8 +69,9 @@ class Seat:
 
     @property
     def queued(self) -> bool:
+        """Allotment 0 (QUEUED, or DRAINING down to nothing): the run holds no replica at all."""
         a = self.allotment
-        return a is not None and a.state == QUEUED
+        return a is not None and (a.state == QUEUED or a.amount <= 1e-9)
 
     def close(self) -> None:
         """Stop heartbeating and deregister (best effort: a dead coordinator forgets the run by its ttl)."""

@@ -37,12 +37,13 @@ class Driver:
 
     def __init__(self, ray, cfg: JobConfig, planner: Planner, run_id: str, *, spec, prior: StagePool | None,
                  decoder: StagePool | None, writers: StagePool, loaders, stored_priors=None, nodes: NodeTable,
-                 describe_cluster, on_tick=None, balance=None):
+                 describe_cluster, on_tick=None, balance=None, share=None):
         self.ray, self.cfg, self.planner, self.run_id = ray, cfg, planner, run_id
         self.prior, self.decoder, self.writers = prior, decoder, writers
         self.nodes, self.describe_cluster, self.on_tick = nodes, describe_cluster, on_tick
         self.room = Room()  # a stage with no room takes it from the others (kbatch.run.room_policy)
         self.balance = balance  # an auto prior's share of the GPUs, from measured speeds (kbatch.run.balance)
+        self.share = share  # the run's share of a cluster shared by kbatch runs (kbatch.run.share), or None
         template = record_template(cfg, run_id)  # what every record of the run shares
         self.dispatch = Dispatch(cfg, run_id, planner, spec=spec, template=template, prior=prior, decoder=decoder,
                                  writers=writers, loaders=loaders, stored_priors=stored_priors)
@@ -121,8 +122,9 @@ class Driver:
         if self.balance is not None:  # may move the prior:decoder split; the pools' scale() below follows it
             self.balance.step(now)
         self.room.step(now, pools, self._needs, self.nodes.room_for, self.nodes.capacity)
+        waits = self.share is not None and self.share.placement_waits()  # queued, or others still draining
         for pool in pools:
-            if self._needs(pool):
+            if self._needs(pool) and not (waits and pool is not self.writers):
                 pool.placement_check(now, self.cfg.resources.placement_timeout, lambda p=pool: self.describe_cluster(p),
                                      self.nodes.room_for)
             else:

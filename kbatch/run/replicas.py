@@ -8,6 +8,8 @@ targets are on the nodes alive now.
   ``auto`` other stage, ``others`` says how many of its replicas to keep room for.
 * ``auto_replicas``: ``room``, at least 1 (a replica that does not fit waits for room; ``placement_timeout``
   decides), at most ``max_replicas``.
+* ``budget``: on a cluster shared by kbatch runs, a run's ``auto`` targets hold at most its allotment
+  (``kbatch.run.share``); without one, the whole cluster.
 * How the GPUs are shared between an ``auto`` prior and the decoders follows their measured speeds:
   ``kbatch.run.balance`` (which asks this module what each split would hold).
 """
@@ -42,11 +44,12 @@ def has_pool(cfg: JobConfig, stage: str) -> bool:
     return cfg.stage in ("all", "decoder")
 
 
-def reserved(cfg: JobConfig, stage: str, writers: int, others: dict[str, int] | None = None) -> dict[str, float]:
+def reserved(cfg: JobConfig, stage: str, writers: int, others: dict[str, int] | None = None,
+             models_only: bool = False) -> dict[str, float]:
     """What the cluster keeps for everything but ``stage``: the other model stage's replicas (``replicas: N``,
     or ``others[name]`` for an ``auto`` one; an ``auto`` stage not in ``others`` keeps none), the writers and
-    one input-loading task."""
-    out = {"CPU": (writers + 1) * cfg.resources.io_cpus, "GPU": 0.0}
+    one input-loading task (not with ``models_only``)."""
+    out = {"CPU": 0.0 if models_only else (writers + 1) * cfg.resources.io_cpus, "GPU": 0.0}
     for other in MODEL_STAGES:
         s = getattr(cfg.resources, other)
         if other == stage or not has_pool(cfg, other):
@@ -57,9 +60,11 @@ def reserved(cfg: JobConfig, stage: str, writers: int, others: dict[str, int] | 
     return out
 
 
-def room(cfg: JobConfig, stage: str, nodes: list[dict], writers: int, others: dict[str, int] | None = None) -> int:
+def room(cfg: JobConfig, stage: str, nodes: list[dict], writers: int, others: dict[str, int] | None = None,
+         budget: dict[str, float] | None = None) -> int:
     """How many replicas of ``stage`` the alive ``nodes`` (``ray.nodes()`` entries) hold: per node, and in all
-    after :func:`reserved`; capped by ``max_replicas``. May be 0."""
+    after :func:`reserved`; capped by ``max_replicas``, and by ``budget`` (the run's allotment of a cluster
+    shared by kbatch runs, ``{"GPU": 6.0}``: what its model replicas may hold in all). May be 0."""
     d = demand(cfg, stage)
     per_node = sum(fits(d, n.get("Resources", {})) for n in nodes)
     totals: dict[str, float] = {}
@@ -68,29 +73,33 @@ def room(cfg: JobConfig, stage: str, nodes: list[dict], writers: int, others: di
             totals[k] = totals.get(k, 0.0) + v
     rest = reserved(cfg, stage, writers, others)
     left = {k: totals.get(k, 0.0) - rest.get(k, 0.0) for k in d}
+    for k, amount in (budget or {}).items():  # the allotment, less the other model stage's replicas
+        if k in left:
+            left[k] = min(left[k], amount - reserved(cfg, stage, 0, others, models_only=True).get(k, 0.0))
     n = min(per_node, fits(d, left), len(nodes) if not any(v > 0 for v in d.values()) else 1 << 20)
     cap = getattr(cfg.resources, stage).max_replicas
     return max(0, min(n, cap) if cap else n)
 
 
 def auto_replicas(cfg: JobConfig, stage: str, nodes: list[dict], writers: int,
-                  others: dict[str, int] | None = None) -> int:
+                  others: dict[str, int] | None = None, budget: dict[str, float] | None = None) -> int:
     """The target of an ``auto`` pool: :func:`room`, at least 1."""
-    return max(1, room(cfg, stage, nodes, writers, others))
+    return max(1, room(cfg, stage, nodes, writers, others, budget))
 
 
-def decoders_for(cfg: JobConfig, nodes: list[dict], writers: int, priors: int) -> int:
+def decoders_for(cfg: JobConfig, nodes: list[dict], writers: int, priors: int,
+                 budget: dict[str, float] | None = None) -> int:
     """Decoder replicas beside ``priors`` prior replicas: ``replicas: N``, or what the nodes hold (may be 0)."""
     s = cfg.resources.decoder
     if s.replicas != AUTO:
         return int(s.replicas)
-    return room(cfg, "decoder", nodes, writers, {"prior": priors})
+    return room(cfg, "decoder", nodes, writers, {"prior": priors}, budget)
 
 
-def max_priors(cfg: JobConfig, nodes: list[dict], writers: int) -> int:
+def max_priors(cfg: JobConfig, nodes: list[dict], writers: int, budget: dict[str, float] | None = None) -> int:
     """The most prior replicas the nodes hold while the decoders keep at least one replica (an ``auto``
     decoder pool) or their ``replicas: N``; at least 1."""
-    return max(1, room(cfg, "prior", nodes, writers, {"decoder": 1}))
+    return max(1, room(cfg, "prior", nodes, writers, {"decoder": 1}, budget))
 
 
 def expected_writers(cfg: JobConfig, nodes: list[dict], decoders: int | None = None) -> int:

@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from kbatch.cluster.seat import RunCancelled
 from kbatch.config import SIM, ConfigError, JobConfig, check_storage
 from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE, check_config, fingerprint, meaning, new_run_id, now_iso, versions
 from kbatch.run.progress import Progress
@@ -78,6 +79,10 @@ class Runner:
                         "a shared filesystem or object storage", cfg.resolved_output(), self.output)
         self.so = dict(cfg.storage_options) or None  # fsspec options (endpoint, credentials): config only
         self.lease = None
+        # on a Ray this process did not start (a cluster others may use), the run takes a seat at the
+        # cluster's coordinator and follows its allotment (kbatch.run.share); run_job sets it
+        self.shared = False
+        self.share = None
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self) -> "Runner":
@@ -180,6 +185,7 @@ class Runner:
             interrupted = True
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
         except Exception as e:  # a stage that cannot go on, or a bug: the run ends incomplete, with the cause
+        self.cancelled = None
             from kbatch.run.work import StageFailed
 
             error = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
@@ -189,6 +195,9 @@ class Runner:
             else:
                 log.error("kbatch: %s", error)
         finally:
+        except RunCancelled as e:  # `kbatch cancel`: as SIGTERM, with the reason
+            interrupted, self.cancelled = True, str(e)
+            log.warning("kbatch: %s", e)
             self.progress.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -228,7 +237,20 @@ class Runner:
         self.nodes.refresh(force=True)
         stages = build_stages(ray, self.cfg, self.run_id, self.output, self.so, self.nodes, self.need_inpaint,
                               sorted(self.shapes),
-                              shape_images=self.shapes.scaled(self.scan.to_render / max(1, self.scan.total)))
+                              shape_images=self.shapes.scaled(self.scan.to_render / max(1, self.scan.total)),
+                              budget=lambda: self.share.budget() if self.share is not None else None)
+        models = [p for p in (stages.prior, stages.decoder) if p is not None]
+        self.models = [p for i, p in enumerate(models) if p not in models[:i]]  # colocated: one pool
+        if self.shared:  # a seat at the cluster's coordinator before any replica: a queued run starts none
+            from kbatch.cluster.seat import Seat
+            from kbatch.run.share import Share
+
+            seat = Seat(ray, Share.demand_for(stages.cfg, self.run_id, self.output, self.models, self.nodes))
+            seat.start()
+            self.share = Share(self.cfg, seat)
+            for p in self.models:
+                p.queued = self.share.queued
+            self._schedule_tick(self.progress)
         self.run_cfg = stages.cfg
         self.job["layout"] = stages.layout
         if stages.compile is not None:  # models.compile / decoder batch: the decision, its rule and inputs
@@ -242,7 +264,8 @@ class Runner:
         self.driver = Driver(ray, stages.cfg, self.planner, self.run_id, spec=spec, prior=stages.prior,
                              decoder=stages.decoder, writers=stages.writers, loaders=stages.loaders,
                              stored_priors=stages.stored_priors, nodes=self.nodes,
-                             describe_cluster=stages.describe, on_tick=self._tick, balance=stages.balance)
+                             describe_cluster=stages.describe, on_tick=self._tick, balance=stages.balance,
+                             share=self.share)
         try:
             self.driver.run()
         finally:  # also on Ctrl-C / SIGTERM: never leave actors holding GPUs on a long-lived cluster
@@ -260,14 +283,28 @@ class Runner:
         self.progress.set(res.rows_ok + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
         self.metrics.tick(self.progress, driver.queues)
         self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
+            if self.share is not None:  # its share goes back to the others at once
+                self.job["schedule"] = self.share.snapshot()
+                self.share.close()
+
+    def _schedule_tick(self, progress) -> bool:
+        """The run's share of a shared cluster (kbatch.run.share): demand sent, cancel and queue_timeout
+        checked, ``_job.json``'s ``schedule`` and the progress view updated. Whether the state moved."""
+        writers = self.driver.writers if getattr(self, "driver", None) is not None else None
+        self.share.tick(time.monotonic(), self.models, writers, progress, self.nodes)
+        moved = self.share.changed
+        self.job["schedule"] = self.share.snapshot()
+        progress.set_schedule(self.job["schedule"])
+        return moved
         if any("Fenced:" in f for f in res.write_failures):  # a writer was refused: whose lease is it?
             self.lease.verify()
         now = time.monotonic()
-        if now - self._last_write < PROGRESS_EVERY:
+        if now - self._last_write < PROGRESS_EVERY and not moved:  # a new queue state is written at once
             return
         self._last_write = now
         self.job["progress"] = self.progress.snapshot(queues=driver.queues())
         if driver.balance is not None:  # the split so far (the finish writes the whole driver section)
+        moved = self._schedule_tick(self.progress) if self.share is not None else False
             self.job.setdefault("driver", {})["balance"] = driver.balance.history
         from kbatch.output.lease import LeaseLost
 
@@ -304,8 +341,10 @@ class Runner:
                            missing, n_images, seconds, n_images / seconds if seconds else 0.0,
                            dict(d.stats) if d else {}, dict(d.failed_by_reason) if d else {},
                            dict(d.memory) if d else {}, scan.skipped_failed, error)
-        status = ("complete" if complete else "interrupted" if interrupted else "failed" if unexpected
-                  else "incomplete")
+        if self.cancelled and not error:
+            error = result.error = self.cancelled
+        status = ("complete" if complete else "cancelled" if self.cancelled else "interrupted" if interrupted
+                  else "failed" if unexpected else "incomplete")
         self.progress.set(rows_ok + rows_failed, n_images, rows_failed)
         job = self.job
         job.update(status=status, exit_code=code, finished=now_iso(), result=dataclasses.asdict(result),
@@ -493,6 +532,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = Fal
 def stop_local_ray():
     """``ray.shutdown()`` of the local Ray this process started. Ray stops the autoscaler monitor after the
     GCS, and the monitor then spends its whole 1 s grace period failing to report to the dead GCS; a local
+    runner.shared = not started  # a Ray it did not start may hold other kbatch jobs (kbatch.run.share)
     one-node Ray has nothing to autoscale, so the monitor goes first (a private call: skipped if it moves)."""
     import ray
 

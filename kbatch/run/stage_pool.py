@@ -12,7 +12,8 @@ batches it was running. ``replicas: auto`` sets the target from the cluster's al
 the pool grows when nodes join and shrinks when they leave; a fixed ``replicas: N`` replaces what it loses.
 
 A replica above the target (``auto`` after a node count that overshot, or one stopped to make room for a
-starved stage: ``kbatch.run.room_policy``) is *draining*: it gets no new work and is stopped when its last batch ends.
+starved stage: ``kbatch.run.room_policy``, or to give GPUs back to another run of a shared cluster:
+``kbatch.run.share``) is *draining*: it gets no new work and is stopped when its last batch ends.
 
 Picking a replica for a batch costs O(max load), not O(replicas): running replicas sit in buckets by load.
 """
@@ -161,10 +162,15 @@ class StagePool:
         self.work_cap: Callable[[], int | None] | None = None
         # seconds per image of one replica, measured, per stage it runs (a colocated pool runs two)
         self.speeds: dict[str, Speed] = {name: Speed(lanes)}
+        # on a cluster shared by kbatch runs, whether this run is QUEUED (allotment 0: no replica at all,
+        # whatever ``replicas`` says; kbatch.run.share). None: a run alone
+        self.queued: Callable[[], bool] | None = None
 
     # -- size --------------------------------------------------------------------------------------------
     @property
     def target(self) -> int:
+        if self.queued is not None and self.queued():
+            return 0
         if self.replicas == "auto":
             n = max(1, self.target_fn() if self.target_fn else 1)
             cap = self.work_cap() if self.work_cap is not None else None

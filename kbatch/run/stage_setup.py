@@ -56,9 +56,12 @@ def _driver_node(ray):
 
 
 def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options, nodes: NodeTable,
-                 need_inpaint: bool, shapes: list, shape_images: dict | None = None) -> Stages:
+                 need_inpaint: bool, shapes: list, shape_images: dict | None = None, budget=None) -> Stages:
     """``shape_images``: images still to render per ``Row.unet_shape()`` (``ShapeImages``), for
-    ``models.compile: auto`` and the decoder batch (``kbatch.models.compile_plan``)."""
+    ``models.compile: auto`` and the decoder batch (``kbatch.models.compile_plan``). ``budget()``: the run's
+    allotment on a cluster shared by kbatch runs (``{"GPU": 6.0}``, or None: the whole cluster;
+    ``kbatch.run.share``), which the ``auto`` targets and the balance follow."""
+    budget = budget or (lambda: None)
     from kbatch import storage
     from kbatch.models.actors import DriverWriter, InDriver, actor_classes, io_task, load_inputs, read_stored_priors
     from kbatch.output.writer import OutputSpec
@@ -91,14 +94,14 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
 
     balance = None  # an auto prior beside its own decoders: the GPUs split by the stages' measured speeds
     if cfg.stage == "all" and not rcfg.colocated and r.prior.replicas == AUTO:
-        balance = Balance(lambda p: decoders_for(rcfg, now_alive(), n_writers, p),
-                          lambda: max_priors(rcfg, now_alive(), n_writers),
+        balance = Balance(lambda p: decoders_for(rcfg, now_alive(), n_writers, p, budget()),
+                          lambda: max_priors(rcfg, now_alive(), n_writers, budget()),
                           lambda: (prior.speed, decoder.speed))
 
     def target(stage: str):
         if balance is not None:
             return balance.target if stage == "prior" else lambda: max(1, balance.decoders())
-        return lambda: auto_replicas(rcfg, stage, now_alive(), n_writers)
+        return lambda: auto_replicas(rcfg, stage, now_alive(), n_writers, budget=budget())
 
     def kill(handle):
         if isinstance(handle, ray.actor.ActorHandle):
