@@ -212,8 +212,6 @@ class _Bar:
 
         if mode == "auto":
             mode = "bar" if _interactive() else "log"
-        if mode not in ("bar", "log", "off"):
-            raise ExportError(f"progress must be one of auto, bar, log, off; got {mode!r}")
         self.mode, self.images, self.last = mode, done_images, time.monotonic()
         self.bar = None
         if mode == "bar":
@@ -249,13 +247,15 @@ def _ray_connected() -> bool:
 class _Runner:
     """Export shards written in this process, or as Ray tasks (at most ``in_flight`` at once)."""
 
-    def __init__(self, spec: ExportSpec, in_flight: int | None):
+    def __init__(self, spec: ExportSpec, in_flight: int | None, use_ray: bool | None):
         self.spec = spec
         self.ray = None
         self.futures: dict = {}
-        if _ray_connected():
+        if use_ray or (use_ray is None and _ray_connected()):
             import ray
 
+            if not ray.is_initialized():
+                raise ExportError("ray=True needs a connected Ray (ray.init(...) first)")
             self.ray = ray
             cpus = int(ray.cluster_resources().get("CPU", 1))
             self.limit = max(1, in_flight or min(64, 2 * cpus))
@@ -353,18 +353,22 @@ def _remove_export(fs, root: str) -> None:
 
 def export(output: str, dest: str, where: str | None = None, *, format: str = "webdataset",
            dedup: float | None = None, shard_size: int = 1000, storage_options: dict | None = None,
-           progress: str = "auto", max_in_flight: int | None = None, overwrite: bool = False) -> ExportResult:
+           progress: str = "auto", max_in_flight: int | None = None, overwrite: bool = False,
+           ray: bool | None = None) -> ExportResult:
     """Export the ok images of ``output`` whose records match ``where`` (a pandas expression over the record
     columns, e.g. ``"clip_score > 28 and score_aesthetic > 6"``; None: all) into ``dest`` as ``format``
     (``webdataset``, ``parquet`` or ``hf``), ``shard_size`` samples per shard, the embeddings beside them
     when the output has them; ``dedup``: drop images whose embedding cosine with an earlier kept one is >=
-    it. Resumes an interrupted export into ``dest`` made with the same arguments. Ray tasks when Ray is
-    connected, else in this process. Raises ``ExportError`` (a ``ConfigError``: exit 2) before writing for
-    a bad expression, format or DEST. ``storage_options`` open both ``output`` and ``dest``."""
+    it. Resumes an interrupted export into ``dest`` made with the same arguments. ``ray``: write the shards
+    as Ray tasks (None: when Ray is connected; False: in this process). Raises ``ExportError`` (a
+    ``ConfigError``: exit 2) before writing for a bad expression, format, DEST or arguments that differ from
+    DEST's export. ``storage_options`` open both ``output`` and ``dest``."""
     t0 = time.perf_counter()
     so = dict(storage_options or {}) or None
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+    if progress not in ("auto", "bar", "log", "off"):
+        raise ExportError(f"progress must be one of auto, bar, log, off; got {progress!r}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ExportError(f"--shard-size must be an integer >= 1, got {shard_size!r}")
     if dedup is not None:
@@ -372,6 +376,7 @@ def export(output: str, dest: str, where: str | None = None, *, format: str = "w
 
         NearDuplicates(dedup)  # the cosine's range and faiss, before anything is read
     where = (where or "").strip() or None
+    output, dest = storage.absolute_local(str(output)), storage.absolute_local(str(dest))  # Ray tasks: other cwd
     job = storage.read_json(output, JOB_FILE, so)
     shards = source_shards(output, so)
     if job is None and not shards:
@@ -392,6 +397,8 @@ def export(output: str, dest: str, where: str | None = None, *, format: str = "w
     counts = _Counts()
     units = plan(_chain(first, chunks), where, dedup, shard_size, set(shards), counts)
     first_unit = next(units, None)  # the expression has met real records before anything is written
+    runner = _Runner(ExportSpec(source=output, dest=dest, format=format, storage_options=dict(so or {}),
+                                mtime=mtime), max_in_flight, ray)
     if format == "hf":
         write_card(dest, so)
     remove_temps(dest, so)
@@ -399,10 +406,8 @@ def export(output: str, dest: str, where: str | None = None, *, format: str = "w
               "source_shards": len(shards), "started": started, "mtime": mtime, "status": "running",
               "done": {str(k): v for k, v in sorted(done.items())}}
     storage.write_json_atomic(dest, PROGRESS_FILE, record, so)
-    spec = ExportSpec(source=output, dest=dest, format=format, storage_options=dict(so or {}), mtime=mtime)
     result = ExportResult(dest=dest, format=format)
     bar = _Bar(progress, sum(done.values()))
-    runner = _Runner(spec, max_in_flight)
     planned = sum(done.values())
     last_save = time.monotonic()
 
