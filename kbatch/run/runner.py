@@ -175,6 +175,7 @@ class Runner:
         self.driver = None
         self.metrics = None  # kbatch.run.metrics.RunMetrics, once Ray is up
         interrupted, error, unexpected, lost = False, None, False, None
+        self.cancelled = None
         previous_handler = _sigterm_interrupts()
         try:
             if scan.to_render:
@@ -184,8 +185,10 @@ class Runner:
         except KeyboardInterrupt:
             interrupted = True
             log.warning("kbatch: interrupted; committed shards are kept, rerun to finish")
+        except RunCancelled as e:  # `kbatch cancel`: as SIGTERM, with the reason
+            interrupted, self.cancelled = True, str(e)
+            log.warning("kbatch: %s", e)
         except Exception as e:  # a stage that cannot go on, or a bug: the run ends incomplete, with the cause
-        self.cancelled = None
             from kbatch.run.work import StageFailed
 
             error = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
@@ -195,9 +198,6 @@ class Runner:
             else:
                 log.error("kbatch: %s", error)
         finally:
-        except RunCancelled as e:  # `kbatch cancel`: as SIGTERM, with the reason
-            interrupted, self.cancelled = True, str(e)
-            log.warning("kbatch: %s", e)
             self.progress.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -273,16 +273,6 @@ class Runner:
             from kbatch.models.actors import kv_del_prefix
 
             kv_del_prefix(self.run_id)
-
-    def _tick(self, driver) -> None:
-        """Every driver tick: the progress bar/log, and every PROGRESS_EVERY seconds ``_job.json``'s
-        ``progress`` and the lease."""
-        from kbatch import storage
-
-        res = driver.outcomes
-        self.progress.set(res.rows_ok + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
-        self.metrics.tick(self.progress, driver.queues)
-        self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
             if self.share is not None:  # its share goes back to the others at once
                 self.job["schedule"] = self.share.snapshot()
                 self.share.close()
@@ -296,6 +286,17 @@ class Runner:
         self.job["schedule"] = self.share.snapshot()
         progress.set_schedule(self.job["schedule"])
         return moved
+
+    def _tick(self, driver) -> None:
+        """Every driver tick: the progress bar/log, and every PROGRESS_EVERY seconds ``_job.json``'s
+        ``progress`` and the lease."""
+        from kbatch import storage
+
+        res = driver.outcomes
+        self.progress.set(res.rows_ok + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
+        moved = self._schedule_tick(self.progress) if self.share is not None else False
+        self.metrics.tick(self.progress, driver.queues)
+        self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
         if any("Fenced:" in f for f in res.write_failures):  # a writer was refused: whose lease is it?
             self.lease.verify()
         now = time.monotonic()
@@ -304,7 +305,6 @@ class Runner:
         self._last_write = now
         self.job["progress"] = self.progress.snapshot(queues=driver.queues())
         if driver.balance is not None:  # the split so far (the finish writes the whole driver section)
-        moved = self._schedule_tick(self.progress) if self.share is not None else False
             self.job.setdefault("driver", {})["balance"] = driver.balance.history
         from kbatch.output.lease import LeaseLost
 
@@ -522,6 +522,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     except BaseException:
         runner.lease.release()
         raise
+    runner.shared = not started  # a Ray it did not start may hold other kbatch jobs (kbatch.run.share)
     try:
         return runner.run()
     finally:
@@ -532,7 +533,6 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = Fal
 def stop_local_ray():
     """``ray.shutdown()`` of the local Ray this process started. Ray stops the autoscaler monitor after the
     GCS, and the monitor then spends its whole 1 s grace period failing to report to the dead GCS; a local
-    runner.shared = not started  # a Ray it did not start may hold other kbatch jobs (kbatch.run.share)
     one-node Ray has nothing to autoscale, so the monitor goes first (a private call: skipped if it moves)."""
     import ray
 
