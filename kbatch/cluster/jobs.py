@@ -40,6 +40,23 @@ def _job_server(address: str | None) -> bool:
     return bool(address) and str(address).startswith(("http://", "https://"))
 
 
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) that refuses connections is no cluster: say so at once
+    (``ray.init`` would retry a dead GCS address for minutes)."""
+    import socket
+
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or "/" in hostport:
+        return  # "auto", "local" or another form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise NoCluster(f"no Ray cluster at {address!r} ({e.strerror or type(e).__name__}); give the cluster's "
+                        "address with --address (head:6379, ray://head:10001 or http://head:8265) or "
+                        "RAY_ADDRESS") from None
+
+
 class _Connection:
     """Ray connected for one question: the connection this process has, or one opened (and closed) here
     to an existing cluster. Never starts a local Ray."""
@@ -55,6 +72,7 @@ class _Connection:
         if ray.is_initialized():
             return ray
         address = self.address or os.environ.get("RAY_ADDRESS") or "auto"
+        _reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as e:
