@@ -19,8 +19,8 @@ from kbatch.config import ConfigError  # noqa: E402
 from kbatch.storage import (ConditionalWritesUnsupported, PreconditionFailed, Versioned,  # noqa: E402
                             conditional_store, get_fs, join, probe_conditional_writes, store_for,
                             write_exclusive)
-from kbatch.storage.local_store import (LocalStore, NetworkFilesystemUnsupported,  # noqa: E402
-                                        network_mount)
+from kbatch.storage.local_store import (LocalStore, LockTimeout, NetworkFilesystemUnsupported,  # noqa: E402
+                                        file_lock, network_mount)
 
 BACKENDS = ["local", "memory", "s3", "gcs"]
 
@@ -204,3 +204,13 @@ def test_local_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
     synced.clear()
     store.delete("_commits/s1.json", store.read("_commits/s1.json").version)
     assert ("dir", folder) in synced
+    assert os.listdir(folder) == []  # a deleted name leaves no lock file behind
+
+
+def test_a_held_local_lock_times_out_instead_of_hanging(tmp_path):
+    store = LocalStore(str(tmp_path / "out"), lock_timeout=0.3, mount=False)
+    v = store.create("_lease.json", b"a")
+    with file_lock(str(tmp_path / "out" / "_lease.json.lock")):  # a frozen holder
+        with pytest.raises(LockTimeout):
+            store.replace("_lease.json", b"b", v)
+    assert store.replace("_lease.json", b"b", v)

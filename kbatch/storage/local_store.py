@@ -5,7 +5,8 @@
   a partial file. The folder is fsynced after, so a committed name survives a power cut.
 - **replace / delete**: under an exclusive ``flock`` on ``<name>.lock`` (taken with a timeout: a stopped
   holder makes the others fail with :class:`LockTimeout`, never hang), the current version is compared and
-  the new file renamed over the name (or the name unlinked); the folder is fsynced.
+  the new file renamed over the name (or the name unlinked, and its lock file with it); the folder is
+  fsynced.
 - **network filesystems** (NFS, Lustre, CIFS/SMB, 9p, Ceph, GPFS, BeeGFS, GlusterFS, FUSE mounts...): a
   ``flock`` there locks per node (or not at all), so two drivers on two nodes could both replace the same
   lease. ``create`` (``link()``) stays exclusive, but replace and delete (the lease, ``_job.json``) are
@@ -150,38 +151,58 @@ def _version(st: os.stat_result, data: bytes) -> str:
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
+class _Held:
+    """A held :func:`file_lock`; :meth:`discard` removes its lock file (the name it guards was deleted)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 @contextlib.contextmanager
 def file_lock(lock_path: str, timeout: float = LOCK_TIMEOUT):
-    """Exclusive ``flock`` on ``lock_path`` (created if needed, never deleted: deleting a lock file races with
-    its next user), waited for at most ``timeout`` seconds (then :class:`LockTimeout`). The kernel releases
-    it when its process dies."""
+    """Exclusive ``flock`` on ``lock_path`` (created if needed), waited for at most ``timeout`` seconds (then
+    :class:`LockTimeout`: a stopped holder never hangs the others). The kernel releases it when its process
+    dies. The holder may remove the lock file (``discard()``, after deleting the name it guards): a waiter
+    that then gets the lock of the removed file sees that the path is no longer its file and locks anew."""
     if fcntl is None:
         raise ConfigError(f"cannot lock {lock_path}: no fcntl on this platform, so kbatch cannot make writes "
                           "there exclusive; use object storage (s3://, gs://)")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        pause = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{lock_path} stayed locked by another process for {timeout:g} s "
-                                      "(a stopped or frozen kbatch process holds it)") from None
-                time.sleep(pause)
-                pause = min(0.1, pause * 2)
-            except OSError as e:
-                raise ConfigError(f"cannot lock {lock_path} ({e}): this filesystem refuses flock, so kbatch "
-                                  "cannot make writes there exclusive; use a local disk or object storage "
-                                  "(s3://, gs://)") from None
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            yield
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(f"{lock_path} stayed locked by another process for {timeout:g} s "
+                                          "(a stopped or frozen kbatch process holds it)") from None
+                    time.sleep(pause)
+                    pause = min(0.1, pause * 2)
+                except OSError as e:
+                    raise ConfigError(f"cannot lock {lock_path} ({e}): this filesystem refuses flock, so kbatch "
+                                      "cannot make writes there exclusive; use a local disk or object storage "
+                                      "(s3://, gs://)") from None
+            try:
+                current = os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # discarded while we waited: lock the file now at the path
+                continue
+            try:
+                yield _Held(lock_path)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            return
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            os.close(fd)
 
 
 class LocalStore(BaseStore):
@@ -244,7 +265,7 @@ class LocalStore(BaseStore):
 
     def _replace(self, name: str, data: bytes, version: str) -> str:
         path = self._path(name)
-        if not os.path.isdir(os.path.dirname(path)):
+        if not os.path.lexists(path):
             raise PreconditionFailed(f"{path} does not exist")
         with self._locked(path):
             current = self._read(name)
@@ -262,15 +283,16 @@ class LocalStore(BaseStore):
 
     def _delete(self, name: str, version: str) -> None:
         path = self._path(name)
-        if not os.path.isdir(os.path.dirname(path)):
+        if not os.path.lexists(path):  # nothing to delete (and no lock file left behind for it)
             return
-        with self._locked(path):
+        with self._locked(path) as held:
             current = self._read(name)
             if current is None:
                 return
             if current.version != version:
                 raise PreconditionFailed(f"{path} is not at version {version}")
             os.unlink(path)
+            held.discard()
             fsync_dir(os.path.dirname(path))
 
     def list(self, prefix: str = "") -> list[str]:

@@ -4,9 +4,9 @@ An S3-compatible server that ignores ``If-None-Match`` (or ``If-Match``) accepts
 silently turns "one shard, one commit" and the output lease into "last writer wins". So at acquire kbatch
 creates ``_probe/<random>`` once, creates it again with other bytes (which must fail), and replaces it with
 a version it never had (which must fail too); a store where either goes through is refused with
-:class:`ConditionalWritesUnsupported` (a ``ConfigError``: exit 2) naming the server and the test. A local
-folder on a network filesystem is refused here as well (``local_store.py``). The probe object is deleted
-after. What each store does: docs/output.md.
+:class:`ConditionalWritesUnsupported` (a ``ConfigError``: exit 2) naming the server and the test. Then it
+replaces and deletes the object with its right version, so that a local folder on a network filesystem, or
+on one without locks, is refused here too (``local_store.py``), before the run writes anything. What each store does: docs/output.md.
 """
 from __future__ import annotations
 
@@ -33,34 +33,40 @@ def _refusal(store: ConditionalStore, name: str, test: str) -> ConditionalWrites
 
 
 def probe_conditional_writes(store: ConditionalStore) -> None:
-    """Raise :class:`ConditionalWritesUnsupported` (or a local store's network-filesystem refusal) when
-    ``store`` does not refuse a second create of one name or a replace with a stale version."""
+    """Raise :class:`ConditionalWritesUnsupported` when ``store`` does not refuse a second create of one name
+    or a replace with a stale version; a local store's own refusals (a network filesystem, a filesystem
+    without locks: ``ConfigError``) come from its replace and delete, which the probe runs too."""
     check = getattr(store, "check_exclusive", None)
     if check is not None:
         check()
     name = f"{PROBE_PREFIX}/{uuid.uuid4().hex}"
-    first = f"kbatch probe {uuid.uuid4().hex}".encode()
-    version = store.create(name, first)
+    version = store.create(name, _nonce())
     try:
         try:
-            version = store.create(name, f"kbatch probe {uuid.uuid4().hex}".encode())
+            store.create(name, _nonce())
         except PreconditionFailed:
             pass
         else:
             raise _refusal(store, name, "a second create-if-absent (If-None-Match: *, ifGenerationMatch=0)")
-        stale = store.read(name)
-        version = stale.version if stale is not None else version
         try:
-            version = store.replace(name, f"kbatch probe {uuid.uuid4().hex}".encode(), _stale(version))
+            store.replace(name, _nonce(), _stale(version))
         except PreconditionFailed:
             pass
         else:
             raise _refusal(store, name, "a replace-if-version with a version it never had (If-Match)")
+        version = store.replace(name, _nonce(), version)
+        with contextlib.suppress(PreconditionFailed):  # refused or not, the delete below must remove it
+            store.delete(name, _stale(version))
+        store.delete(name, version)
     finally:
         with contextlib.suppress(Exception):
             current = store.read(name)
             if current is not None:
                 store.delete(name, current.version)
+
+
+def _nonce() -> bytes:
+    return f"kbatch probe {uuid.uuid4().hex}".encode()
 
 
 def _stale(version: str) -> str:
