@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from kbatch import storage
 from kbatch.cli import main
 from kbatch.output.lease import Lease

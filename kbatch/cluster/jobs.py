@@ -40,6 +40,18 @@ def _job_server(address: str | None) -> bool:
     return bool(address) and str(address).startswith(("http://", "https://"))
 
 
+def _address(address: str | None) -> str | None:
+    """The address to ask: ``address``; else, when this process is not connected to a Ray, a job server's
+    ``RAY_ADDRESS`` (``http://head:8265``, as ``ray job submit`` and ``kbatch submit`` take it); else None
+    (the connected Ray, a GCS ``RAY_ADDRESS``, or a Ray running on this machine)."""
+    if address:
+        return address
+    import ray
+
+    env = os.environ.get("RAY_ADDRESS")
+    return env if not ray.is_initialized() and _job_server(env) else None
+
+
 def _reachable(address: str, timeout: float = 5.0) -> None:
     """A ``host:port`` (or ``ray://host:port``) that refuses connections is no cluster: say so at once
     (``ray.init`` would retry a dead GCS address for minutes)."""
@@ -120,6 +132,7 @@ def order(rows: list[JobRow]) -> list[JobRow]:
 def survey(address: str | None = None, timeout: float = 30.0) -> tuple[bool, list[JobRow]]:
     """(whether the cluster has a kbatch coordinator, the runs registered with it in :func:`order`).
     :class:`NoCluster` when no cluster answers at ``address``."""
+    address = _address(address)
     if _job_server(address):
         reply = _ask_job_server(address, ["jobs"])
         return bool(reply.get("coordinator")), order(_rows(reply.get("jobs")))
@@ -151,6 +164,7 @@ def cancel(run_id: str, address: str | None = None, timeout: float = 30.0) -> Jo
     its driver sees the mark on its next heartbeat (every few seconds) and stops as on SIGTERM: the batches
     in flight end, its lease is released, the output stays resumable, exit code 3. Returns the run's row
     (state ``CANCELLING``), or None when the cluster has no such run."""
+    address = _address(address)
     if _job_server(address):
         rows = _rows([(_ask_job_server(address, ["cancel", run_id]) or {}).get("row")])
         return rows[0] if rows else None
