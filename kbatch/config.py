@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -197,11 +198,30 @@ class QualityConfig:
 
     clip_score: bool = False  # each image's record gets clip_score (100 x CLIP cosine with its prompt)
     best_of: int = 1  # k candidates of every image, the best by clip_score kept (1..16; > 1 scores too)
+    # toward a training set (docs/quality.md): the same CLIP image embedding, computed once per image
+    image_embeddings: bool = False  # store each ok image's embedding (float16, img_emb/<shard>~<attempt>.npy)
+    heads: dict = field(default_factory=dict)  # NAME: path of a score head over the normalized embedding
+    gate: dict | None = None  # {head: NAME | clip_score, min: X}: candidates predicted below are not decoded
 
     @property
     def scores(self) -> bool:
-        """Whether images are scored: ``clip_score``, or ``best_of > 1`` (which needs the scores)."""
-        return self.clip_score or self.best_of > 1
+        """Whether images get a clip_score: ``clip_score``, ``best_of > 1`` (which needs the scores), or a
+        gate on clip_score (whose decoded images carry their final score)."""
+        return self.clip_score or self.best_of > 1 or self.gate_head == "clip_score"
+
+    @property
+    def gate_head(self) -> str | None:
+        """What the gate scores with: a head's name, ``clip_score``, or None (no gate)."""
+        return None if not self.gate else str(self.gate.get("head"))
+
+    @property
+    def gate_min(self) -> float | None:
+        return None if not self.gate else float(self.gate["min"])
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the decoder computes each image's CLIP image embedding (scores, stored embeddings, heads)."""
+        return self.scores or self.image_embeddings or bool(self.heads)
 
 
 @dataclass
@@ -420,6 +440,29 @@ def _check(cond: bool, key: str, value: Any, what: str):
         raise ConfigError(f"config key '{key}' {what}, got {value!r}")
 
 
+HEAD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")  # score_<NAME> is a column name
+
+
+def _check_quality_heads(q: QualityConfig) -> None:
+    """quality.heads names and paths, and quality.gate's shape (the heads' weights: ``kbatch.models.heads``)."""
+    for name, path in q.heads.items():
+        _check(isinstance(name, str) and bool(HEAD_NAME_RE.match(name)) and name != "clip", f"quality.heads.{name}",
+               name, "must be named with letters, digits and '_' (starting with a letter; the record column "
+               "is score_<NAME>)")
+        _check(isinstance(path, str) and bool(path.strip()), f"quality.heads.{name}", path,
+               "must be the path of a head (safetensors or a torch state dict)")
+    if q.gate is None:
+        return
+    _check(isinstance(q.gate, dict) and set(q.gate) == {"head", "min"}, "quality.gate", q.gate,
+           "must be {head: NAME (a quality.heads name, or clip_score), min: NUMBER} or null")
+    head = q.gate["head"]
+    _check(head == "clip_score" or head in q.heads, "quality.gate.head", head,
+           f"must be clip_score or one of quality.heads ({sorted(q.heads)})")
+    m = q.gate["min"]
+    _check(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(float(m)), "quality.gate.min",
+           m, "must be a finite number")
+
+
 def check_storage(cfg: JobConfig) -> None:
     """Config error if this process cannot open the manifest's or the output's filesystem (unknown protocol,
     or e.g. gcsfs not installed). Run where the job's driver runs (plan, ``kbatch validate``), not in
@@ -501,6 +544,7 @@ def validate_config(cfg: JobConfig) -> None:
            "must be prior, decoder or null")
     q = cfg.quality
     _check(1 <= q.best_of <= 16, "quality.best_of", q.best_of, "must be in [1, 16] (candidates per image)")
+    _check_quality_heads(q)
     sc = cfg.schedule
     _check(-1000 <= sc.priority <= 1000, "schedule.priority", sc.priority, "must be an integer in [-1000, 1000]")
     _check(0 < sc.weight <= 1000, "schedule.weight", sc.weight, "must be > 0 and <= 1000")

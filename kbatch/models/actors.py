@@ -187,7 +187,7 @@ class DecoderWorker:
         if m.decoder == SIM:
             from kbatch.models.sim import SimDecoder
 
-            self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds, cfg.quality.scores)
+            self.predictor = SimDecoder(m.sim.decoder_seconds_per_image, m.sim.load_seconds, _quality(cfg))
             return
         from kbatch.models.decoder import DecoderPredictor  # torch and diffusers: only in the actor
         from kbatch.models.loading import compiles
@@ -202,14 +202,15 @@ class DecoderWorker:
             self.predictor.pad_to = cfg.resources.decoder.batch_size
             self.warmup = self.predictor.warmup(shapes)
             self.warmup_by_shape = dict(self.predictor.warmup_by_shape)
-        if cfg.quality.scores and not self.COLOCATED:  # the prior folder's image encoder, loaded now
+        self.predictor.quality = _quality(cfg)
+        if cfg.quality.embeds and not self.COLOCATED:  # the prior folder's image encoder, loaded now
             from kbatch.models.scoring import ClipScorer
             from kbatch.models.store import stage_model
 
             path = stage_model(m.prior, dict(cfg.storage_options) or None, m.cache_dir, m.revision)
             self.predictor.scorer = ClipScorer(path=path, device=self.predictor.place.device,
                                                image_format=cfg.output.image_format, quality=cfg.output.quality)
-            self.predictor.scorer.vision()
+            _check_head_widths(self.predictor.quality, self.predictor.scorer)
 
     COLOCATED = False  # StagesWorker: the scorer uses the prior's own modules
 
@@ -236,6 +237,24 @@ class DecoderWorker:
             return Status(seconds, _memory(), warmup, by_shape), out
 
 
+def _quality(cfg: JobConfig):
+    """What the decoder measures (``scoring.QualitySpec``): heads are read from their paths here, in the actor."""
+    from kbatch.models.scoring import QualitySpec
+
+    return QualitySpec.from_config(cfg, dict(cfg.storage_options) or None)
+
+
+def _check_head_widths(quality, scorer) -> None:
+    """The encoder loads now; a head that does not fit its projection fails the start (checked at plan time
+    too, where the encoder's config could be read)."""
+    enc, _ = scorer.vision()
+    dim = int(enc.config.projection_dim)
+    for name, h in quality.heads.items():
+        if h.in_dim != dim:
+            raise ValueError(f"quality.heads.{name}: the head {h.path!r} takes {h.in_dim}-wide embeddings, the "
+                             f"prior's image encoder gives {dim}-wide ones")
+
+
 class StagesWorker(DecoderWorker):
     """``resources.colocate``: the prior and the decoder models in one process, one per decoder replica.
 
@@ -250,13 +269,14 @@ class StagesWorker(DecoderWorker):
     def __init__(self, cfg: JobConfig, slot: str | None = None, need_inpaint: bool = False, shapes=()):
         super().__init__(cfg, slot, need_inpaint, shapes)
         self.prior = PriorWorker(cfg, stage="decoder", running=self.running)
-        if cfg.quality.scores and cfg.models.decoder != SIM:  # the prior's image encoder, in this process
+        if cfg.quality.embeds and cfg.models.decoder != SIM:  # the prior's image encoder, in this process
             from kbatch.models.scoring import ClipScorer
 
             prior = self.prior.predictor
-            self.predictor.scorer = ClipScorer(pipe=prior.pipe, path=prior.scorer.path, device=self.predictor.place.device,
+            self.predictor.scorer = ClipScorer(pipe=prior.pipe, path=prior.scorer.path if prior.scorer else None,
+                                               device=self.predictor.place.device,
                                                image_format=cfg.output.image_format, quality=cfg.output.quality)
-            self.predictor.scorer.vision()
+            _check_head_widths(self.predictor.quality, self.predictor.scorer)
 
     @ray.method(num_returns=2)
     def run_prior(self, token: str, rows: list[Row], *input_maps):
@@ -334,19 +354,23 @@ def read_stored_priors(locations: list[tuple[str, int, str]], storage_options=No
 def write_shard(spec, shard: str, template: dict, error_records: list[dict], *payloads):
     """Flatten decoder outputs into one record per image, encode and commit one shard. ``template``: what
     every record of the run shares (``schema.record_template``); each row's part comes with its images."""
-    from kbatch.models.scoring import record_fields
+    from kbatch.models.scoring import filtered_fields, record_fields
     from kbatch.output.writer import write_shard as _write
 
     records, images = [], []
     for payload in payloads:
         for out in payload:  # DecoderOutput
             base = base_record(out.row, template)
+            where = {"prior_worker": out.prior_worker, "decoder_worker": out.decoder_worker,
+                     "seconds": out.seconds, "dtype": out.dtype or base.get("dtype")}
             for i, img in enumerate(out.images):
-                records.append({**base, "image_index": i, "status": "ok", "error": None,
-                                "key": record_key(out.id, i), "prior_worker": out.prior_worker,
-                                "decoder_worker": out.decoder_worker, "seconds": out.seconds,
-                                "dtype": out.dtype or base.get("dtype"), **record_fields(out, i)})
+                rec = {**base, "image_index": i, "status": "ok", "error": None, **where, **record_fields(out, i)}
+                rec["key"] = record_key(out.id, rec["image_index"])
+                records.append(rec)
                 images.append(img)
+            for f in filtered_fields(out):  # quality.gate: image indices no candidate of passed
+                records.append({**base, **where, **f, "key": record_key(out.id, f["image_index"])})
+                images.append(None)
     for rec in error_records:
         records.append(rec)
         images.append(None)

@@ -14,6 +14,7 @@ host (a quarter of fp16's bytes, an eighth of float32's), and the host thread no
 """
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from kbatch.models.lanes import Lanes, clone_pipeline
 from kbatch.models.loading import Placement, dtype_name, load_decoder, load_inpaint, placement
 from kbatch.schema.payloads import DecoderOutput, PriorOutput
 from kbatch.models.prior import generator_from_state
-from kbatch.models.scoring import candidate_count, keep_best, row_text_embeds
+from kbatch.models.scoring import (QualitySpec, candidate_count, cosine_scores, keep_best, plan_gate,
+                                   predicted_clip_scores, prune, row_text_embeds)
 from kbatch.schema.rows import Row
 
 
@@ -96,6 +98,9 @@ class DecoderPredictor:
         self.lanes = Lanes(concurrency, lambda i: _Lane(self.pipe if i == 0 else clone_pipeline(self.pipe)))
         self.inpaint_model = inpaint_model
         self.scorer = scorer  # quality: a kbatch.models.scoring.ClipScorer scores (and picks) what is decoded
+        self.quality: QualitySpec | None = None  # what is measured (the actor sets it; see ``measures``)
+        self.decoded = 0  # images decoded (candidates included): the gate's saving, counted
+        self._count_lock = threading.Lock()
         # one copy shared by the lanes (each lane clones its scheduler and tokenizer on first use)
         self._inpaint = load_inpaint(inpaint_model, self.pipe, self.place, **self._opts) if inpaint_model else None
 
@@ -158,24 +163,53 @@ class DecoderPredictor:
         with self.lanes.take() as lane:
             return self._run(lane, rows, priors, inputs)
 
+    @property
+    def measures(self) -> QualitySpec:
+        """What is measured of each image (``quality``, set by the actor; else clip_score with a scorer)."""
+        return self.quality if self.quality is not None else QualitySpec(clip=self.scorer is not None)
+
     def _run(self, lane: _Lane, rows: list[Row], priors: list[PriorOutput], inputs) -> list[DecoderOutput]:
         import time
 
         t0 = time.perf_counter()
-        raw, real = self._pipeline_call(lane, rows, priors, inputs, "pt")
-        images = to_uint8(raw[:real])
-        per_image = (time.perf_counter() - t0) / len(images)
+        q = self.measures
+        plans, drows, dpriors, dinputs = None, rows, priors, inputs
+        if q.gate_head is not None:  # the prior's predicted embeddings scored: gated candidates never decoded
+            if q.gate_head == "clip_score":
+                predicted = predicted_clip_scores(self.scorer, rows, priors)
+            else:
+                predicted = [q.heads[q.gate_head](p.image_embeds) for p in priors]
+            plans = plan_gate(rows, priors, predicted, q.gate_min)
+            drows, dpriors = prune(rows, priors, plans)
+            if inputs is not None:
+                decoded = {r.id for r in drows}
+                dinputs = [inp for r, inp in zip(rows, inputs) if r.id in decoded]
+        if drows:
+            raw, real = self._pipeline_call(lane, drows, dpriors, dinputs, "pt")
+            images = to_uint8(raw[:real])
+        else:
+            images = np.zeros((0, rows[0].height, rows[0].width, 3), np.uint8)
+        with self._count_lock:
+            self.decoded += len(images)
+        per_image = (time.perf_counter() - t0) / max(1, len(images))
         dtype = dtype_name(self.place.dtype)
-        return keep_best(rows, priors, images, self._scores(rows, priors, images),
-                         lambda r, p, kept: DecoderOutput(r.id, kept, p.prior_worker, self.worker, per_image, dtype))
+        scores, embeds = self._measure(drows, dpriors, images)
+        return keep_best(rows, priors, images, scores,
+                         lambda r, p, kept: DecoderOutput(r.id, kept, p.prior_worker, self.worker, per_image, dtype),
+                         plans=plans, embeds=embeds, heads=q.head_scores(embeds), gate=q.gate_label)
 
-    def _scores(self, rows: list[Row], priors: list[PriorOutput], images):
-        """quality: the clip_score of every decoded image (candidates included), or None when not scoring."""
-        if self.scorer is None:
-            return None
+    def _measure(self, rows: list[Row], priors: list[PriorOutput], images):
+        """quality: (the clip_score, the CLIP image embedding) of every decoded image (candidates included),
+        each None when the job does not need it. One vision pass serves both and the heads."""
+        q = self.measures
+        if self.scorer is None or not q.embeds:
+            return None, None
+        embeds = self.scorer.image_embeds(images) if len(images) else None
+        if not q.clip or embeds is None:
+            return None, embeds
         texts = row_text_embeds(self.scorer, rows, priors)
         per_image = [t for r, p, t in zip(rows, priors, texts) for _ in range(r.num_images * len(p.states))]
-        return self.scorer.scores(images, np.stack(per_image))
+        return cosine_scores(embeds, np.stack(per_image)), embeds
 
     def _pipeline_call(self, lane: _Lane, rows: list[Row], priors: list[PriorOutput], inputs, output_type: str):
         """The diffusers call for a batch (padded to ``pad_to``): (its ``.images``, the number of real images,

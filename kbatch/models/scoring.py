@@ -33,6 +33,7 @@ import copy
 import hashlib
 import io
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -193,44 +194,176 @@ def candidate_count(row: Row, prior: PriorOutput) -> int:
     return k
 
 
-def keep_best(rows: list[Row], priors: list[PriorOutput], images: np.ndarray, scores: np.ndarray | None,
-              make) -> list[DecoderOutput]:
-    """Per row (its k x num_images images candidate-major, as decoded), the kept images and their score
-    fields; ``make(row, prior, kept_images)`` builds the row's DecoderOutput. ``scores``: one per image,
-    or None (no scoring: one candidate)."""
-    out, at = [], 0
-    for r, p in zip(rows, priors):
-        k, n = len(p.states), r.num_images
-        block = images[at:at + k * n]
-        s = None if scores is None else np.asarray(scores[at:at + k * n], np.float64).reshape(k, n)
-        at += k * n
-        if k == 1:
-            o = make(r, p, block)
-            if s is not None:
-                o.clip_scores = s[0].tolist()
-                o.seeds = [int(r.seed)] * n
-            out.append(o)
+@dataclass
+class QualitySpec:
+    """What a decoder measures of every image (built from ``config.quality`` by the actors): clip_score, the
+    image embedding (stored with ``image_embeddings``), the heads' scores, and the gate before decoding."""
+
+    clip: bool = False  # clip_score (quality.scores)
+    embeddings: bool = False  # quality.image_embeddings: each kept image's embedding goes to the writer
+    heads: dict = field(default_factory=dict)  # name -> kbatch.models.heads.Head
+    gate_head: str | None = None  # a heads name, "clip_score", or None
+    gate_min: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, storage_options: dict | None = None) -> "QualitySpec":
+        from kbatch.models.heads import load_heads
+
+        q = cfg.quality
+        return cls(clip=q.scores, embeddings=q.image_embeddings,
+                   heads=load_heads(q.heads, storage_options) if q.heads else {},
+                   gate_head=q.gate_head, gate_min=q.gate_min or 0.0)
+
+    @property
+    def embeds(self) -> bool:
+        """Whether each decoded image's CLIP image embedding is computed."""
+        return self.clip or self.embeddings or bool(self.heads)
+
+    @property
+    def gate_label(self) -> str | None:
+        from kbatch.models.heads import gate_label
+
+        return None if self.gate_head is None else gate_label(self.gate_head, self.gate_min)
+
+    def head_scores(self, embeds) -> dict[str, np.ndarray] | None:
+        if not self.heads or embeds is None:
+            return None
+        return {name: h(embeds) for name, h in self.heads.items()}
+
+
+@dataclass
+class GatePlan:
+    """A row's candidates before the decoder: each image's predicted score (k, n), which pass the gate, and
+    the candidates decoded (those with an image that passes: a candidate's images share its generator, so a
+    candidate is decoded whole, as plain diffusers would make it)."""
+
+    predicted: np.ndarray  # (k, n) float64
+    passes: np.ndarray  # (k, n) bool
+    decoded: list[int]
+
+
+def plan_gate(rows: list[Row], priors: list[PriorOutput], predicted: list[np.ndarray], minimum: float
+              ) -> list[GatePlan]:
+    """``predicted[j]``: the gate's score of each of row j's predicted embeddings (k * n, candidate-major)."""
+    plans = []
+    for r, p, s in zip(rows, priors, predicted):
+        s = np.asarray(s, np.float64).reshape(len(p.states), r.num_images)
+        passes = s >= minimum
+        plans.append(GatePlan(s, passes, [int(c) for c in np.flatnonzero(passes.any(axis=1))]))
+    return plans
+
+
+def prune(rows: list[Row], priors: list[PriorOutput], plans: list[GatePlan]):
+    """The rows and prior outputs the decoder gets: only the candidates a plan decodes (rows with none are
+    left out; a row keeps its ``candidates`` count equal to what its prior output holds)."""
+    import dataclasses
+
+    out_rows, out_priors = [], []
+    for r, p, plan in zip(rows, priors, plans):
+        k, dec = len(p.states), plan.decoded
+        if not dec:
             continue
-        if s is None:
-            raise ValueError(f"quality: row {r.id!r} has {k} candidates and no scores to choose by")
+        if len(dec) == k:
+            out_rows.append(r)
+            out_priors.append(p)
+            continue
+        n = r.num_images
+
+        def pick(a):
+            a = np.asarray(a)
+            return a.reshape((k, n) + a.shape[1:])[dec].reshape((-1,) + a.shape[1:])
+
+        states = [p.states[c] for c in dec]
         seeds = list(p.candidate_seeds or candidate_seeds(r.seed, k))
-        best = s.argmax(axis=0)  # the first candidate on ties
-        kept = block.reshape((k, n) + block.shape[1:])[best, np.arange(n)]
-        o = make(r, p, kept)
-        o.clip_scores = [float(s[b, i]) for i, b in enumerate(best)]
-        o.seeds = [int(seeds[b]) for b in best]
-        o.candidate_seeds = [int(x) for x in seeds]
-        o.candidate_scores = [[float(x) for x in s[:, i]] for i in range(n)]
+        q = dataclasses.replace(p, image_embeds=pick(p.image_embeds), negative_image_embeds=pick(
+            p.negative_image_embeds), generator_state=states[0], candidate_seeds=[seeds[c] for c in dec],
+            candidate_states=states)
+        out_rows.append(dataclasses.replace(r, candidates=len(dec)))
+        out_priors.append(q)
+    return out_rows, out_priors
+
+
+def predicted_clip_scores(scorer, rows: list[Row], priors: list[PriorOutput]) -> list[np.ndarray]:
+    """A clip_score gate's scores: 100 x cosine(predicted image embedding, the prompt's text embedding)."""
+    texts = row_text_embeds(scorer, rows, priors)
+    return [cosine_scores(p.image_embeds, np.broadcast_to(t, p.image_embeds.shape)) for p, t in zip(priors, texts)]
+
+
+def keep_best(rows: list[Row], priors: list[PriorOutput], images: np.ndarray, scores: np.ndarray | None,
+              make, *, plans: list[GatePlan] | None = None, embeds: np.ndarray | None = None,
+              heads: dict[str, np.ndarray] | None = None, gate: str | None = None) -> list[DecoderOutput]:
+    """Per row (its decoded candidates' images, candidate-major, as decoded: every candidate without a gate,
+    ``plans[j].decoded`` with one), the kept images and their fields; ``make(row, prior, kept_images)`` builds
+    the row's DecoderOutput. Per image index the kept candidate is the best by clip_score among the decoded
+    candidates that pass the gate (the first on ties; the only one without best_of); an image index none
+    passes is filtered (``DecoderOutput.filtered``). ``scores``, ``embeds``, ``heads[name]``: one per decoded
+    image, or None."""
+    out, at = [], 0
+    for j, (r, p) in enumerate(zip(rows, priors)):
+        k, n = len(p.states), r.num_images
+        plan = plans[j] if plans is not None else None
+        dec = plan.decoded if plan is not None else list(range(k))
+        m = len(dec)
+        sl = slice(at, at + m * n)
+        at += m * n
+        block = images[sl] if m else np.zeros((0, r.height, r.width, 3), np.uint8)
+        s = None if scores is None else np.asarray(scores[sl], np.float64).reshape(m, n)
+        if k > 1 and s is None:
+            raise ValueError(f"quality: row {r.id!r} has {k} candidates and no scores to choose by")
+        elig = plan.passes[dec] if plan is not None else np.ones((m, n), bool)
+        choice = []  # per image index: the kept decoded candidate (its place among the decoded), or -1
+        for i in range(n):
+            ok = np.flatnonzero(elig[:, i])
+            choice.append(-1 if not len(ok) else int(ok[0] if s is None else ok[np.argmax(s[ok, i])]))
+        kept = [i for i in range(n) if choice[i] >= 0]
+        pos = [choice[i] * n + i for i in kept]  # places in the row's block
+        o = make(r, p, block[pos] if kept else block[:0])
+        if len(kept) != n:
+            o.image_indices = kept
+        if plan is not None:
+            o.gate = gate
+            o.predicted_scores = [float(plan.predicted[dec[choice[i]], i]) for i in kept]
+            o.filtered = [(i, float(plan.predicted[:, i].max())) for i in range(n) if choice[i] < 0]
+        if embeds is not None:
+            o.image_embeds = np.asarray(embeds[sl], np.float32)[pos]
+        if heads is not None:
+            o.head_scores = {name: [float(v[sl][q]) for q in pos] for name, v in heads.items()}
+        if s is not None:
+            seeds = list(p.candidate_seeds or candidate_seeds(r.seed, k))
+            o.clip_scores = [float(s[choice[i], i]) for i in kept]
+            o.seeds = [int(seeds[dec[choice[i]]]) for i in kept]
+            if k > 1:
+                full = np.full((k, n), np.nan)
+                full[dec] = s
+                o.candidate_seeds = [int(x) for x in seeds]
+                o.candidate_scores = [[None if x != x else float(x) for x in full[:, i]] for i in kept]
         out.append(o)
     return out
 
 
 def record_fields(out: DecoderOutput, i: int) -> dict:
-    """The score fields of image ``i``'s record (nothing when the job does not score)."""
-    if out.clip_scores is None:
-        return {}
-    rec = {"clip_score": out.clip_scores[i], "seed": out.seeds[i]}
-    if out.candidate_seeds is not None:
-        rec["candidate_seeds"] = out.candidate_seeds
-        rec["candidate_scores"] = out.candidate_scores[i]
+    """The quality fields of the record of ``out.images[i]`` (nothing when the job measures nothing); the
+    image embedding rides along as ``_image_embedding`` (not a column: the writer stores it beside the
+    metadata, ``kbatch.output.image_embeddings``)."""
+    rec = {}
+    if out.image_indices is not None:
+        rec["image_index"] = out.image_indices[i]
+    if out.clip_scores is not None:
+        rec.update(clip_score=out.clip_scores[i], seed=out.seeds[i])
+        if out.candidate_seeds is not None:
+            rec["candidate_seeds"] = out.candidate_seeds
+            rec["candidate_scores"] = out.candidate_scores[i]
+    for name, v in (out.head_scores or {}).items():
+        rec[f"score_{name}"] = v[i]
+    if out.predicted_scores is not None:
+        rec.update(predicted_score=out.predicted_scores[i], gate=out.gate)
+    if out.image_embeds is not None:
+        rec["_image_embedding"] = out.image_embeds[i]
     return rec
+
+
+def filtered_fields(out: DecoderOutput) -> list[dict]:
+    """The records' fields of a row's image indices the gate filtered (status ``filtered``: never decoded,
+    or decoded as another image's candidate and below the gate)."""
+    return [{"image_index": i, "status": "filtered", "error": None, "predicted_score": score, "gate": out.gate}
+            for i, score in (out.filtered or [])]

@@ -32,8 +32,14 @@ def meaning(cfg: JobConfig) -> dict:
                                                  "prior_scheduler", "revision")},
            "defaults": d["defaults"], "seed": d["seed"], "stage": d["stage"],
            "output": {k: d["output"][k] for k in ("format", "image_format", "quality")}}
-    if cfg.quality.scores:  # which image is kept and what its record holds; absent when off (older outputs)
-        out["quality"] = {"clip_score": True, "best_of": cfg.quality.best_of}
+    q = cfg.quality
+    if q.scores:  # which image is kept and what its record holds; absent when off (older outputs)
+        out["quality"] = {"clip_score": True, "best_of": q.best_of}
+    # toward a training set: each key only when on, so outputs written before these keys resume as before
+    extra = {k: v for k, v in (("image_embeddings", q.image_embeddings), ("heads", dict(q.heads)),
+                               ("gate", {"head": q.gate_head, "min": q.gate_min} if q.gate else None)) if v}
+    if extra:
+        out.setdefault("quality", {"clip_score": False, "best_of": q.best_of}).update(extra)
     return out
 
 

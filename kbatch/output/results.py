@@ -16,6 +16,9 @@ from kbatch.output.image_reader import ImageReader
 from kbatch.output.writer import list_committed_shards, read_records
 
 
+_UNREAD = object()
+
+
 class Results:
     """Metadata and images of the committed shards of one output location."""
 
@@ -26,12 +29,27 @@ class Results:
         self.job = storage.read_json(self.root, JOB_FILE, self.storage_options) if job is None else job
         self.reader = ImageReader(self.root, self.storage_options)
         self._lookup: dict[tuple[str, int], int] | None = None
+        self._embeddings: Any = _UNREAD
 
     # -- pickling: the filesystem and caches are rebuilt on demand -------------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["reader"], d["_lookup"] = ImageReader(self.root, self.storage_options), None
+        if d.get("_embeddings") is _UNREAD:  # the sentinel is this process's: unpickled, it is read again
+            del d["_embeddings"]
         return d
+
+    # -- image embeddings ---------------------------------------------------------------------------------
+    @property
+    def embeddings(self):
+        """Each record's CLIP image embedding (``quality.image_embeddings``): numpy float16 [len(df), D] aligned
+        with ``.df`` (NaN rows for records without one: errors, filtered); None when the output has none.
+        Read on first use."""
+        if self.__dict__.get("_embeddings", _UNREAD) is _UNREAD:
+            from kbatch.output.image_embeddings import embeddings_for
+
+            self._embeddings = embeddings_for(self.root, self.df, self.storage_options)
+        return self._embeddings
 
     # -- counts ------------------------------------------------------------------------------------------
     def _count(self, status: str) -> int:

@@ -10,9 +10,10 @@ attempt (``kbatch.output.commits``)::
     stats/<stem>.json                 every format: ShardStats
     _commits/<shard>.json             every format, created LAST and exclusively: names the attempt's files
 
-Commit protocol: the attempt registers the shard in flight in the run's lease (``lease.Fence``: refused once
-the run lost its lease), writes its data objects, then metadata and stats, then *creates* the shard's commit
-record (if absent: one commit per shard, whatever attempts), after checking the lease once more. Every object
+Commit protocol: the attempt records itself in flight (an intent object, ``kbatch.output.fence``: refused
+once the run lost its lease), writes its data objects, then metadata and stats, then *creates* the shard's
+commit record (if absent, through the output's conditional store: one commit per shard, whatever attempts),
+after checking the lease once more. Every object
 is written atomically (temp name + rename on local disks, one PUT on object stores), so no partially written
 file is ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.output.results`,
 :mod:`kbatch.run.status`) only read the files a commit record names. An attempt that finds the record taken
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 
 from kbatch import storage
 from kbatch.output import commits
-from kbatch.schema.records import RECORD_FIELDS, RECORD_SCHEMA, record_key
+from kbatch.schema.records import RECORD_FIELDS, RECORD_SCHEMA, is_score_column, record_key
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMATS = ("files", "webdataset", "parquet", "embeddings")  # embeddings: stage prior
@@ -63,6 +64,7 @@ class OutputSpec:
     storage_options: dict | None = field(default=None, repr=False)
     writer: str = ""  # who writes: "node:<id8>/pid:<pid>", set by the writer; goes into the shard's stats
     fence: Any = None  # lease.Fence of the run: a shard commits only while the run holds the output's lease
+    image_embeddings: bool = False  # quality.image_embeddings: img_emb/<stem>.npy beside the metadata
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -165,14 +167,18 @@ def _coerce(value: Any, typ: pa.DataType) -> Any:
 
 
 def normalize_record(rec: dict) -> dict:
-    """A dict with exactly the RECORD_SCHEMA fields, values coerced to the column types (missing -> None)."""
-    return {f.name: _coerce(rec.get(f.name), f.type) for f in RECORD_SCHEMA}
+    """A dict with exactly the RECORD_SCHEMA fields (and ``score_<NAME>``s), values coerced to the column types
+    (missing -> None)."""
+    out = {f.name: _coerce(rec.get(f.name), f.type) for f in RECORD_SCHEMA}
+    out.update({k: _coerce(v, pa.float64()) for k, v in rec.items() if is_score_column(k)})
+    return out
 
 
 def records_table(records: list[dict]) -> pa.Table:
     """RECORD_SCHEMA table of ``records``: column by column (Arrow converts plain values itself); a column
     holding values Arrow cannot take as they are (numpy scalars, dicts, bytes for strings) is coerced value
-    by value (``normalize_record``'s rules)."""
+    by value (``normalize_record``'s rules). Keys ``score_<NAME>`` (quality.heads) become float64 columns after
+    the schema's."""
     arrays = []
     for f in RECORD_SCHEMA:
         values = [r.get(f.name) for r in records]
@@ -180,7 +186,12 @@ def records_table(records: list[dict]) -> pa.Table:
             arrays.append(pa.array(values, type=f.type))
         except (pa.ArrowException, TypeError, ValueError):
             arrays.append(pa.array([_coerce(v, f.type) for v in values], type=f.type))
-    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
+    scores = sorted({k for r in records for k in r if is_score_column(k)})
+    if not scores:
+        return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
+    extra = [pa.array([_coerce(r.get(k), pa.float64()) for r in records], pa.float64()) for k in scores]
+    return pa.Table.from_arrays(arrays + extra, schema=pa.schema(
+        list(RECORD_SCHEMA) + [pa.field(k, pa.float64()) for k in scores]))
 
 
 def _parquet_bytes(table: pa.Table, **kw) -> bytes:
@@ -226,10 +237,10 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
     ext = spec.ext
 
     # An earlier attempt of this shard (a resend, a Ray retry) may have committed it: then nothing is written.
-    done = begin_shard(spec, shard)
+    attempt = commits.new_attempt()
+    done = begin_shard(spec, shard, attempt)
     if done is not None:
         return done
-    attempt = commits.new_attempt()
     stem = commits.attempt_name(shard, attempt)  # this attempt's own object names
 
     # 1. validate and fill record fields
@@ -246,16 +257,16 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
             if rec.get("image_index") is None:
                 raise ValueError(f"shard {shard!r}: record {i} (id {rec['id']!r}) has no image_index")
             ok_idx.append(i)
-        elif status == "error":
+        elif status in ("error", "filtered"):  # filtered: quality.gate kept no candidate of this image
             if img is not None:
-                raise ValueError(f"shard {shard!r}: error record {i} (id {rec['id']!r}) has an image")
+                raise ValueError(f"shard {shard!r}: {status} record {i} (id {rec['id']!r}) has an image")
             if rec.get("image_index") is None:
                 rec["image_index"] = -1
             rec["sha256"] = None
             rec["path"] = None
             rec["image_format"] = None
         else:
-            raise ValueError(f"shard {shard!r}: record {i} has status {status!r} (ok | error)")
+            raise ValueError(f"shard {shard!r}: record {i} has status {status!r} (ok | error | filtered)")
         if not rec.get("key"):
             rec["key"] = record_key(str(rec["id"]), int(rec["image_index"]))
         key = rec["key"]
@@ -325,6 +336,13 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
         nbytes += storage.write_bytes_atomic(fs, storage.join(root, rel), data)
         files.append(rel)
 
+    if spec.image_embeddings:  # each ok record's CLIP image embedding, named after the metadata object
+        from kbatch.output.image_embeddings import write_shard_embeddings
+
+        rel, n = write_shard_embeddings(fs, root, f"meta/{stem}.parquet", [records[i] for i in ok_idx])
+        files.append(rel)
+        nbytes += n
+
     if spec.fail_after_data:
         raise RuntimeError("injected write failure")
 
@@ -358,18 +376,28 @@ def _refused(shard: str, rec: dict) -> ShardStats:
     raise ShardAborted(msg)
 
 
-def begin_shard(spec: OutputSpec, shard: str) -> ShardStats | None:
-    """Before an attempt writes anything: the stats of the attempt that already committed ``shard`` (then
-    this one writes nothing), else None after registering the shard in flight in the run's lease (raises
-    ``lease.Fenced`` when the run no longer holds it, ShardAborted when the name was aborted)."""
+def begin_shard(spec: OutputSpec, shard: str, attempt: str | None = None) -> ShardStats | None:
+    """Before attempt ``attempt`` writes anything: the stats of the attempt that already committed ``shard``
+    (then this one writes nothing), else None after recording the attempt in flight (its intent,
+    ``kbatch.output.fence``; raises ``lease.Fenced`` when the run no longer holds the lease, ShardAborted when
+    the name was aborted). A fenced spec needs the ``attempt``."""
     _check_shard(shard)
     fs, root = storage.get_fs(spec.root, spec.storage_options)
     rec = commits.read(fs, root, shard)
     if rec is not None:
         return _refused(shard, rec)
     if spec.fence is not None:
-        spec.fence.register(shard)
+        if not attempt:
+            raise ValueError(f"shard {shard!r}: a fenced write needs its attempt id")
+        spec.fence.begin(shard, attempt)
     return None
+
+
+def _commit_store(spec: OutputSpec):
+    """The output's conditional store (the fence's, cached per process, when the spec has one)."""
+    if spec.fence is not None:
+        return spec.fence.store()
+    return storage.conditional_store(spec.root, spec.storage_options)
 
 
 def _drop_attempt(fs, root: str, files: list[str]) -> None:
@@ -413,7 +441,7 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
     nbytes += storage.write_bytes_atomic(fs, storage.join(root, meta_rel),
                                          _parquet_bytes(records_table(records), compression="zstd"))
     files.append(meta_rel)
-    n_err = len(records) - n_ok
+    n_err = sum(1 for r in records if r["status"] == "error")  # filtered records are neither
     stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=n_ok, errors=n_err,
                        errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer, attempt=attempt)
     stats_rel = f"stats/{stem}.json"
@@ -435,16 +463,17 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
             fence.check()  # a run that lost its lease stops here (a takeover also aborts its shards in flight)
         except BaseException:
             _drop_attempt(fs, root, files)
+            fence.end(shard, attempt)  # this attempt never creates its record
             raise
-    # (an error from the create itself keeps the objects: the record may have landed before the error)
-    existing = commits.create(fs, root, shard, commit)
+    # (an error from the create itself keeps the objects and the intent: the record may have landed)
+    existing = commits.create(_commit_store(spec), shard, commit)
     if existing is not None and existing.get("attempt") == attempt:  # ours, landed before a retried error
         existing = None
+    if fence is not None:
+        fence.end(shard, attempt)  # committed, or refused: this attempt can no longer commit
     if existing is not None:
         _drop_attempt(fs, root, files)
         return _refused(shard, existing)
-    if fence is not None:
-        fence.deregister(shard)
     return stats
 
 
@@ -468,11 +497,14 @@ def pandas_types_mapper():
 
 
 def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """Cast a metadata table to RECORD_SCHEMA (adding missing columns as nulls), optionally selecting."""
-    names = list(columns) if columns is not None else list(RECORD_FIELDS)
+    """Cast a metadata table to RECORD_SCHEMA (adding missing columns as nulls), optionally selecting; its
+    ``score_<NAME>`` columns (quality.heads) are kept after the schema's (float64; null when absent)."""
+    names = (list(columns) if columns is not None else
+             list(RECORD_FIELDS) + [c for c in table.column_names if is_score_column(c)])
     arrays, fields = [], []
     for name in names:
-        target = RECORD_SCHEMA.field(name) if name in RECORD_FIELDS else None
+        target = (RECORD_SCHEMA.field(name) if name in RECORD_FIELDS else
+                  pa.field(name, pa.float64()) if is_score_column(name) else None)
         if name in table.column_names:
             col = table.column(name)
             if target is not None and col.type != target.type:
@@ -523,7 +555,7 @@ def iter_records_tables(root: str, columns: list[str] | None = None, storage_opt
     if newest_first:
         names.reverse()
     cols = list(columns) if columns is not None else None
-    unknown = [c for c in cols or [] if c not in RECORD_FIELDS]
+    unknown = [c for c in cols or [] if c not in RECORD_FIELDS and not is_score_column(c)]
     if unknown:
         raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
     if not names:
@@ -556,7 +588,7 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
     committed = list(recs)
     cols = list(columns) if columns is not None else None
     if cols is not None:
-        unknown = [c for c in cols if c not in RECORD_FIELDS]
+        unknown = [c for c in cols if c not in RECORD_FIELDS and not is_score_column(c)]
         if unknown:
             raise KeyError(f"unknown metadata columns {unknown}; known: {list(RECORD_FIELDS)}")
 
@@ -570,24 +602,25 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
     else:
         with cf.ThreadPoolExecutor(max_workers=min(16, len(committed))) as ex:
             tables = list(ex.map(_read, committed))
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # score_<NAME> columns: shards may differ
 
 
 def current(table: pa.Table) -> pa.Table:
     """The records that stand: a row rendered again (``--retry-failed``, or a failed row that changed)
-    supersedes its old error records. Per id: its ok records if it has any, else its latest error record
-    (by run id, which starts with the run's UTC start time)."""
+    supersedes its old error records. Per id: its ok (and ``filtered``: quality.gate) records if it has any,
+    else its latest error record (by run id, which starts with the run's UTC start time)."""
     if table.num_rows == 0 or "status" not in table.column_names or "id" not in table.column_names:
         return table
     ids = table.column("id").to_pylist()
     status = table.column("status").to_pylist()
     runs = table.column("run_id").to_pylist() if "run_id" in table.column_names else [""] * len(ids)
-    has_ok = {i for i, s in zip(ids, status) if s == "ok"}
+    stands = ("ok", "filtered")
+    has_ok = {i for i, s in zip(ids, status) if s in stands}
     latest_error: dict = {}
     for k, (i, s, r) in enumerate(zip(ids, status, runs)):
-        if s != "ok" and i not in has_ok and (i not in latest_error or (r or "") >= (runs[latest_error[i]] or "")):
+        if s not in stands and i not in has_ok and (i not in latest_error or (r or "") >= (runs[latest_error[i]] or "")):
             latest_error[i] = k
-    keep = [s == "ok" or latest_error.get(i) == k for k, (i, s) in enumerate(zip(ids, status))]
+    keep = [s in stands or latest_error.get(i) == k for k, (i, s) in enumerate(zip(ids, status))]
     return table if all(keep) else table.filter(pa.array(keep))
 
 
@@ -641,6 +674,7 @@ def summarize_records(root: str, storage_options: dict | None = None, max_ok: in
     for shard, t in iter_records_tables(root, ["id", "status"] if everything else ["status"], storage_options,
                                         names, newest_first=True):
         ok = np.asarray(pc.fill_null(pc.equal(t.column("status"), "ok"), False), dtype=bool)
+        stands = ok | np.asarray(pc.fill_null(pc.equal(t.column("status"), "filtered"), False), dtype=bool)
         if n_ok < max_ok and ok.any():
             picks[shard] = np.flatnonzero(ok).tolist()
             n_ok += int(ok.sum())
@@ -651,8 +685,8 @@ def summarize_records(root: str, storage_options: dict | None = None, max_ok: in
         images += int(ok.sum())
         if count:
             distinct += pc.count_distinct(t.column("id")).as_py()
-        if not ok.all():
-            err_ids.append(t.column("id").filter(pa.array(~ok)))
+        if not stands.all():  # filtered records (quality.gate) stand like ok ones: not failures
+            err_ids.append(t.column("id").filter(pa.array(~stands)))
     ok_list = [(s, r) for s in sorted(picks, key=order.get) for r in picks[s]][:max(0, int(max_ok))]
 
     err_list: list[tuple[str, int]] = []
@@ -667,7 +701,8 @@ def summarize_records(root: str, storage_options: dict | None = None, max_ok: in
                 sub = t.filter(pa.array(hit))
                 parts.append(pd.DataFrame({
                     "id": sub.column("id").to_pylist(),
-                    "ok": np.asarray(pc.fill_null(pc.equal(sub.column("status"), "ok"), False), dtype=bool),
+                    "ok": np.asarray(pc.fill_null(pc.is_in(sub.column("status"), value_set=pa.array(
+                        ["ok", "filtered"])), False), dtype=bool),
                     "shard": order[shard], "row": np.flatnonzero(hit)}))
         f = pd.concat(parts, ignore_index=True)
         has_ok = f.groupby("id", sort=False)["ok"].any()

@@ -48,7 +48,8 @@ _SYNTH = "_row"
 
 _MANIFEST_SCHEMA = pa.schema([("pos", pa.int64()), ("id", pa.string())])
 _DONE_SCHEMA = pa.schema([("id", pa.string()), ("ok", pa.bool_()), ("row_hash", pa.string()),
-                          ("run_id", pa.string()), ("image_index", pa.int32()), ("error", pa.string())])
+                          ("run_id", pa.string()), ("image_index", pa.int32()), ("error", pa.string()),
+                          ("filtered", pa.bool_())])  # ok: the row is done (an image, or filtered by quality.gate)
 _CHECK_SCHEMA = pa.schema([("pos", pa.int64()), ("row_hash", pa.string())])
 
 
@@ -74,6 +75,7 @@ class Scan:
     duplicate_records: int = 0  # ok records of one (id, image_index) beyond the first (never expected)
     failed_by_reason: dict = field(default_factory=dict)  # rows whose only records are errors, by reason
     failed_examples: list = field(default_factory=list)  # a few (id, error)
+    filtered: int = 0  # done rows of this manifest whose every image quality.gate filtered (no ok record)
 
     @property
     def total(self) -> int:
@@ -105,10 +107,11 @@ def done_records(output: str, storage_options: dict | None, *, workers: int = 16
     def read(shard: str) -> pa.Table:
         t = read_records_table(output, ["id", "status", "row_hash", "run_id", "image_index", "error"],
                                storage_options, shards=[shard])
-        ok = pc.fill_null(pc.equal(t.column("status"), "ok"), False)
+        filtered = pc.fill_null(pc.equal(t.column("status"), "filtered"), False)
+        ok = pc.or_(pc.fill_null(pc.equal(t.column("status"), "ok"), False), filtered)
         return pa.table({"id": t.column("id"), "ok": ok, "row_hash": t.column("row_hash"),
                          "run_id": t.column("run_id"), "image_index": t.column("image_index"),
-                         "error": t.column("error")}, schema=_DONE_SCHEMA)
+                         "error": t.column("error"), "filtered": filtered}, schema=_DONE_SCHEMA)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = []
@@ -121,13 +124,17 @@ def done_records(output: str, storage_options: dict | None, *, workers: int = 16
 
 
 def scan(source: ManifestSource, output: str | None = None, storage_options: dict | None = None, *,
-         trusted_since: str | None = None, retry_failed: bool = False, check=None) -> Scan:
+         trusted_since: str | None = None, retry_failed: bool = False, check=None,
+         runs: list[str] | None = None) -> Scan:
     """States of every manifest row against the records in ``output`` (None: a fresh output).
 
-    ``trusted_since``: records written by runs with ids >= this one came from the same manifest files
+    ``runs``: the output's runs in the order they ran (``_job.json``'s ``runs``; None: read from the output):
+    "later" means later in this list, never a larger run id (run ids start with their machine's clock).
+    ``trusted_since``: records written by this run or later ones came from the same manifest files
     (unchanged stamp), so their rows need no check. ``check(cells: list[dict], positions, first_at) -> list[str]``
     gives the fingerprint each row would have now (step 4); without it, rows with records are not compared
     (``kbatch status``)."""
+    order = RunOrder(runs if runs is not None or output is None else _runs_of(output, storage_options))
     total = source.total
     states = np.zeros(total, dtype=np.uint8)
     out = Scan(states)
@@ -143,7 +150,8 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
                     for rid, h, run, err in zip(*(t.filter(is_synth).column(c).to_pylist()
                                                   for c in ("id", "row_hash", "run_id", "error"))):
                         pos = _synthetic_pos(rid)
-                        if pos is not None and pos < total and (pos not in synthetic or run >= synthetic[pos][1]):
+                        if pos is not None and pos < total and (pos not in synthetic
+                                                                or order.key(run) >= order.key(synthetic[pos][1])):
                             synthetic[pos] = (h, run or "", err)
                     t = t.filter(pc.invert(is_synth))
                 t = t.filter(pc.is_valid(t.column("id")))
@@ -163,16 +171,52 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
 
         check_later = Buckets(folder, "check", _CHECK_SCHEMA, max(1, -(-total // RANGE)))
         for b in range(nb):
-            _join(manifest.read(b), done.read(b), out, check_later, trusted_since, retry_failed)
+            _join(manifest.read(b), done.read(b), out, check_later, trusted_since, retry_failed, order)
         out.records_ids += len(synthetic)
         for pos, (h, run, err) in synthetic.items():
             if states[pos] in (DUP, BADID):
-                _decide(out, check_later, np.array([pos]), False, [h], [run], trusted_since, retry_failed)
+                _decide(out, check_later, np.array([pos]), False, [h], [run], trusted_since, retry_failed, order)
                 _count_failure(out, f"{_SYNTH}{pos}", err)
         check_later.close()
         if check is not None and check_later.rows:
             _compare(source, out, check_later, check)
     return out
+
+
+class RunOrder:
+    """The order of an output's runs: their order in ``_job.json``'s ``runs`` list (each run appends itself
+    before it commits anything), never their ids' clocks. A run missing from the list (records older than the
+    list, or a list that was lost) comes before every listed run, ordered by id among the unlisted."""
+
+    def __init__(self, runs: list[str] | None):
+        self.rank = {r: i for i, r in enumerate(r for r in runs or [] if isinstance(r, str))}
+
+    def key(self, run) -> tuple[int, int, str]:
+        run = run or ""
+        i = self.rank.get(run)
+        return (0, -1, run) if i is None else (1, i, run)
+
+    def at_or_after(self, run, since) -> bool:
+        """``run`` ran no earlier than ``since`` (a listed run; without a list: by id, as outputs written
+        before the list did)."""
+        if since is None or not run:
+            return False
+        if since in self.rank:
+            return run in self.rank and self.rank[run] >= self.rank[since]
+        return not self.rank and run >= since
+
+
+def _runs_of(output: str, storage_options) -> list[str]:
+    """``_job.json``'s ``runs`` of ``output`` ([] when it has none)."""
+    from kbatch import storage
+    from kbatch.output.job_file import JOB_FILE
+
+    try:
+        job = storage.read_json(output, JOB_FILE, storage_options) or {}
+    except (ValueError, UnicodeDecodeError):
+        return []
+    runs = job.get("runs") if isinstance(job, dict) else None
+    return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
 
 
 def _count_failure(out: Scan, rid: str, error) -> None:
@@ -192,7 +236,8 @@ def _synthetic_pos(rid: str) -> int | None:
         return None
 
 
-def _join(m: pa.Table, d: pa.Table, out: Scan, check_later: Buckets, trusted_since, retry_failed) -> None:
+def _join(m: pa.Table, d: pa.Table, out: Scan, check_later: Buckets, trusted_since, retry_failed,
+          order: "RunOrder | None" = None) -> None:
     """One bucket: duplicates among the manifest's ids, and which ids have records."""
     if m.num_rows == 0:
         out.records_ids += len(set(d.column("id").to_pylist())) if d.num_rows else 0
@@ -210,22 +255,29 @@ def _join(m: pa.Table, d: pa.Table, out: Scan, check_later: Buckets, trusted_sin
     df = d.to_pandas()
     # per id: any ok record makes it done; otherwise its latest error counts
     df["run_id"] = df["run_id"].fillna("")
-    agg = df.sort_values(["ok", "run_id"], kind="stable").groupby("id", sort=False).tail(1)
+    order = order or RunOrder([])
+    df["_known"], df["_rank"] = zip(*(order.key(r)[:2] for r in df["run_id"])) if len(df) else ([], [])
+    agg = df.sort_values(["ok", "_known", "_rank", "run_id"], kind="stable").groupby("id", sort=False).tail(1)
     out.records_ids += len(agg)
     j = mf.merge(agg, on="id", how="inner")
     if len(j):
         _decide(out, check_later, j["pos"].to_numpy(), j["ok"].to_numpy(), j["row_hash"].tolist(),
-                j["run_id"].tolist(), trusted_since, retry_failed)
-        ok_records = df[df["ok"] & df["id"].isin(mf["id"])]
+                j["run_id"].tolist(), trusted_since, retry_failed, order)
+        ok_records = df[df["ok"] & ~df["filtered"] & df["id"].isin(mf["id"])]
         out.images += len(ok_records)
+        if df["filtered"].any():  # rows whose records are all filtered (quality.gate): done, counted apart
+            done_filtered = df[df["id"].isin(mf["id"]) & df["ok"]]
+            out.filtered += int(done_filtered.groupby("id", sort=False)["filtered"].all().sum())
         out.duplicate_records += int(ok_records.duplicated(["id", "image_index"]).sum())
         for rid, err in zip(j.loc[~j["ok"], "id"], j.loc[~j["ok"], "error"]):
             _count_failure(out, rid, err)
 
 
-def _decide(out: Scan, check_later: Buckets, pos: np.ndarray, ok, hashes, runs, trusted_since, retry_failed):
+def _decide(out: Scan, check_later: Buckets, pos: np.ndarray, ok, hashes, runs, trusted_since, retry_failed,
+            order: "RunOrder | None" = None):
     ok = np.asarray(ok, dtype=bool)
-    trusted = np.array([trusted_since is not None and bool(r) and r >= trusted_since for r in runs], dtype=bool)
+    order = order or RunOrder([])
+    trusted = np.array([order.at_or_after(r, trusted_since) for r in runs], dtype=bool)
     states = np.where(ok, SKIP_OK, RETRY if retry_failed else SKIP_FAILED).astype(np.uint8)
     # to compare: untrusted ok rows, and untrusted failed rows unless they are rendered again anyway
     compare = ~trusted & (ok | (not retry_failed))

@@ -110,10 +110,16 @@ class Runner:
         self.lease = Lease.acquire(self.output, self.run_id, self.so, ttl=cfg.output.lease_ttl)
         self.lease.start_renewing()  # from now until the run's last byte: planning, Ray's start, the finish
         try:
-            if self.overwrite:
-                self.lease.check()
-                storage.remove_tree(self.output, self.so)
-            self.previous = storage.read_json(self.output, JOB_FILE, self.so)
+            self.previous = self.lease.read_marker(JOB_FILE)  # and its version: the first write is if-version
+            pending = self.lease.overwrite_pending  # a run that held the output before did not finish one
+            if self.overwrite or pending:
+                from kbatch.output.overwrite import overwrite
+
+                if pending and not self.overwrite:
+                    log.warning("kbatch: run %r was overwriting %s when it lost the output; finishing its "
+                                "overwrite first", pending.get("run_id"), self.output)
+                overwrite(self.lease, self.so)  # fenced: stops with LeaseLost once the lease is not this run's
+                self.previous = None
             check_config(self.previous, cfg)
             stamp = source.stamp()
             prev = self.previous or {}
@@ -123,7 +129,7 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 self.scan = scan(source, self.output, self.so, trusted_since=trusted, retry_failed=self.retry_failed,
-                                 check=self.planner.fingerprints)
+                                 check=self.planner.fingerprints, runs=prev.get("runs") or [])
             except ChangedRows as e:
                 raise ResumeError(f"manifest rows changed since their records were written (ids: {e.ids}"
                                   f"{' ...' if e.count > len(e.ids) else ''}; {e.count} rows); use a new output "
@@ -135,6 +141,10 @@ class Runner:
             self.shapes = job_shapes(source, cfg) if self.scan.to_render and cfg.stage != "prior" else ShapeImages()
             self.need_inpaint = any(s[0] == "inpaint" for s in self.shapes)
             check_models(cfg, self.need_inpaint, self.so, bool(self.scan.to_render))
+            if cfg.quality.heads:  # every head loads and fits the prior's image encoder (docs/quality.md)
+                from kbatch.models.heads import check_heads
+
+                check_heads(cfg, self.so)
             if cfg.models.decoder != SIM:  # models.compile: true that would recompile mid-run: exit 2 now
                 check_before_start(cfg.models.compile, cfg.resources.device, self.shapes,
                                    self.shapes.max_num_images, cfg.resources.decoder.batch_size)
@@ -522,12 +532,25 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     except BaseException:
         runner.lease.release()
         raise
-    runner.shared = not started  # a Ray it did not start may hold other kbatch jobs (kbatch.run.share)
+    runner.shared = not started and on_shared_cluster()  # other kbatch jobs may run there (kbatch.run.share)
     try:
         return runner.run()
     finally:
         if started:
             stop_local_ray()
+
+
+def on_shared_cluster() -> bool:
+    """Whether the connected Ray is a cluster other drivers may use: one this process connected to by
+    address (a cluster, ``ray job submit``, a notebook attached to one), not a head it started itself
+    (``ray.init()`` without an address, kbatch's own local Ray), which has no other kbatch jobs."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return not (node is not None and node.head)
+    except Exception:  # noqa: BLE001 - a private Ray API moved: assume others may share it
+        return True
 
 
 def stop_local_ray():

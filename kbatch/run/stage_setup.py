@@ -141,7 +141,8 @@ def build_stages(ray, cfg: JobConfig, run_id: str, output: str, storage_options,
                   else io_task(read_stored_priors, rcfg))
     spec = OutputSpec(root=output, format="embeddings" if cfg.stage == "prior" else cfg.output.format,
                       image_format=cfg.output.image_format, quality=cfg.output.quality,
-                      png_compress_level=cfg.output.png_compress_level, storage_options=storage_options)
+                      png_compress_level=cfg.output.png_compress_level, storage_options=storage_options,
+                      image_embeddings=cfg.quality.image_embeddings and cfg.stage != "prior")
     layout = {"colocate": rcfg.colocated, "device": r.device,
               "shares_card": rcfg.colocated and shares_card(rcfg, gpus_in_cluster),  # one GPU: one process
               "split": "measured" if balance is not None else "fixed",  # prior:decoder (kbatch.run.balance)

@@ -6,7 +6,8 @@ are not in that manifest are left alone and reported apart. Without a readable m
 DataFrame, a deleted file) the records themselves are counted. Only committed shards count, and a row
 rendered again supersedes its old error records. A run in progress shows its ``progress`` and who holds the
 output's lease, and on a cluster shared with other kbatch jobs its place among them (``_job.json``'s
-``schedule``: ``QUEUED`` with its position and the runs ahead, or its GPUs held / allotted; docs/clusters.md). The output is complete when the completion marker ``_SUCCESS`` exists and no row is missing.
+``schedule``: ``QUEUED`` with its position and the runs ahead, or its GPUs held / allotted; docs/clusters.md). The output is complete when the completion marker ``_SUCCESS`` names the run ``_job.json`` names, that run
+ended complete, and no row is missing (docs/output.md).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from kbatch import storage
 from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE
+from kbatch.output.markers import complete as complete_by_markers, read_marker
 from kbatch.output.writer import list_committed_shards, read_records, reason_of
 
 
@@ -56,7 +58,8 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     fs, base = storage.get_fs(root, storage_options)
     job = storage.read_json(root, JOB_FILE, storage_options)
     committed = list_committed_shards(root, storage_options)
-    success = storage.exists(root, SUCCESS_FILE, storage_options)
+    # _SUCCESS counts only when it names the run of _job.json, complete (kbatch.output.markers)
+    success = complete_by_markers(job, read_marker(root, SUCCESS_FILE, storage_options))
     source, basis = _manifest_of(job, storage_options)
     out: dict[str, Any] = {"root": root, "run_id": (job or {}).get("run_id"), "counted_against": basis}
     if source is not None:
@@ -81,7 +84,32 @@ def summarize(root: str, storage_options: dict | None = None) -> dict[str, Any]:
         # read only where scores can be: the job's meaning names its quality settings (one per output)
         "clip_score": (score_summary(root, storage_options, committed)
                        if job is None or (job.get("meaning") or {}).get("quality") else None),
+        "gate": gate_summary(root, storage_options, committed, ((job or {}).get("meaning") or {}).get("quality")),
     })
+    return out
+
+
+def gate_summary(root: str, storage_options: dict | None, shards: list[str], quality: dict | None) -> dict | None:
+    """quality.gate: how well the predicted score (of the prior's embedding) predicts the final one (of the
+    image as written) over the decoded images that have both: count and Pearson correlation; None without a
+    gate. Reads two columns."""
+    import numpy as np
+
+    from kbatch.models.heads import gate_label
+    from kbatch.output.writer import read_records_table
+
+    gate = (quality or {}).get("gate")
+    if not gate:
+        return None
+    final = "clip_score" if gate.get("head") == "clip_score" else f"score_{gate.get('head')}"
+    t = read_records_table(root, ["predicted_score", final], storage_options, shards=shards)
+    p = np.asarray(t.column("predicted_score").to_numpy(zero_copy_only=False), np.float64)
+    f = np.asarray(t.column(final).to_numpy(zero_copy_only=False), np.float64)
+    both = np.isfinite(p) & np.isfinite(f)
+    out = {"gate": gate_label(gate.get("head"), gate.get("min")), "final": final, "images": int(both.sum()),
+           "correlation": None}
+    if both.sum() >= 3 and np.std(p[both]) > 0 and np.std(f[both]) > 0:
+        out["correlation"] = round(float(np.corrcoef(p[both], f[both])[0, 1]), 4)
     return out
 
 
@@ -111,7 +139,8 @@ def _from_manifest(source, root: str, storage_options) -> dict:
 
     s = scan(source, root, storage_options)
     ok, failed = s.count(SKIP_OK, DONE_OK), s.count(SKIP_FAILED, DONE_ERR)
-    return {"rows_total": s.total, "rows_done": ok + failed, "rows_ok": ok, "rows_failed": failed,
+    return {"rows_total": s.total, "rows_done": ok + failed, "rows_ok": ok - s.filtered, "rows_failed": failed,
+            "rows_filtered": s.filtered,
             "rows_missing": s.total - ok - failed, "images": s.images,
             "failed_by_reason": dict(sorted(s.failed_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
             "failed_examples": s.failed_examples, "duplicate_records": s.duplicate_records,
@@ -122,15 +151,16 @@ def _from_records(root: str, storage_options, job: dict | None) -> dict:
     """Counts from the records alone (every committed record in memory: for outputs whose manifest is
     gone; a run's own manifest is counted by ``_from_manifest``)."""
     df = read_records(root, columns=["id", "image_index", "status", "error"], storage_options=storage_options)
-    rows_done = rows_ok = images = duplicates = 0
+    rows_done = rows_ok = rows_filtered = images = duplicates = 0
     failed_by_reason: dict[str, int] = {}
     failed_examples: list[dict] = []
     if len(df):
-        is_ok = df["status"] == "ok"
-        images = int(is_ok.sum())
+        images = int((df["status"] == "ok").sum())
+        is_ok = df["status"].isin(["ok", "filtered"])  # filtered (quality.gate): done, counted apart
         any_ok = is_ok.groupby(df["id"]).any()
         rows_done = int(len(any_ok))
-        rows_ok = int(any_ok.sum())
+        rows_filtered = int((df["status"] == "filtered").groupby(df["id"]).all().sum())
+        rows_ok = int(any_ok.sum()) - rows_filtered
         err = df[~is_ok & ~df["id"].isin(set(any_ok.index[any_ok.values]))].drop_duplicates("id", keep="last")
         for rid, e in zip(err["id"].tolist(), err["error"].tolist()):
             e = None if e is None or e != e else str(e)
@@ -145,7 +175,8 @@ def _from_records(root: str, storage_options, job: dict | None) -> dict:
             total = int(job["total_rows"])
         except (TypeError, ValueError):
             total = None
-    return {"rows_total": total, "rows_done": rows_done, "rows_ok": rows_ok, "rows_failed": rows_done - rows_ok,
+    return {"rows_total": total, "rows_done": rows_done, "rows_ok": rows_ok,
+            "rows_failed": rows_done - rows_ok - rows_filtered, "rows_filtered": rows_filtered,
             "rows_missing": max(total - rows_done, 0) if total is not None else None, "images": images,
             "failed_by_reason": dict(sorted(failed_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
             "failed_examples": failed_examples, "duplicate_records": duplicates, "records_not_in_manifest": None}
@@ -164,6 +195,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"counted:  against {s.get('counted_against')}")
     lines.append(f"rows:     {s.get('rows_done', 0)} done of {total if total is not None else '? (no _job.json total)'}")
     lines.append(f"  ok:      {s.get('rows_ok', 0)}")
+    if s.get("rows_filtered"):
+        gate = (s.get("gate") or {}).get("gate")
+        lines.append(f"  filtered: {s['rows_filtered']} (every image below quality.gate{' ' + gate if gate else ''}; "
+                     "not failures: --retry-failed leaves them)")
     lines.append(f"  failed:  {s.get('rows_failed', 0)}")
     for reason, n in (s.get("failed_by_reason") or {}).items():
         lines.append(f"    {n:>8}  {reason}")
@@ -181,6 +216,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"clip_score: {cs['images']} scored images, mean {cs['mean']:.2f}, min {cs['min']:.2f}, "
                      f"max {cs['max']:.2f}")
         lines.append("  quantiles: " + "  ".join(f"{k} {v:.2f}" for k, v in q.items()))
+    g = s.get("gate")
+    if g:
+        r = g.get("correlation")
+        lines.append(f"gate:     {g['gate']}: predicted vs final {g['final']} over {g['images']} decoded images: "
+                     f"correlation {'n/a' if r is None else f'{r:.3f}'}")
     lines.append(f"shards:   {s.get('shards', 0)} committed, {s.get('uncommitted_shards', 0)} uncommitted"
                  + (" (a writer died before committing; a rerun rewrites them)" if s.get("uncommitted_shards") else ""))
     if s.get("duplicate_records"):
@@ -219,7 +259,8 @@ def format_summary(summary: dict) -> str:
     elif s.get("running"):
         state = "RUNNING"
     elif not s.get("success_marker") and (missing == 0):
-        state = "INCOMPLETE (all rows have records, but the completion marker _SUCCESS is missing)"
+        state = ("INCOMPLETE (all rows have records, but the completion marker _SUCCESS is missing or is not "
+                 "the one of the run _job.json names)")
     else:
         state = "INCOMPLETE"
     lines.append(f"status:   {state}")

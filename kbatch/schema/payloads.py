@@ -43,3 +43,13 @@ class DecoderOutput:
     seeds: list[int] | None = None
     candidate_seeds: list[int] | None = None
     candidate_scores: list[list[float]] | None = None
+    # toward a training set (docs/quality.md): each kept image's CLIP image embedding (n_kept, D) float32, the
+    # heads' scores {name: [per kept image]}, and with a gate its predicted score, the gate ("aesthetic>=6.0")
+    # and the image indices it filtered [(image_index, best predicted score)]; ``image_indices``: each kept
+    # image's index when not all of 0..num_images-1 are kept
+    image_embeds: np.ndarray | None = None
+    head_scores: dict[str, list[float]] | None = None
+    predicted_scores: list[float] | None = None
+    gate: str | None = None
+    filtered: list[tuple[int, float]] | None = None
+    image_indices: list[int] | None = None

@@ -52,7 +52,7 @@ def record_key(row_id: str, image_index: int) -> str:
 RECORD_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("image_index", pa.int32()),
-    ("status", pa.string()),  # ok | error
+    ("status", pa.string()),  # ok | error | filtered (quality.gate)
     ("error", pa.string()),  # reason naming field and value; null when ok
     ("mode", pa.string()),
     ("prompt", pa.string()),
@@ -88,5 +88,16 @@ RECORD_SCHEMA = pa.schema([
     ("clip_score", pa.float64()),
     ("candidate_seeds", pa.list_(pa.int64())),  # quality.best_of: every candidate's seed, candidate order
     ("candidate_scores", pa.list_(pa.float64())),  # ... and this image index's clip_score of each
+    # quality.gate (docs/quality.md): the gate's score of the prior's predicted embedding (of the kept
+    # candidate; of the best candidate on a filtered record) and the gate ("aesthetic>=6.0"); null without one
+    ("predicted_score", pa.float64()),
+    ("gate", pa.string()),
 ])
 RECORD_FIELDS = RECORD_SCHEMA.names
+# quality.heads: one float64 column score_<NAME> per head, beside RECORD_SCHEMA's (named by the job's config)
+SCORE_PREFIX = "score_"
+STATUSES = ("ok", "error", "filtered")  # filtered: quality.gate kept no candidate of the image
+
+
+def is_score_column(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(SCORE_PREFIX) and len(name) > len(SCORE_PREFIX)

@@ -1,0 +1,238 @@
+"""Issue 26 items 1-3 and 5 (docs/quality.md): image embeddings, score heads, the gate before the decoder.
+
+Heads are compared with LAION's improved-aesthetic-predictor written out here in torch; embeddings with
+transformers' ``CLIPVisionModelWithProjection`` of the image files as read back; the gate's saving is counted in
+decoder images (the simulated decoder's count, and a spy on the tiny decoder's pipeline call).
+"""
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+import kbatch
+from conftest import sim_models, tiny_config
+from kbatch.config import ConfigError, from_dict
+
+
+# ------------------------------------------------------------------------------------- the reference heads
+class ReferenceMLP(nn.Module):
+    """improved-aesthetic-predictor's MLP (simple_inference.py): Linear/Dropout, no activations."""
+
+    def __init__(self, input_size, widths=(1024, 128, 64, 16)):
+        super().__init__()
+        a, b, c, d = widths
+        self.layers = nn.Sequential(nn.Linear(input_size, a), nn.Dropout(0.2), nn.Linear(a, b), nn.Dropout(0.2),
+                                    nn.Linear(b, c), nn.Dropout(0.1), nn.Linear(c, d), nn.Linear(d, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _reference_score(model, embeds):
+    """LAION's use: the L2-normalized image embedding, float32, through the model in eval mode."""
+    x = torch.from_numpy(np.asarray(embeds, np.float32))
+    x = x / x.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        return model.eval()(x)[:, 0].numpy()
+
+
+def _save_mlp(path, dim, seed, widths=(1024, 128, 64, 16), fmt="pth"):
+    torch.manual_seed(seed)
+    model = ReferenceMLP(dim, widths)
+    for p in model.parameters():  # spread the scores: default init gives a narrow range
+        nn.init.normal_(p, std=0.25)
+    if fmt == "pth":
+        torch.save(model.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(path))
+    return model
+
+
+def _save_linear(path, dim, seed):
+    torch.manual_seed(seed)
+    model = nn.Linear(dim, 1)
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(path))
+    return model
+
+
+def test_heads_equal_the_reference_architecture(tmp_path):
+    from kbatch.models.heads import HeadError, load_head
+
+    emb = np.random.default_rng(1).standard_normal((64, 768)).astype(np.float32) * 3
+    for fmt in ("pth", "safetensors"):
+        ref = _save_mlp(tmp_path / f"mlp.{fmt}", 768, 0, fmt=fmt)
+        head = load_head("aesthetic", str(tmp_path / f"mlp.{fmt}"))
+        assert head.kind == "mlp" and head.in_dim == 768
+        want = _reference_score(ref, emb)
+        assert np.abs(want).max() > 1 and want.std() > 0.1  # scores that can tell a wrong head
+        np.testing.assert_allclose(head(emb), want, atol=1e-4, rtol=0)
+    lin = _save_linear(tmp_path / "lin.safetensors", 768, 2)
+    head = load_head("lin", str(tmp_path / "lin.safetensors"))
+    assert head.kind == "linear"
+    with torch.no_grad():
+        want = lin(torch.nn.functional.normalize(torch.from_numpy(emb), dim=-1))[:, 0].numpy()
+    np.testing.assert_allclose(head(emb), want, atol=1e-4, rtol=0)
+    torch.save({"fc1.weight": torch.zeros(4, 768), "fc2.weight": torch.zeros(1, 4)}, tmp_path / "other.pt")
+    with pytest.raises(HeadError, match="neither LAION's improved-aesthetic-predictor"):
+        load_head("x", str(tmp_path / "other.pt"))
+
+
+def test_head_checks_before_any_model_loads(tmp_path, tiny_models, caplog):
+    """A head that does not fit the prior's image encoder: ConfigError naming the field and the file, from
+    the plan (no Ray, no model); a warning names an encoder that is not CLIP ViT-L/14."""
+    from kbatch.models.heads import check_heads
+    from kbatch.run.runner import Runner
+
+    _save_mlp(tmp_path / "a768.pth", 768, 0)
+    _save_linear(tmp_path / "l32.safetensors", 32, 0)  # the tiny CLIP's projection is 32 wide
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"]}), tmp_path / "m.parquet")
+    cfg = from_dict(tiny_config(tiny_models, tmp_path / "out", manifest=str(tmp_path / "m.parquet"),
+                                quality={"heads": {"aesthetic": str(tmp_path / "a768.pth")}}))
+    with pytest.raises(ConfigError, match=r"quality.heads.aesthetic.*a768.pth.*768-wide.*32-wide"):
+        Runner(cfg).plan()
+    ok = from_dict(tiny_config(tiny_models, tmp_path / "out", quality={"heads": {"l": str(tmp_path / "l32.safetensors")}}))
+    with caplog.at_level(logging.WARNING, logger="kbatch.models.heads"):
+        assert list(check_heads(ok)) == ["l"]
+    assert "is not OpenAI CLIP ViT-L/14" in caplog.text and "hidden_size 32" in caplog.text
+    sim = from_dict(tiny_config(sim_models(), tmp_path / "o", quality={"heads": {"a": str(tmp_path / "a768.pth")}}))
+    assert check_heads(sim)["a"].in_dim == 768  # the simulated prior's width
+    with pytest.raises(ConfigError, match="quality.heads.a.*no such file"):
+        check_heads(from_dict(tiny_config(sim_models(), tmp_path / "o", quality={"heads": {"a": str(tmp_path / "no.pt")}})))
+    with pytest.raises(ConfigError, match="quality.gate.head"):
+        from_dict({"quality": {"gate": {"head": "aesthetic", "min": 5}}})
+
+
+def test_resume_refuses_another_gate_or_heads():
+    from kbatch.output.job_file import ResumeError, check_config, fingerprint, meaning
+
+    q = {"heads": {"a": "/h.pth"}, "gate": {"head": "a", "min": 5.0}, "image_embeddings": True}
+    cfg = from_dict({"quality": q})
+    prev = {"fingerprint": fingerprint(cfg), "meaning": meaning(cfg), "output": "out"}
+    check_config(prev, from_dict({"quality": {**q, "gate": {"head": "a", "min": 5}}}))  # the same gate
+    for other in ({**q, "gate": {"head": "a", "min": 6.0}}, {**q, "gate": None}, {**q, "image_embeddings": False},
+                  {**q, "heads": {"a": "/other.pth"}, "gate": {"head": "a", "min": 5.0}}):
+        with pytest.raises(ResumeError, match="quality"):
+            check_config(prev, from_dict({"quality": other}))
+    assert "quality" not in meaning(from_dict({}))  # off: the fingerprint of older outputs
+
+
+# --------------------------------------------------------------------------- the gate, simulated (no Ray)
+def _rows(n_rows, num_images, k, height=64):
+    from kbatch.schema.rows import Row, derive_seed
+
+    return [Row(id=f"r{i}", prompt=f"prompt {i}", seed=derive_seed(0, f"r{i}"), num_images=num_images[i % len(num_images)],
+                height=height, width=height, candidates=k) for i in range(n_rows)]
+
+
+def test_gate_prunes_candidates_before_the_simulated_decoder(tmp_path):
+    from kbatch.models.heads import load_head
+    from kbatch.models.scoring import QualitySpec, sim_score
+    from kbatch.models.sim import SimDecoder, SimPrior, sim_image, sim_image_embedding
+
+    _save_linear(tmp_path / "lin.safetensors", 768, 3)
+    head = load_head("lin", str(tmp_path / "lin.safetensors"))
+    rows = _rows(24, [1, 2], 3)
+    priors = SimPrior()(rows)
+    predicted = [head(p.image_embeds).reshape(3, r.num_images) for r, p in zip(rows, priors)]
+    gate = float(np.quantile(np.concatenate([p.ravel() for p in predicted]), 0.5))
+    spec = QualitySpec(clip=True, embeddings=True, heads={"lin": head}, gate_head="lin", gate_min=gate)
+    dec = SimDecoder(scores=spec)
+    outs = dec(rows, priors)
+    # a candidate is decoded (whole) when one of its images passes; the others never reach the decoder
+    want_decoded = sum(r.num_images * int((p >= gate).any(axis=1).sum()) for r, p in zip(rows, predicted))
+    assert 0 < want_decoded < sum(r.renders for r in rows) and dec.decoded == want_decoded
+    n_filtered = n_kept = 0
+    for r, p, o, pr in zip(rows, predicted, outs, priors):
+        seeds = pr.candidate_seeds
+        kept_idx = o.image_indices if o.image_indices is not None else list(range(r.num_images))
+        assert sorted(kept_idx + [i for i, _ in o.filtered]) == list(range(r.num_images))
+        for i, score in o.filtered:  # no candidate passes: the best predicted score recorded
+            assert not (p[:, i] >= gate).any() and score == p[:, i].max()
+            n_filtered += 1
+        for j, i in enumerate(kept_idx):  # the best clip_score among the candidates that pass
+            passing = np.flatnonzero(p[:, i] >= gate)
+            finals = [sim_score(sim_image(seeds[c], i, 64, 64), r.prompt) for c in passing]
+            c = passing[int(np.argmax(finals))]
+            assert o.seeds[j] == seeds[c] and o.clip_scores[j] == max(finals)
+            assert o.predicted_scores[j] == p[c, i] and o.gate == f"lin>={gate!r}"
+            e = sim_image_embedding(sim_image(seeds[c], i, 64, 64), pr.image_embeds[c * r.num_images + i])
+            np.testing.assert_array_equal(o.image_embeds[j], e)
+            assert abs(o.head_scores["lin"][j] - head(e)[0]) < 1e-9
+            n_kept += 1
+    assert n_filtered and n_kept
+
+
+# ---------------------------------------------------------------------- a simulated job: records, status
+def _manifest(folder, rows, name="m.parquet"):
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), folder / name)
+    return str(folder / name)
+
+
+def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_path):
+    from kbatch.models.heads import load_head
+    from kbatch.models.sim import sim_embeddings, sim_image
+    from kbatch.output.image_embeddings import iter_shard_embeddings
+    from kbatch.schema.rows import derive_seed
+    from kbatch.output.job_file import ResumeError
+    from kbatch.run.runner import Runner, run_job
+    from kbatch.run.status import format_summary, summarize
+
+    _save_linear(tmp_path / "lin.safetensors", 768, 4)
+    rows = [{"id": f"r{i}", "prompt": f"p {i}", "num_images": 1 + i % 2} for i in range(16)]
+    rows.append({"id": "bad", "prompt": "x", "height": 65})  # an error record too: every row ends somewhere
+    man = _manifest(tmp_path, rows)
+    head = load_head("lin", str(tmp_path / "lin.safetensors"))
+    gate = float(np.median(np.concatenate([head(sim_embeddings(derive_seed(0, r["id"]), r["num_images"])[0])
+                                           for r in rows[:-1]])))  # the simulated prior's embeddings
+    q = {"image_embeddings": True, "heads": {"lin": str(tmp_path / "lin.safetensors")},
+         "gate": {"head": "lin", "min": gate}}
+    out = tmp_path / "out"
+    cfg = tiny_config(sim_models(), out, manifest=man, quality=q, output={"format": "webdataset"})
+    run_job(from_dict(cfg))
+    res = kbatch.open_results(str(out))
+    df = res.df
+    assert set(df["status"]) == {"ok", "filtered", "error"}
+    by_id = df.groupby("id")["status"].agg(set)
+    assert len(by_id) == 17  # every row has records
+    fil = df[df["status"] == "filtered"]
+    assert (fil["predicted_score"] < gate).all() and (fil["gate"] == f"lin>={gate!r}").all()
+    ok = df[df["status"] == "ok"]
+    assert (ok["predicted_score"] >= gate).all() and ok["score_lin"].notna().all() and ok["clip_score"].isna().all()
+    # embeddings: aligned with .df, the stand-in of each image as written; NaN rows elsewhere
+    emb = res.embeddings
+    assert emb.shape == (len(df), 768) and emb.dtype == np.float16
+    assert np.isnan(emb[(df["status"] != "ok").to_numpy()]).all()
+    for k in np.flatnonzero((df["status"] == "ok").to_numpy())[:6]:
+        rec = df.iloc[k]
+        img = np.asarray(res.image(rec["id"], int(rec["image_index"])).convert("RGB"))
+        assert np.array_equal(img, sim_image(int(rec["seed"]), int(rec["image_index"]), 64, 64))
+    got = [(t, e) for t, e in iter_shard_embeddings(str(out), columns=["id", "image_index", "status"])]
+    assert sum(t.num_rows for t, _ in got) == len(df)
+    np.testing.assert_array_equal(np.concatenate([e for _, e in got]), emb)
+    assert (out / "img_emb").is_dir() and all(p.suffix == ".npy" for p in (out / "img_emb").iterdir())
+    # kbatch status counts filtered rows apart, with the gate's correlation
+    s = summarize(str(out))
+    n_filtered_rows = sum(1 for v in by_id if v == {"filtered"})
+    assert s["rows_filtered"] == n_filtered_rows > 0 and s["rows_failed"] == 1
+    assert s["rows_ok"] + s["rows_filtered"] + s["rows_failed"] == 17 and s["images"] == len(ok)
+    assert s["gate"]["images"] == len(ok) and s["gate"]["correlation"] > 0.3
+    text = format_summary(s)
+    assert f"filtered: {n_filtered_rows}" in text and "correlation" in text
+    # --retry-failed renders the error row again, never a filtered one; a changed gate is refused
+    plan = Runner(from_dict(cfg), retry_failed=True).plan()  # what a rerun would render (no Ray, no model)
+    try:
+        assert plan.scan.to_render == 1 and plan.scan.filtered == n_filtered_rows
+    finally:
+        plan.lease.release()
+    with pytest.raises(ResumeError, match="quality.gate"):
+        run_job(from_dict(tiny_config(sim_models(), out, manifest=man, output={"format": "webdataset"},
+                                      quality={**q, "gate": {"head": "lin", "min": gate + 1}})))
