@@ -157,3 +157,27 @@ def _members(tar_bytes):
 
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as t:
         return [(m.name, t.extractfile(m).read()) for m in t]
+
+
+def test_tar_headers_and_index_agree_with_tarfile():
+    """The export's own ustar headers and tar index (tarfile is ~0.3 ms per member) against tarfile itself:
+    long and non-ASCII names included."""
+    import tarfile
+
+    from kbatch.output.export_formats import _pad, tar_header, tar_index
+
+    names = ["a__0.png", "x" * 150 + ".json", "caf\u00e9__1.txt", "d/" + "y" * 120 + ".npy"]
+    blobs = [bytes([k]) * (300 * k + 1) for k in range(len(names))]
+    ours = b"".join(tar_header(n, len(b), 1234) + b + _pad(len(b)) for n, b in zip(names, blobs)) + b"\0" * 1024
+    with tarfile.open(fileobj=io.BytesIO(ours)) as t:
+        assert [(m.name, m.size, m.mtime, t.extractfile(m).read()) for m in t] == [
+            (n, len(b), 1234, b) for n, b in zip(names, blobs)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:  # as kbatch's writer makes them
+        for n, b in zip(names, blobs):
+            info = tarfile.TarInfo(n)
+            info.size = len(b)
+            t.addfile(info, io.BytesIO(b))
+    theirs = buf.getvalue()
+    index = tar_index(theirs)
+    assert list(index) == names and [theirs[o:o + s] for o, s in index.values()] == blobs
