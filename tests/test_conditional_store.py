@@ -153,6 +153,29 @@ def test_probe_refuses_a_server_that_ignores_conditional_writes(moto_url):
         assert front.counts["requests"] >= 3
 
 
+def test_a_run_on_a_server_that_ignores_conditional_writes_exits_2(moto_url, tmp_path):
+    """Before: such a run exited 0 and wrote its commits as if they were safe. Now it is refused at acquire,
+    before anything is written, naming the server and the test."""
+    import subprocess
+
+    import s3fs
+
+    from cli_helpers import env as cli_env
+    from cli_helpers import write_job
+    from conftest import sim_models, tiny_config
+
+    out = "s3://kbatch-bucket/ignored-run"
+    path = write_job(tmp_path, tiny_config(sim_models(), out), [{"id": "a", "prompt": "a fox"}])
+    with ConditionIgnoringFront(moto_url) as front:
+        e = cli_env()
+        e["AWS_ENDPOINT_URL"] = front.url
+        p = subprocess.run([sys.executable, "-m", "kbatch.cli", "run", path], capture_output=True, text=True,
+                           timeout=300, env=e)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    assert front.url in p.stderr and "second create-if-absent" in p.stderr
+    assert s3fs.S3FileSystem(skip_instance_cache=True).find("kbatch-bucket/ignored-run") == []
+
+
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0
 tmpfs /tmp tmpfs rw 0 0
