@@ -179,28 +179,35 @@ def test_a_run_on_a_server_that_ignores_conditional_writes_exits_2(moto_url, tmp
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0
 tmpfs /tmp tmpfs rw 0 0
-fs1:/export/home /home nfs4 rw,vers=4.2,addr=10.0.0.1 0 0
-10.0.0.2@tcp:/lustre /mnt/lustre lustre rw,flock 0 0
+fs1:/export/home /home nfs4 rw,vers=4.2,addr=10.0.0.1,local_lock=none 0 0
+fs1:/export/scratch /scratch nfs rw,vers=3,nolock,addr=10.0.0.1 0 0
+fs2:/data /data nfs4 rw,vers=4.1,local_lock=flock 0 0
+10.0.0.2@tcp:/lustre /mnt/lustre lustre rw,localflock 0 0
+10.0.0.2@tcp:/lustre2 /mnt/lustre2 lustre rw,flock 0 0
 gcsfuse-bucket /mnt/my\\040bucket fuse.gcsfuse rw,nosuid 0 0
-/dev/nvme0n1 /home/alice/scratch xfs rw 0 0
+/dev/nvme0n1 /scratch/alice xfs rw 0 0
 """
 
 
-def test_network_filesystems_are_detected_from_proc_mounts():
-    assert network_mount("/home/alice/out", MOUNTS) == ("/home", "nfs4")
-    assert network_mount("/home/alice/scratch/out", MOUNTS) is None  # a local disk mounted inside the NFS home
-    assert network_mount("/mnt/lustre/job/out", MOUNTS) == ("/mnt/lustre", "lustre")
+def test_network_filesystems_with_per_node_locks_are_detected_from_proc_mounts():
+    assert network_mount("/scratch/job/out", MOUNTS) == ("/scratch", "nfs")  # nolock
+    assert network_mount("/data/out", MOUNTS) == ("/data", "nfs4")  # local_lock=flock
+    assert network_mount("/mnt/lustre/job/out", MOUNTS) == ("/mnt/lustre", "lustre")  # localflock
     assert network_mount("/mnt/my bucket/out", MOUNTS) == ("/mnt/my bucket", "fuse.gcsfuse")
-    assert network_mount("/tmp/out", MOUNTS) is None and network_mount("/data/out", MOUNTS) is None
-    assert network_mount("/homework/out", MOUNTS) is None  # /home is not a prefix of /homework
+    # trusted: NFS locks held by the server, Lustre mounted flock; local disks, also inside a network mount
+    assert network_mount("/home/alice/out", MOUNTS) is None
+    assert network_mount("/mnt/lustre2/out", MOUNTS) is None
+    assert network_mount("/scratch/alice/out", MOUNTS) is None
+    assert network_mount("/tmp/out", MOUNTS) is None and network_mount("/srv/out", MOUNTS) is None
+    assert network_mount("/scratchpad/out", MOUNTS) is None  # /scratch is not a prefix of /scratchpad
 
 
 def test_a_network_filesystem_is_refused_with_its_mount(tmp_path):
-    store = LocalStore(str(tmp_path / "out"), mount=("/home", "nfs4"))
+    store = LocalStore(str(tmp_path / "out"), mount=("/data", "nfs4"))
     with pytest.raises(NetworkFilesystemUnsupported) as e:
         probe_conditional_writes(store)
     assert isinstance(e.value, ConfigError)
-    assert "nfs4 mounted at /home" in str(e.value) and str(tmp_path / "out") in str(e.value)
+    assert "nfs4 mounted at /data" in str(e.value) and str(tmp_path / "out") in str(e.value)
     v = store.create("_commits/s1.json", b"a")  # link() stays exclusive across nodes
     with pytest.raises(NetworkFilesystemUnsupported):
         store.replace("_commits/s1.json", b"b", v)

@@ -7,11 +7,13 @@
   holder makes the others fail with :class:`LockTimeout`, never hang), the current version is compared and
   the new file renamed over the name (or the name unlinked, and its lock file with it); the folder is
   fsynced.
-- **network filesystems** (NFS, Lustre, CIFS/SMB, 9p, Ceph, GPFS, BeeGFS, GlusterFS, FUSE mounts...): a
-  ``flock`` there locks per node (or not at all), so two drivers on two nodes could both replace the same
-  lease. ``create`` (``link()``) stays exclusive, but replace and delete (the lease, ``_job.json``) are
-  refused with :class:`NetworkFilesystemUnsupported` (a ``ConfigError``: exit 2) naming the mount and its
-  type; the probe (``probe.py``) raises it when a run acquires its output. Use object storage there.
+- **network filesystems** (:func:`network_mount` reads ``/proc/mounts``): where a ``flock`` locks per node
+  (NFS mounted ``local_lock=flock|all`` or ``nolock``, Lustre with ``localflock``, CIFS/SMB, 9p, Ceph,
+  GPFS, BeeGFS, GlusterFS, FUSE mounts...), two drivers on two nodes could both replace the same lease.
+  ``create`` (``link()``) stays exclusive, but replace and delete (the lease, ``_job.json``) are refused
+  with :class:`NetworkFilesystemUnsupported` (a ``ConfigError``: exit 2) naming the mount and its type;
+  the probe (``probe.py``) raises it when a run acquires its output. NFS with its default server-side
+  locks and Lustre mounted ``flock`` are trusted.
 
 A version is the file's inode, modification time, size and content hash, read from one open file.
 Interface: ``conditional.py``; which stores work: docs/output.md.
@@ -68,27 +70,35 @@ def _unescape(field: str) -> str:
 
 
 def network_mount(path: str, mounts_text: str) -> tuple[str, str] | None:
-    """``(mount point, filesystem type)`` when ``path`` (absolute) is on a network filesystem according to
-    ``mounts_text`` (the text of ``/proc/mounts``), else None. The mount holding a path is the last-mounted
-    entry with the longest mount point that contains it."""
-    best: tuple[str, str] | None = None
+    """``(mount point, filesystem type)`` when ``path`` (absolute) is on a network filesystem whose locks are
+    not coordinated across nodes, according to ``mounts_text`` (the text of ``/proc/mounts``), else None.
+    The mount holding a path is the last-mounted entry with the longest mount point that contains it.
+
+    Trusted: NFS unless mounted ``local_lock=flock|all`` or ``nolock`` (Linux sends an NFS client's ``flock``
+    to the server as a whole-file lock, so every node sees it), and Lustre mounted with ``flock`` (not
+    ``localflock``). Every other network or FUSE filesystem is refused: its locks are per node or unknown."""
+    best: tuple[str, str, set] | None = None
     path = os.path.normpath(path)
     for line in mounts_text.splitlines():
         fields = line.split()
         if len(fields) < 3:
             continue
-        point, fstype = _unescape(fields[1]), fields[2].lower()
-        point = os.path.normpath(point)
+        point, fstype = os.path.normpath(_unescape(fields[1])), fields[2].lower()
+        options = set(fields[3].split(",")) if len(fields) > 3 else set()
         inside = path == point or path.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, fstype)
+            best = (point, fstype, options)
     if best is None:
         return None
-    fstype = best[1]
+    point, fstype, options = best
     base = fstype.split(".", 1)[0]  # fuse.sshfs, fuse.gcsfuse, fuse.ceph, ...
-    if fstype in NETWORK_FS_TYPES or base in NETWORK_FS_TYPES or fstype.startswith("nfs"):
-        return best
-    return None
+    if not (fstype in NETWORK_FS_TYPES or base in NETWORK_FS_TYPES or fstype.startswith("nfs")):
+        return None
+    if fstype.startswith("nfs") and not options & {"local_lock=flock", "local_lock=all", "nolock"}:
+        return None
+    if fstype == "lustre" and "flock" in options:
+        return None
+    return point, fstype
 
 
 def mount_of(path: str) -> tuple[str, str] | None:
@@ -103,10 +113,11 @@ def mount_of(path: str) -> tuple[str, str] | None:
 
 def network_refusal(path: str, mount: tuple[str, str]) -> str:
     point, fstype = mount
-    return (f"output {path} is on a network filesystem ({fstype} mounted at {point}): its locks are per node "
-            "(or absent), so kbatch cannot make the output lease, _job.json and _SUCCESS exclusive across "
+    return (f"output {path} is on a network filesystem ({fstype} mounted at {point}) whose locks are per node "
+            "(or unknown), so kbatch cannot make the output lease, _job.json and _SUCCESS exclusive across "
             "nodes there and two runs could both write this output. Write the output to object storage "
-            "(s3://, gs://) or to a node-local disk (docs/output.md#which-stores-work)")
+            "(s3://, gs://), to NFS mounted with server-side locks (no local_lock, no nolock) or to a "
+            "node-local disk (docs/output.md#which-stores-work)")
 
 
 def fsync_dir(path: str) -> None:
