@@ -55,6 +55,7 @@ class Setup:
     rows_per_shard: int = 50
     faults: int = 8                      # process faults injected per episode
     kinds: tuple = KINDS
+    sequence: tuple = ()                 # these kinds in this order instead of random draws from kinds
     seed: int = 0
     lease_ttl: float = 4.0
     prior_s: float = 0.0005              # simulated seconds per image
@@ -161,13 +162,17 @@ def write_manifest(path: str, n: int) -> list[str]:
     return ids
 
 
-def _descendants(name: str) -> list:
-    """This process's descendants whose title starts with ``name`` (Ray sets ``ray::<Actor>...``): only the
-    processes this harness started, never another job's on the machine."""
+def _descendants(name: str, root: int | None = None) -> list:
+    """The descendants of ``root`` (default: this process) whose title starts with ``name`` (Ray sets
+    ``ray::<Actor>...``): only processes this harness started, never another job's on the machine."""
     import psutil
 
     out = []
-    for p in psutil.Process().children(recursive=True):
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for p in children:
         try:
             cmd = p.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -279,6 +284,13 @@ class Episode:
                 "error": (err if isinstance(err, str) else json.dumps(err))[:300] if err else None}
 
     # -- faults --
+    def _kind(self, left: int) -> str | None:
+        if left <= 0:
+            return None
+        if self.s.sequence:
+            return self.s.sequence[len(self.s.sequence) - left]
+        return self.rng.choice(self.kinds)
+
     def _next_at(self, done: int, left: int) -> int:
         """A commit count to inject the next fault at: faults spread over what is left to commit."""
         remaining = max(1, self.shards - done)
@@ -302,7 +314,8 @@ class Episode:
             run.signal(signal.SIGCONT)
             return "running"
         if kind == "kill_writer":
-            writers = _descendants("ray::WriterWorker")
+            # the run's own Ray (no cluster) or the cluster's nodes, both started by this harness
+            writers = _descendants("ray::WriterWorker", run.pid if self.cluster is None else None)
             if not writers:
                 self.faults[kind] -= 1
                 self.faults["kill_writer_none_found"] += 1
@@ -364,17 +377,18 @@ class Episode:
     # -- the loop --
     def play(self) -> dict:
         t0 = time.monotonic()
-        left = self.s.faults
+        left = len(self.s.sequence) or self.s.faults
         held_retries = 0
         while True:
             if len(self.runs) >= self.s.max_runs:
                 raise RuntimeError(f"no complete run after {len(self.runs)} runs: {self.runs[-3:]}")
-            run = Run(len(self.runs), self.config, self.env, self.work, own_session=self.cluster is None)
+            env = self.env() if callable(self.env) else self.env  # a callable: a fresh env (Ray temp dir) per run
+            run = Run(len(self.runs), self.config, env, self.work, own_session=self.cluster is None)
             info = {"run": run.n, "faults": [], "exit": None}
             self.runs.append(info)
             self.log(f"  run {run.n} started (faults left {left})")
             due = self._next_at(len(self.commit_names()), left) if left > 0 else None
-            kind = self.rng.choice(self.kinds) if left > 0 else None
+            kind = self._kind(left)
             took_over_at: dict = {}
             state = "running"
             while run.poll() is None and state == "running":
@@ -399,7 +413,7 @@ class Episode:
                             run.t_frozen = time.monotonic()
                         left -= 1
                         due = self._next_at(len(self.commit_names()), left) if left > 0 else None
-                        kind = self.rng.choice(self.kinds) if left > 0 else None
+                        kind = self._kind(left)
                 if time.monotonic() - run.t0 > self.s.run_timeout:
                     run.signal(signal.SIGKILL)
                     self.anomalies.append(f"run {run.n}: still running after {self.s.run_timeout} s, killed")
@@ -502,6 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slowdown", type=float, default=0.02, help="probability of a 503 per request")
     ap.add_argument("--reset", type=float, default=0.01, help="probability of a connection reset per request")
     ap.add_argument("--lost", type=float, default=0.02, help="probability, per write, of a lost answer")
+    ap.add_argument("--match", help="regex on the request path: only matching requests get 503s, resets and "
+                                    "lost answers (e.g. '_lease|_commits')")
     ap.add_argument("--nodes", type=int, default=3, help="fake-GPU worker nodes")
     ap.add_argument("--gpus-per-node", type=int, default=2)
     ap.add_argument("--writers", type=int, default=2)
@@ -521,13 +537,22 @@ def main(argv=None) -> int:
     if a.kbatch_path:
         sys.path.insert(0, a.kbatch_path)
     faults = Faults(latency=a.latency, jitter=a.jitter, slowdown=a.slowdown, reset=a.reset, lost_answer=a.lost,
-                    seed=a.seed)
+                    match=a.match, seed=a.seed)
     store = (S3 if a.storage == "s3" else GCS)(faults)
     store.apply_env()
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 2, "num_gpus": a.gpus_per_node}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    for attempt in range(3):  # a head that times out starting on a loaded machine: try again
+        try:
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+            break
+        except Exception as e:  # noqa: BLE001
+            print(f"cluster head did not start ({e}); again", flush=True)
+            if attempt == 2:
+                store.close()
+                raise
     results = []
     try:
         for _ in range(a.nodes):

@@ -136,13 +136,16 @@ class FaultFront:
         session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
                                         connector=aiohttp.TCPConnector(limit=256))
         app = web.Application(client_max_size=self.max_body)
-        app.router.add_route("*", "/{tail:.*}", lambda request: self._handle(request, session))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        async def handle(request):
+            return await self._handle(request, session)
+
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        site = web.SockSite(runner, sock, shutdown_timeout=1.0)
+        site = web.SockSite(runner, sock)
         await site.start()
         self._ready.set()
         try:
