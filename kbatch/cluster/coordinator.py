@@ -12,7 +12,8 @@ the cluster and answers each run's heartbeat with its allotment.
   their last allotments, and the next heartbeat's ``get_if_exists`` creates a new coordinator, which learns
   every run again from their heartbeats. Until it has heard every run that the cluster's KV store lists as
   registered (or for ``WARMUP`` seconds at most), it keeps each run at the allotment that run says it holds
-  and queues new runs, so a run that re-registers first does not take the others' GPUs.
+  and queues new runs, so a run that re-registers first does not take the others' GPUs. With no run
+  registered for ``IDLE_EXIT`` seconds it ends itself: nothing of kbatch stays on a cluster between jobs.
 * **Non-kbatch workloads:** what Ray says is in use, less what kbatch runs say their replicas hold, is taken;
   the smallest such reading of the last ``USED_WINDOW`` seconds is used (a replica just placed, or just
   stopped, is not mistaken for a stranger and does not make a run drain).
@@ -37,6 +38,7 @@ WARMUP = 8.0  # seconds a new coordinator waits at most to hear runs registered 
 USED_WINDOW = 6.0  # seconds of cluster usage readings: the smallest non-kbatch usage is taken
 READ_EVERY = 1.0  # seconds between reads of the cluster's resources
 HEAD = "node:__internal_head__"  # the resource only Ray's head node has
+IDLE_EXIT = 10.0  # seconds without any registered run after which the coordinator actor ends
 
 
 class Coordinator:
@@ -58,6 +60,7 @@ class Coordinator:
         self._used: deque = deque()  # (time, {resource: non-kbatch usage})
         self._read_at = -math.inf
         self._totals: dict = {}
+        self.idle_since = self.t0  # since when no run is registered
 
     # ---------------------------------------------------------------------------------------- the calls
     def heartbeat(self, demand: JobDemand) -> Allotment:
@@ -145,6 +148,8 @@ class Coordinator:
 
     def _divide(self, now: float) -> None:
         self._expire(now)
+        if self.demands:
+            self.idle_since = now
         totals, strangers = self._non_kbatch(now)
         warming = self._warming(now)
         for resource in {j.resource for j in self.demands.values()}:
@@ -185,9 +190,39 @@ class CoordinatorActor(Coordinator):
 
         super().__init__(resources, registered_runs)
         log.info("kbatch: coordinator %s started (runs registered before it: %d)", self.epoch, len(self.expected))
+        import threading
+
+        self._lock = threading.Lock()
+        threading.Thread(target=self._exit_when_idle, daemon=True).start()
+
+    def _exit_when_idle(self) -> None:
+        """No run registered for IDLE_EXIT seconds: the actor ends (nothing of kbatch stays on the cluster;
+        the next run's heartbeat starts a new one)."""
+        import ray
+
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                if not self.demands and self.clock() - self.idle_since > IDLE_EXIT:
+                    log.info("kbatch: coordinator %s: no run for %.0f s, exiting", self.epoch, IDLE_EXIT)
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                    return
+
+    def heartbeat(self, demand: JobDemand) -> Allotment:
+        with self._lock:
+            return super().heartbeat(demand)
+
+    def deregister(self, run_id: str) -> None:
+        with self._lock:
+            super().deregister(run_id)
 
     def jobs(self) -> list[JobRow]:  # the actor's name for jobs_rows
-        return self.jobs_rows()
+        with self._lock:
+            return self.jobs_rows()
+
+    def cancel(self, run_id: str) -> JobRow | None:
+        with self._lock:
+            return super().cancel(run_id)
 
     def forget(self, run_id: str) -> None:
         note_registered(run_id, False)

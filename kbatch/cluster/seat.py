@@ -27,6 +27,7 @@ log = logging.getLogger("kbatch")
 EVERY = 2.0  # seconds between heartbeats
 CALL_TIMEOUT = 10.0  # seconds a heartbeat may take before the coordinator counts as gone
 TTL = 15.0  # seconds without a heartbeat before the coordinator drops a registration
+FIRST_TIMEOUT = 60.0  # seconds the registration may take (a new coordinator's process starts)
 
 
 class RunCancelled(Exception):
@@ -51,7 +52,11 @@ class Seat:
         """Register (one heartbeat, waited for) and start the heartbeat thread. None: no coordinator
         answered; the run goes on alone (the whole cluster) and keeps trying."""
         note_registered(self.demand.run_id, True)
-        self.beat()
+        for _ in range(3):  # a coordinator that was just ending (idle) or starting: ask again
+            self.beat(timeout=FIRST_TIMEOUT)
+            if self.allotment is not None:
+                break
+            time.sleep(0.5)
         self._thread = threading.Thread(target=self._loop, name="kbatch-seat", daemon=True)
         self._thread.start()
         return self.allotment
@@ -90,13 +95,13 @@ class Seat:
         while not self._stop.wait(self.every):
             self.beat()
 
-    def beat(self) -> None:
+    def beat(self, timeout: float | None = None) -> None:
         with self._lock:
             demand = dataclasses.replace(self.demand, allotted=self.amount)
         try:
             if self._actor is None:
                 self._actor = coordinator(self.ray)
-            a = self.ray.get(self._actor.heartbeat.remote(demand), timeout=self.call_timeout)
+            a = self.ray.get(self._actor.heartbeat.remote(demand), timeout=timeout or self.call_timeout)
         except Exception as e:  # noqa: BLE001 - the coordinator died or hangs: keep the last allotment
             self.failures += 1
             if self.failures == 1:
