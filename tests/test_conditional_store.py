@@ -179,7 +179,7 @@ def test_a_run_on_a_server_that_ignores_conditional_writes_exits_2(moto_url, tmp
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0
 tmpfs /tmp tmpfs rw 0 0
-fs1:/export/home /home nfs4 rw,vers=4.2,addr=10.0.0.1,local_lock=none 0 0
+fs1:/export/home /nfshome nfs4 rw,vers=4.2,addr=10.0.0.1,local_lock=none 0 0
 fs1:/export/scratch /scratch nfs rw,vers=3,nolock,addr=10.0.0.1 0 0
 fs2:/data /data nfs4 rw,vers=4.1,local_lock=flock 0 0
 10.0.0.2@tcp:/lustre /mnt/lustre lustre rw,localflock 0 0
@@ -195,7 +195,7 @@ def test_network_filesystems_with_per_node_locks_are_detected_from_proc_mounts()
     assert network_mount("/mnt/lustre/job/out", MOUNTS) == ("/mnt/lustre", "lustre")  # localflock
     assert network_mount("/mnt/my bucket/out", MOUNTS) == ("/mnt/my bucket", "fuse.gcsfuse")
     # trusted: NFS locks held by the server, Lustre mounted flock; local disks, also inside a network mount
-    assert network_mount("/home/alice/out", MOUNTS) is None
+    assert network_mount("/nfshome/alice/out", MOUNTS) is None
     assert network_mount("/mnt/lustre2/out", MOUNTS) is None
     assert network_mount("/scratch/alice/out", MOUNTS) is None
     assert network_mount("/tmp/out", MOUNTS) is None and network_mount("/srv/out", MOUNTS) is None
