@@ -143,3 +143,44 @@ def test_a_new_coordinator_keeps_allotments_until_it_heard_every_run():
     assert c2.heartbeat(job("x", 1)).amount == 0.0
     clock.t += 60
     assert c2.heartbeat(job("x", 1)).amount == 8.0
+
+
+def test_an_allotment_caps_the_auto_targets_and_the_balance():
+    """kbatch/run/replicas.py with a budget (the run's allotment): 4 nodes of 4 GPUs, the default config."""
+    from kbatch.config import from_dict
+    from kbatch.run.layout import resolve
+    from kbatch.run.replicas import auto_replicas, decoders_for, max_priors
+
+    nodes = [{"NodeID": "head", "Alive": True, "Resources": {"CPU": 2.0}}] + [
+        {"NodeID": f"w{i}", "Alive": True, "Resources": {"CPU": 4.0, "GPU": 4.0}} for i in range(4)]
+    cfg = resolve(from_dict({}), nodes, "head")
+    assert decoders_for(cfg, nodes, 2, 1) == 15 and decoders_for(cfg, nodes, 2, 1, None) == 15  # alone
+    assert decoders_for(cfg, nodes, 2, 1, {"GPU": 8.0}) == 7  # 1 prior + 7 decoders = the 8 allotted
+    assert decoders_for(cfg, nodes, 2, 3, {"GPU": 8.0}) == 5
+    assert max_priors(cfg, nodes, 2, {"GPU": 6.0}) == 5  # beside one decoder
+    assert decoders_for(cfg, nodes, 2, 1, {"GPU": 2.0}) == 1  # the minimum: one of each
+    assert auto_replicas(cfg, "decoder", nodes, 2, {"prior": 1}, budget={"GPU": 0.0}) == 1  # never below 1:
+    # a run allotted nothing is QUEUED, which the pools read apart (StagePool.queued: target 0)
+
+
+def test_a_queued_run_drains_every_replica_at_its_batch_boundary():
+    """StagePool.queued (allotment 0): target 0 whatever ``replicas`` says; running replicas drain (a busy one
+    stops when its batch ends: nothing started twice), then the pool grows back when the run gets GPUs."""
+    from kbatch.run.stage_pool import StagePool
+
+    queued = [False]
+    pool = StagePool("decoder", lambda slot: object(), {"GPU": 1.0}, "auto", limit=2, run_id="r",
+                     target_fn=lambda: 3)
+    pool.queued = lambda: queued[0]
+    for r in pool.scale(0.0):
+        pool.on_ready(r, {"node": "n"})
+    assert pool.n_running() == 3
+    busy = pool.running()[0]
+    pool.add_load(busy, 1)
+    queued[0] = True
+    assert pool.target == 0 and pool.scale(1.0) == []
+    assert [r.state for r in pool.all.values()] == ["draining"] and busy.state == "draining"
+    pool.drop_load(busy, 1)  # its batch ended
+    assert not pool.all
+    queued[0] = False
+    assert len(pool.scale(2.0)) == 3
