@@ -11,6 +11,9 @@ injects ``--faults`` process faults, drawn from:
 - ``freeze_driver``: SIGSTOP of the driver until its lease is quiet for the lease ttl; the next run takes the
   lease over; the frozen one is thawed (SIGCONT) at a random moment after the takeover and must exit 3
   writing nothing more;
+- ``freeze_job``: the same with the run's writer processes frozen too, wherever they are in a shard's write
+  (between their lease check and their commit, say), and thawed with the driver after the takeover: their
+  late commits must find their shards aborted;
 - ``pause_driver``: SIGSTOP for a fraction of the ttl, then SIGCONT: the run carries on;
 - ``kill_writer``: SIGKILL of one writer actor's process (the driver resends its shards);
 - ``remove_node``: ``Cluster.remove_node`` of a fake-GPU node (its actors and objects die), a replacement added.
@@ -45,7 +48,7 @@ for p in (os.path.join(ROOT, "tests"), HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-KINDS = ("kill_driver", "freeze_driver", "pause_driver", "kill_writer", "remove_node")
+KINDS = ("kill_driver", "freeze_driver", "freeze_job", "pause_driver", "kill_writer", "remove_node")
 KEY_ID, SECRET = "AKIACHAOSKEY0000", "chaos-secret-0123456789"
 
 
@@ -106,33 +109,33 @@ class S3:
 
 
 class GCS:
-    """A GCS emulator (``tests/fake_gcs.py``) behind a fault front."""
+    """fake-gcs-server (``tests/fake_gcs.py``) behind a fault front; ``raw`` reads it directly (no faults)."""
     scheme = "gs"
 
     def __init__(self, faults, bucket: str = "chaos"):
         import contextlib
 
         import fake_gcs  # tests/fake_gcs.py
-        import gcsfs
         from fault_front import FaultFront
+        from gcsfs.core import GCSFileSystem
 
         self._stack = contextlib.ExitStack()
-        self.upstream = self._stack.enter_context(fake_gcs.gcs_server()).rstrip("/")
+        server = self._stack.enter_context(fake_gcs.fake_gcs_server())
+        self.upstream = server.url
         self.front = FaultFront(self.upstream, faults, flavor="gcs").start()
-        self.env = {"STORAGE_EMULATOR_HOST": self.front.url, "GOOGLE_CLOUD_PROJECT": "chaos"}
+        self.env = {**fake_gcs.FakeGCS(self.front.url).env(), "GOOGLE_CLOUD_PROJECT": "kbatch-test"}
         self.bucket = bucket
-        self.raw = gcsfs.GCSFileSystem(token="anon", endpoint_url=self.upstream, project="chaos",
-                                       skip_instance_cache=True, use_listings_cache=False)
+        self.raw = GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, **server.storage_options())
         self.raw.mkdir(bucket)
 
     def url(self, prefix: str) -> str:
         return f"gs://{self.bucket}/{prefix}"
 
     def apply_env(self) -> None:
-        import gcsfs
+        from gcsfs.core import GCSFileSystem
 
         os.environ.update(self.env)
-        gcsfs.GCSFileSystem.clear_instance_cache()
+        GCSFileSystem.clear_instance_cache()
 
     def close(self) -> None:
         self.front.stop()
@@ -302,8 +305,15 @@ class Episode:
         if kind == "kill_driver":
             run.signal(signal.SIGKILL)
             return "killed"
-        if kind == "freeze_driver":
+        if kind in ("freeze_driver", "freeze_job"):
             run.signal(signal.SIGSTOP)
+            if kind == "freeze_job":
+                run.also_frozen = _descendants("ray::WriterWorker", run.pid if self.cluster is None else None)
+                for p in run.also_frozen:
+                    try:
+                        p.suspend()
+                    except Exception:  # noqa: BLE001 - gone
+                        pass
             run.frozen = True
             self.frozen.append(run)
             self._wait_lease_quiet()
@@ -359,6 +369,11 @@ class Episode:
             time.monotonic() - run.t_frozen > 120 + 10 * self.s.lease_ttl
 
     def _thaw(self, run: Run) -> None:
+        for p in getattr(run, "also_frozen", []):
+            try:
+                p.resume()
+            except Exception:  # noqa: BLE001 - gone
+                pass
         run.signal(signal.SIGCONT)
         run.frozen = False
         try:
@@ -403,7 +418,7 @@ class Episode:
                         self.frozen.remove(f)
                         self._thaw(f)
                 if due is not None and len(self.commit_names()) >= due and run.poll() is None:
-                    if kind in ("freeze_driver", "kill_driver") and getattr(run, "run_id", None) is None:
+                    if kind in ("freeze_driver", "freeze_job", "kill_driver") and getattr(run, "run_id", None) is None:
                         pass  # not yet holding the lease: wait for it (a fault before it would test nothing new)
                     else:
                         info["faults"].append(kind)
