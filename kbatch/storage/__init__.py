@@ -17,7 +17,7 @@ Which stores work and what kbatch checks: docs/output.md.
 """
 from __future__ import annotations
 
-from kbatch.storage.atomic import exclusive_kind, write_bytes_atomic, write_exclusive, write_synced
+from kbatch.storage.atomic import write_bytes_atomic, write_exclusive, write_synced
 from kbatch.storage.conditional import ConditionalStore, PreconditionFailed, Versioned
 from kbatch.storage.json_files import (dumps_json, exists, read_bytes, read_json, remove, to_jsonable,
                                        write_json_atomic)
@@ -33,7 +33,7 @@ from kbatch.storage.stores import Unsupported, conditional_store, store_for
 __all__ = [
     "ConditionalStore", "ConditionalWritesUnsupported", "MEMORY_LOCK", "OWNED_ENTRIES", "PreconditionFailed",
     "TMP_MARK", "Unsupported", "Versioned", "absolute_if_exists", "absolute_local", "check_relative",
-    "conditional_store", "display_path", "dumps_json", "exclusive_kind", "exists", "get_fs", "is_local", "join",
+    "conditional_store", "display_path", "dumps_json", "exists", "get_fs", "is_local", "join",
     "list_names", "node_local", "probe_conditional_writes", "process_local", "protocol_problem", "read_bytes",
     "read_json", "remove", "remove_tree", "renames_atomically", "s3_conflict", "s3_error", "store_for",
     "to_jsonable", "write_bytes_atomic", "write_exclusive", "write_json_atomic", "write_synced",

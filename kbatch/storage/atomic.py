@@ -13,7 +13,7 @@ import posixpath
 import uuid
 
 from kbatch.storage.conditional import PreconditionFailed
-from kbatch.storage.paths import TMP_MARK, _protocols, is_local, renames_atomically
+from kbatch.storage.paths import TMP_MARK, is_local, renames_atomically
 from kbatch.storage.stores import store_for
 
 def write_synced(path: str, data: bytes) -> None:
@@ -60,21 +60,6 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> int:
             pass
         raise
     return len(data)
-
-
-def exclusive_kind(fs) -> str | None:
-    """How this store creates an object only if it is absent: "local" (link), "memory" (a lock), "s3"
-    (If-None-Match), "gcs" (ifGenerationMatch=0), or None where kbatch has no conditional writes for it."""
-    if is_local(fs):
-        return "local"
-    protocols = _protocols(fs)
-    if "memory" in protocols:
-        return "memory"
-    if protocols & {"s3", "s3a"} and hasattr(fs, "call_s3"):
-        return "s3"
-    if protocols & {"gs", "gcs"}:
-        return "gcs"
-    return None
 
 
 def write_exclusive(fs, path: str, data: bytes) -> bool:
