@@ -4,6 +4,7 @@ If-None-Match / If-Match, network filesystems from a /proc/mounts sample, and lo
 from __future__ import annotations
 
 import os
+import pickle
 import stat
 import sys
 import uuid
@@ -72,6 +73,7 @@ def test_conditions_hold(store):
     store.create("_commits/s0.json", b"c0")
     assert store.list("_commits/") == ["_commits/s0.json", "_commits/s1.json"]
     assert store.list() == ["_commits/s0.json", "_commits/s1.json", "_lease.json"]
+    assert pickle.loads(pickle.dumps(store)).read("_lease.json").version == v2  # stores travel to Ray actors
     store.delete("_lease.json", v2)
     assert store.read("_lease.json") is None
     store.delete("_lease.json", v2)  # already gone: done
