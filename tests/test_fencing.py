@@ -188,9 +188,11 @@ def _fs(root):
 
 
 def read_lease_open(root):
-    from kbatch.output.lease import read_lease
+    """The shards with an intent in flight (``_inflight/``)."""
+    from kbatch.output import intents
+    from kbatch.storage import conditional_store
 
-    return read_lease(root)["open"]
+    return [s for s, _, _ in intents.listed(conditional_store(root))]
 
 
 # ------------------------------------------------------------------------------------------ the frozen run

@@ -23,6 +23,7 @@ import pytest
 from kbatch.config import ConfigError
 from kbatch.output.lease import (LEASE_NAME, Fenced, Lease, LeaseHeld, LeaseLost, LeaseUnsupported, _machine,
                                   dead_reason, looks_recent, read_lease)
+from kbatch.output import intents
 from kbatch.storage import get_fs, join
 
 OTHER_HOST = "some-other-host.invalid"
@@ -400,12 +401,14 @@ def test_create_does_not_overwrite_a_lease_created_meanwhile(any_root, monkeypat
     real_read = cls.read
     calls = []
 
-    def read(self):
+    def read(self, name):
+        if name != LEASE_NAME:
+            return real_read(self, name)
         calls.append(1)
         if len(calls) == 1:
             Lease.acquire(any_root, "sneaky")  # lands just after our look
             return None
-        return real_read(self)
+        return real_read(self, name)
 
     monkeypatch.setattr(cls, "read", read)
     with pytest.raises(LeaseHeld, match="sneaky"):
@@ -420,13 +423,15 @@ def test_takeover_does_not_overwrite_a_lease_changed_meanwhile(any_root, monkeyp
     _put(any_root, _record(pid=_dead_pid()))
     cls = _store_class(any_root)
     real_read = cls.read
-    stale = real_read(Lease(any_root, "probe")._store)
+    stale = real_read(Lease(any_root, "probe")._store, LEASE_NAME)
     Lease.acquire(any_root, "quick")  # took it over first
     calls = []
 
-    def read(self):
+    def read(self, name):
+        if name != LEASE_NAME:
+            return real_read(self, name)
         calls.append(1)
-        return stale if len(calls) == 1 else real_read(self)  # our look saw the dead holder
+        return stale if len(calls) == 1 else real_read(self, name)  # our look saw the dead holder
 
     monkeypatch.setattr(cls, "read", read)
     with pytest.raises(LeaseHeld, match="quick"):
@@ -445,8 +450,9 @@ def _make_takeable(root, lease):
 def test_takeover_bumps_the_epoch_and_fences_the_old_holder(any_root):
     a = Lease.acquire(any_root, "run-a", ttl=1.0)
     fence_a = a.fence()
-    fence_a.register("run-a-00001")  # a shard of a's in flight
-    assert read_lease(any_root)["open"] == ["run-a-00001"] and a.epoch == 1
+    fence_a.begin("run-a-00001", "att1")  # a shard of a's in flight: its intent, not the lease
+    assert [s for s, _, _ in intents.listed(a.store)] == ["run-a-00001"] and a.epoch == 1
+    assert "open" not in read_lease(any_root)
     _make_takeable(any_root, a)
     b = Lease.acquire(any_root, "run-b", ttl=1.0)
     assert b.epoch == 2 and read_lease(any_root)["epoch"] == 2 and b.token != a.token
@@ -456,10 +462,12 @@ def test_takeover_bumps_the_epoch_and_fences_the_old_holder(any_root):
     fs, path = get_fs(any_root)
     rec = commits.read(fs, path, "run-a-00001")
     assert rec["aborted"] and rec["by"]["run_id"] == "run-b" and rec["by"]["epoch"] == 2
-    assert commits.create(fs, path, "run-a-00001", {"shard": "run-a-00001", "attempt": "late"}) is not None
+    assert commits.create(b.store, "run-a-00001", {"shard": "run-a-00001", "attempt": "late"}) is not None
+    assert intents.listed(b.store) == [] and "aborting" not in read_lease(any_root)  # done, then cleared
     # every write path of a is refused, naming b
     with pytest.raises(Fenced, match="run-b"):
-        fence_a.register("run-a-00002")
+        fence_a.begin("run-a-00002", "att2")
+    assert intents.listed(b.store) == []  # the refused attempt's intent is gone again
     with pytest.raises(Fenced, match="run-b"):
         fence_a.check()
     with pytest.raises(LeaseLost, match="run-b"):
@@ -469,12 +477,12 @@ def test_takeover_bumps_the_epoch_and_fences_the_old_holder(any_root):
     assert not fs.exists(join(path, "_job.json"))
     # b's own writes go through
     b.write_json("_job.json", {"run_id": "run-b"})
-    b.fence().register("run-b-00000")
+    b.fence().begin("run-b-00000", "att3")
     a.release()  # not a's: b's lease stays
     assert read_lease(any_root)["run_id"] == "run-b"
     b.release()
     assert read_lease(any_root) is None
-    # b ended with a shard still registered: aborted at release, so a write still in flight commits nothing
+    # b ended with a shard still in flight: aborted at release, so a write still in flight commits nothing
     assert commits.read(fs, path, "run-b-00000")["aborted"]
 
 
@@ -484,11 +492,11 @@ def test_renewer_keeps_a_live_lease_and_retries_storage_errors(any_root, monkeyp
     real_replace = store_cls.replace
     failures = {"left": 2}
 
-    def flaky(self, data, seen):
+    def flaky(self, name, data, version):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise OSError("503 SlowDown")
-        return real_replace(self, data, seen)
+        return real_replace(self, name, data, version)
 
     monkeypatch.setattr(store_cls, "replace", flaky)
     a.start_renewing()
@@ -498,7 +506,7 @@ def test_renewer_keeps_a_live_lease_and_retries_storage_errors(any_root, monkeyp
         assert read_lease(any_root)["renewals"] >= 2
         a.check()
 
-        def down(self, data, seen):
+        def down(self, name, data, version):
             raise OSError("503 SlowDown")
 
         monkeypatch.setattr(store_cls, "replace", down)
@@ -535,7 +543,7 @@ def test_a_contender_whose_clock_is_far_ahead_does_not_take_a_live_lease(any_roo
 
 def test_release_is_best_effort(tmp_path, monkeypatch):
     a = Lease.acquire(str(tmp_path), "run-a")
-    monkeypatch.setattr(type(a._store), "delete", lambda self, seen: (_ for _ in ()).throw(OSError("EIO")))
+    monkeypatch.setattr(type(a._store), "replace", lambda self, *a: (_ for _ in ()).throw(OSError("EIO")))
     a.release()  # a storage error at the very end never turns a finished run into a crash
     assert not a.held
 
@@ -543,34 +551,34 @@ def test_release_is_best_effort(tmp_path, monkeypatch):
 def test_a_filesystem_without_locks_is_refused(tmp_path, monkeypatch):
     import errno
 
-    import kbatch.output.lease as lease_mod
+    import kbatch.storage.local_store as local_store
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(lease_mod.fcntl, "flock", no_locks)
-    with pytest.raises(LeaseUnsupported, match="refuses flock") as err:
+    monkeypatch.setattr(local_store.fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match="refuses flock") as err:  # the store's probe at acquire
         Lease.acquire(str(tmp_path / "out"), "run-a")
     assert isinstance(err.value, ConfigError)  # exit 2, before anything is written
     assert not os.path.exists(tmp_path / "out" / LEASE_NAME)
 
 
 def test_a_store_without_conditional_writes_is_refused(monkeypatch):
-    """gs:// through fsspec has no create-if-absent / compare-and-swap (gcsfs takes no generation
-    precondition): refused with a message naming the store, never run unfenced. A stand-in "gs" class
-    (gcsfs is not installed here) whose protocol is gs."""
+    """A filesystem without conditional writes kbatch can use (no create-if-absent / replace-if-version, e.g.
+    sftp or http): refused with a message naming the store, never run unfenced. A stand-in class whose
+    protocol is "nocond"."""
     from fsspec.implementations.memory import MemoryFileSystem
 
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
+    class NoConditions(MemoryFileSystem):
+        protocol = ("nocond",)
         store, pseudo_dirs = {}, [""]
 
     import importlib
 
-    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "gs", FakeGCS)
-    with pytest.raises(LeaseUnsupported, match="gcs/gs") as err:
-        Lease.acquire("gs://bucket/out", "run-a")
-    assert "s3://" in str(err.value)
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "nocond", NoConditions)
+    with pytest.raises(LeaseUnsupported, match="nocond") as err:
+        Lease.acquire("nocond://bucket/out", "run-a")
+    assert isinstance(err.value, ConfigError) and "s3://" in str(err.value)
 
 
 def test_reprs_mask_secrets(tmp_path):

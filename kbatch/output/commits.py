@@ -1,16 +1,17 @@
-"""Commit records: ``_commits/<shard>.json``, one per shard, created exclusively (SPEC §6 "one shard is
-committed at most once").
+"""Commit records: ``_commits/<shard>.json``, one per shard, created exclusively (docs/output.md: one shard
+is committed at most once).
 
 Every write attempt of a shard writes its objects under its own names (``<shard>~<attempt>``: ``~`` never
-occurs in a shard name) and then *creates* the shard's commit record naming those files: if-absent on every
-store (local: a hard link, which fails like ``O_EXCL``; S3: ``If-None-Match: *``; ``memory://``: under a
-lock). The first attempt to create it wins; a later attempt (a resend after a writer was presumed dead, a Ray
+occurs in a shard name) and then *creates* the shard's commit record naming those files, through the
+output's conditional store (``kbatch.storage.conditional``: create-if-absent on every backend). The first
+attempt to create it wins; a later attempt (a resend after a writer was presumed dead, a Ray
 retry, a writer thawed behind a partition) finds the record there and commits nothing: readers trust only
 the files a commit record names, so the loser's objects are never read.
 
 A record can also be an *abort* (``{"aborted": true}``): created in the shard's name by whoever must make
 sure that no attempt of it commits any more: a run taking over the output lease, for the shards the old
-holder had in flight (its lease lists them), or a driver about to render some of a shard's rows again into
+holder had in flight (``kbatch.output.intents``), ``--overwrite`` for every shard it removes (a commit
+record is replaced by an abort, never deleted: ``kbatch.output.overwrite``), or a driver about to render some of a shard's rows again into
 another shard. Readers skip aborted shards. Records written before attempts existed (no ``attempt`` field)
 name ``meta/<shard>.parquet``; they stay readable.
 """
@@ -47,19 +48,45 @@ def commit_path(root: str, shard: str) -> str:
     return storage.join(root, COMMITS, f"{shard}.json")
 
 
-def create(fs, root: str, shard: str, record: dict) -> dict | None:
-    """Create the commit record of ``shard``: None if this call created it, else the record that was there."""
-    path = commit_path(root, shard)
-    if storage.write_exclusive(fs, path, storage.dumps_json(record)):
+def record_name(shard: str) -> str:
+    """The commit record's name relative to the output root (what the conditional store takes)."""
+    if not valid_shard(shard):
+        raise ValueError(f"invalid shard name {shard!r} (letters, digits, '.', '_', '-')")
+    return f"{COMMITS}/{shard}.json"
+
+
+def create(store, shard: str, record: dict) -> dict | None:
+    """Create the commit record of ``shard`` in ``store`` (the output's ``ConditionalStore``): None if this
+    call created it, else the record that was there. The record must be unique to the attempt (its
+    ``attempt`` or abort ``time``): a create whose answer was lost and whose retry found the name taken by
+    these very bytes succeeded (the store's lost-answer rule)."""
+    from kbatch.storage.conditional import PreconditionFailed
+
+    name = record_name(shard)
+    try:
+        store.create(name, storage.dumps_json(record))
         return None
-    existing = read(fs, root, shard)
-    return existing if existing is not None else {"shard": shard, "unreadable": True}
+    except PreconditionFailed:
+        pass
+    seen = store.read(name)
+    return parse(shard, seen.data) if seen is not None else {"shard": shard, "unreadable": True}
 
 
-def abort(fs, root: str, shard: str, by: dict) -> dict | None:
+def abort(store, shard: str, by: dict) -> dict | None:
     """Make sure no attempt of ``shard`` commits from now on: None if this call aborted it, else the record
     that was there (a commit, or an earlier abort)."""
-    return create(fs, root, shard, {"shard": shard, "aborted": True, "by": by, "time": time.time()})
+    return create(store, shard, {"shard": shard, "aborted": True, "by": by, "time": time.time(),
+                                 "nonce": uuid.uuid4().hex[:8]})
+
+
+def parse(shard: str, raw: bytes) -> dict:
+    """A commit record's content; ``{"unreadable": True}`` for bytes kbatch never writes (records are
+    created complete)."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {"shard": shard, "unreadable": True}
+    return rec if isinstance(rec, dict) else {"shard": shard, "unreadable": True}
 
 
 def read(fs, root: str, shard: str) -> dict | None:
@@ -69,11 +96,7 @@ def read(fs, root: str, shard: str) -> dict | None:
         raw = fs.cat_file(commit_path(root, shard))
     except FileNotFoundError:
         return None
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return {"shard": shard, "unreadable": True}
-    return rec if isinstance(rec, dict) else {"shard": shard, "unreadable": True}
+    return parse(shard, raw)
 
 
 def is_commit(rec: dict | None) -> bool:

@@ -60,10 +60,10 @@ def write_embeddings_shard(spec, shard: str, bases: dict[str, dict], row_cells: 
     from kbatch.output.writer import begin_shard, commit_shard
 
     t0 = time.time()
-    done = begin_shard(spec, shard)  # committed by an earlier attempt: nothing to write
+    attempt = commits.new_attempt()
+    done = begin_shard(spec, shard, attempt)  # committed by an earlier attempt: nothing to write
     if done is not None:
         return done
-    attempt = commits.new_attempt()
     fs, root = storage.get_fs(spec.root, spec.storage_options)
     data = [{**row_cells[o.id], "image_embeds": o.image_embeds.reshape(-1).tolist(),
              "negative_image_embeds": o.negative_image_embeds.reshape(-1).tolist(),

@@ -111,9 +111,9 @@ def settle_lost_write(spec, name: str):
     from kbatch.output import commits
     from kbatch.output.writer import _stats_of
 
-    fs, root = storage.get_fs(spec.root, spec.storage_options)
     fence = spec.fence
-    existing = commits.abort(fs, root, name, {"run_id": getattr(fence, "run_id", None),
+    store = fence.store() if fence is not None else storage.conditional_store(spec.root, spec.storage_options)
+    existing = commits.abort(store, name, {"run_id": getattr(fence, "run_id", None),
                                               "epoch": getattr(fence, "epoch", None),
                                               "reason": "its rows are written again in other shards"})
     if existing is not None and commits.is_commit(existing):

@@ -40,7 +40,10 @@ def read_view(root: str, storage_options: dict | None = None) -> dict[str, Any]:
     job = _quiet(storage.read_json, root, JOB_FILE, storage_options)
     if job and job.get("status") == "running" and not _holds(job, lease):
         job = _quiet(storage.read_json, root, JOB_FILE, storage_options) or job  # it may have ended just now
-    return make_view(root, job, lease, bool(_quiet(storage.exists, root, SUCCESS_FILE, storage_options)))
+    from kbatch.output.markers import complete, read_marker
+
+    # _SUCCESS counts only when it names the run of _job.json, complete (kbatch.output.markers)
+    return make_view(root, job, lease, complete(job, _quiet(read_marker, root, SUCCESS_FILE, storage_options)))
 
 
 def _quiet(fn, *args):
