@@ -17,7 +17,6 @@ from typing import Any
 from kbatch import storage
 from kbatch.output.job_file import JOB_FILE, SUCCESS_FILE
 from kbatch.output.markers import complete as complete_by_markers, read_marker
-from kbatch.output.markers import complete as complete_by_markers, read_marker
 from kbatch.output.writer import list_committed_shards, read_records, reason_of
 
 
