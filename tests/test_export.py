@@ -41,8 +41,8 @@ def _render(tmp, name, quality, fmt="webdataset"):
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, ray_session):
-    """A finished output: 20 ok images in 5 shards (webdataset format), clip scores."""
-    return _render(tmp_path_factory.mktemp("export-src"), "out", {"clip_score": True})
+    """A finished output: 24 ok images in 5 shards (webdataset format), clip scores and image embeddings."""
+    return _render(tmp_path_factory.mktemp("export-src"), "out", {"clip_score": True, "image_embeddings": True})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,14 @@ def _wds_samples(dest):
     return urls, list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
 
 
-def test_webdataset_where_read_back(output, records, tmp_path):
+@pytest.fixture(scope="module")
+def embeddings(output):
+    emb = kbatch.open_results(output).embeddings
+    assert emb is not None and emb.shape[0] == 24 and np.isfinite(emb.astype(np.float32)).all()
+    return emb
+
+
+def test_webdataset_where_read_back(output, records, embeddings, tmp_path):
     cut = float(records["clip_score"].median())
     dest = str(tmp_path / "wds")
     res = export(output, dest, f"clip_score > {cut} and prompt != 'the same fox'", shard_size=5, ray=False,
@@ -73,10 +80,16 @@ def test_webdataset_where_read_back(output, records, tmp_path):
     # the samples are the matching records, in the output's order, with the image files byte for byte
     assert [s["__key__"] for s in samples] == want["key"].tolist()
     src = kbatch.open_results(output)
-    for s, rec in zip(samples, want.to_dict("records")):
+    for s, (pos, rec) in zip(samples, want.iterrows()):
         assert s["json"]["id"] == rec["id"] and s["json"]["clip_score"] == rec["clip_score"]
         assert s["txt"] == rec["prompt"]
         assert np.array_equal(np.asarray(s["png"]), np.asarray(src.image(rec["id"], int(rec["image_index"]))))
+        assert s["npy"].dtype == np.float16 and np.array_equal(s["npy"], embeddings[pos])
+    # beside them, clip-retrieval's layout: img_emb_<i>.npy rows = metadata_<i>.parquet rows = shard i's samples
+    emb = np.concatenate([np.load(os.path.join(dest, f"embeddings/img_emb/img_emb_{i}.npy")) for i in range(len(urls))])
+    meta = pq.read_table(os.path.join(dest, "embeddings", "metadata")).to_pandas()
+    assert np.array_equal(emb, embeddings[want.index.to_numpy()]) and meta["key"].tolist() == want["key"].tolist()
+    assert meta["caption"].tolist() == want["prompt"].tolist()
     progress = json.load(open(os.path.join(dest, "_export.json")))
     assert progress["status"] == "complete" and progress["counts"]["images"] == len(want)
 
@@ -181,3 +194,45 @@ def test_tar_headers_and_index_agree_with_tarfile():
     theirs = buf.getvalue()
     index = tar_index(theirs)
     assert list(index) == names and [theirs[o:o + s] for o, s in index.values()] == blobs
+
+
+def test_dedup_drops_planted_duplicates(output, records, embeddings, tmp_path, tmp_path_factory, capsys):
+    """dup-a/b/c: one prompt and seed, identical images and embeddings; the first in the output's order is kept,
+    every other image stays (their cosines are far below 0.99)."""
+    dest = str(tmp_path / "dedup")
+    res = export(output, dest, dedup=0.99, format="parquet", shard_size=10, ray=False, progress="off")
+    dups = records[records["id"].str.startswith("dup-")]
+    assert len(dups) == 3 and (embeddings[dups.index[0]] == embeddings[dups.index[1:]]).all()
+    t = pq.read_table(os.path.join(dest, "data")).to_pandas()
+    assert res.duplicates == 2 and res.images == len(t) == len(records) - 2
+    assert t["id"].tolist() == [i for i in records["id"] if i not in dups["id"].tolist()[1:]]
+    # an output without embeddings: --dedup is refused before anything is written (exit 2)
+    bare = _render(tmp_path_factory.mktemp("export-bare"), "bare", {"clip_score": True})
+    assert main(["export", bare, str(tmp_path / "no"), "--dedup", "0.95", "--progress", "off"]) == 2
+    assert "needs image embeddings" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_near_duplicates_index_equals_the_sequential_rule():
+    """run/dedup.py against the rule written out here as a loop: an embedding is dropped when its cosine with
+    an embedding kept before it is >= COS; planted near-copies within a chunk and across chunks."""
+    from kbatch.run.dedup import NearDuplicates
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    for src, dst in [(5, 6), (5, 40), (17, 250), (120, 121), (121, 122), (200, 90)]:
+        x[dst] = x[src] + 0.05 * rng.standard_normal(32)  # cosine ~0.999 with its source
+    x[7] = np.nan  # a record without an embedding: kept, never compared
+    x16 = x.astype(np.float16)
+    for cos in (0.99, 0.9995, 0.2):
+        v = x16.astype(np.float64)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        want, kept = [], []
+        for j in range(len(v)):
+            ok = not np.isfinite(v[j]).all() or all(v[j] @ v[i] < cos - 1e-6 for i in kept)
+            want.append(ok)
+            if ok and np.isfinite(v[j]).all():
+                kept.append(j)
+        near = NearDuplicates(cos)
+        got = np.concatenate([near.keep(x16[a:a + 64]) for a in range(0, len(x16), 64)])
+        assert got.tolist() == want and near.unchecked == 1
+    assert sum(want) < 100  # at 0.2 most are dropped: the loop above is not trivially all True

@@ -360,7 +360,8 @@ def write_export_shard(spec: ExportSpec, index: int, records: pa.Table,
     pub = _Publisher(spec.dest, spec.storage_options)
     try:
         if embeddings is not None:
-            np.save(pub.temp(emb_name(index)), np.asarray(embeddings, dtype=np.float16), allow_pickle=False)
+            with open(pub.temp(emb_name(index)), "wb") as fh:  # a file object: np.save adds .npy to a name
+                np.save(fh, np.asarray(embeddings, dtype=np.float16), allow_pickle=False)
             keys = [r["key"] for r in recs]
             exts = [_ext(r) for r in recs]
             where = data_name(spec.format, index)

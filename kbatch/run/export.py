@@ -31,7 +31,8 @@ from kbatch.output import commits
 from kbatch.output.export_formats import (FORMATS, PROGRESS_FILE, ExportSpec, ShardWritten, data_name,
                                           remove_temps, write_card, write_export_shard)
 from kbatch.output.job_file import JOB_FILE, now_iso
-from kbatch.output.writer import iter_records_tables, pandas_types_mapper
+from kbatch.output.image_embeddings import iter_shard_embeddings
+from kbatch.output.writer import pandas_types_mapper
 from kbatch.schema.records import RECORD_SCHEMA
 
 EXIT_OK, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 2, 3
@@ -97,9 +98,9 @@ def _fingerprint(shards: dict[str, str]) -> str:
 
 
 def iter_source(output: str, storage_options: dict | None) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
-    """Per committed shard: its records and their embeddings (None: the output has none)."""
-    for _, table in iter_records_tables(output, None, storage_options):
-        yield table, None
+    """Per committed shard: its standing records and their embeddings row by row (None: the output has none;
+    ``output/image_embeddings.py``)."""
+    return iter_shard_embeddings(output, storage_options)
 
 
 # ---------------------------------------------------------------------------------------------- where
