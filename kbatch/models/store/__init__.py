@@ -14,20 +14,22 @@ A ``models.*`` value is one of:
 
 The package, one idea per file: ``sources`` (what a value is, which files travel), ``checks`` (before a job),
 ``retries``, ``integrity`` (versions, MD5s, hashes), ``cache`` (the node-local cache), ``staging`` (a folder
-made loadable on this node), ``same_weights``, ``pull`` (``kbatch models pull``), ``errors``. This module
+made loadable on this node), ``same_weights``, ``manifest`` (what a pull records), ``pull`` (``kbatch models
+pull``), ``errors``. This module
 re-exports the names callers use. Nothing here imports torch: the driver checks models with it.
 """
 from kbatch.models.store.cache import JOURNAL, default_cache_dir, listing_signature
 from kbatch.models.store.checks import check_model
-from kbatch.models.store.errors import ChecksumMismatch, NotEnoughSpace
+from kbatch.models.store.errors import ChecksumMismatch, NotEnoughSpace, PullInProgress
 from kbatch.models.store.pull import pull_model
 from kbatch.models.store.retries import is_transient, with_retries
 from kbatch.models.store.same_weights import file_sha256, known_sha256, same_weights
 from kbatch.models.store.sources import (CONFIG_SUFFIXES, HUB_PATTERNS, HUB_TIMEOUT, UNSAFE_WEIGHT_SUFFIXES, is_sim,
                                          model_kind, safe_name, wanted)
-from kbatch.models.store.staging import PULL_MANIFEST, Staged, stage, stage_model
+from kbatch.models.store.manifest import PULL_MANIFEST
+from kbatch.models.store.staging import Staged, stage, stage_model
 
 __all__ = ["CONFIG_SUFFIXES", "HUB_PATTERNS", "HUB_TIMEOUT", "JOURNAL", "PULL_MANIFEST", "UNSAFE_WEIGHT_SUFFIXES",
-           "ChecksumMismatch", "NotEnoughSpace", "Staged", "check_model", "default_cache_dir", "file_sha256",
-           "is_sim", "is_transient", "known_sha256", "listing_signature", "model_kind", "pull_model", "safe_name",
-           "same_weights", "stage", "stage_model", "wanted", "with_retries"]
+           "ChecksumMismatch", "NotEnoughSpace", "PullInProgress", "Staged", "check_model", "default_cache_dir",
+           "file_sha256", "is_sim", "is_transient", "known_sha256", "listing_signature", "model_kind", "pull_model",
+           "safe_name", "same_weights", "stage", "stage_model", "wanted", "with_retries"]

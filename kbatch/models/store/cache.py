@@ -9,12 +9,15 @@ staging lock), ``<name>-<hash>-<listing signature>/`` (one version: the files an
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 from kbatch.models.store.integrity import _signature, sha256_of
@@ -26,9 +29,62 @@ log = logging.getLogger("kbatch")
 JOURNAL = ".kbatch-stage.json"
 
 
+#: This node's name in the temp files it writes into a cache folder (``<file>.part-<host>-<pid>``).
+HOST = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname())[:63] or "host"
+_PART = re.compile(r"\.(?:part|tmp)-(?P<host>.+)-(?P<pid>[0-9]+)$")
+
+
 def default_cache_dir() -> str:
-    return os.environ.get("KBATCH_MODEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kbatch",
-                                                                "models")
+    """``$KBATCH_MODEL_CACHE``, else a node-local folder: ``/var/tmp/kbatch-<user>/models`` (the OS temp dir
+    where ``/var/tmp`` is missing or read-only). Not ``~/.cache``: home folders are often NFS mounts that every
+    node shares, where file locks and temp-file cleanup are per node. ``/var/tmp`` is on disk and survives a
+    reboot, where ``/tmp`` is often memory (docs/models.md)."""
+    env = os.environ.get("KBATCH_MODEL_CACHE")
+    if env:
+        return env
+    base = "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"kbatch-{_user()}", "models")
+
+
+def _user() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        name = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or str(os.getuid())
+
+
+def temp_name(final: Path, kind: str = "part") -> Path:
+    """The temp file beside ``final`` that this process writes before renaming it into place: its name carries
+    this host and pid, so cleanup can tell whose it is."""
+    return final.with_name(f"{final.name}.{kind}-{HOST}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_temp_files(dest: Path) -> list[Path]:
+    """Remove the temp files (``.part-``, ``.tmp-``) in ``dest`` that processes of THIS host left when they
+    died; files of another host (a cache on a shared mount) or of a live process are never touched, nor names
+    without host and pid. Called under the node lock. Returns what it removed."""
+    removed = []
+    for p in dest.rglob("*"):
+        m = _PART.search(p.name)
+        if not m or m["host"] != HOST or not p.is_file():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        p.unlink(missing_ok=True)  # ours (no copy of ours is under way: we hold the lock) or a dead process's
+        removed.append(p)
+    return removed
 
 
 def _cache_name(uri: str) -> str:
@@ -141,7 +197,7 @@ def _read_journal(dest: Path) -> dict:
 
 
 def _write_journal(dest: Path, journal: dict) -> None:
-    tmp = dest / f"{JOURNAL}.tmp-{os.getpid()}"
+    tmp = temp_name(dest / JOURNAL, "tmp")
     tmp.write_text(json.dumps(journal, indent=1, sort_keys=True))
     os.replace(tmp, dest / JOURNAL)
 

@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import fsspec
+
 from kbatch.config import ConfigError
+from kbatch.models.store.manifest import COMPLETE, PULL_MANIFEST, PullManifest, read_manifest
 from kbatch.models.store.retries import with_retries
 from kbatch.models.store.sources import (HUB_TIMEOUT, UNSAFE_WEIGHT_SUFFIXES, _fs, _local_names, _local_path,
                                          _remote_listing, is_sim, model_kind)
@@ -111,7 +114,8 @@ def check_model(key: str, uri: str, pipeline_class: str, storage_options: dict |
         if not os.path.isdir(root):
             raise ConfigError(f"{where}: no such folder here ({root}; a hub id is owner/name)")
         names = _local_names(root)
-        problem = (_layout_problem(names, lambda rel: Path(root, rel).read_bytes(), pipeline_class)
+        problem = (_pulling(names, lambda: read_manifest(fsspec.filesystem("file"), root))
+                   or _layout_problem(names, lambda rel: Path(root, rel).read_bytes(), pipeline_class)
                    or _safetensors_problem(root, names))
     else:
         try:
@@ -123,10 +127,21 @@ def check_model(key: str, uri: str, pipeline_class: str, storage_options: dict |
                                    base_delay=1.0)
         except Exception as e:
             raise ConfigError(f"{where}: cannot be listed ({type(e).__name__}: {e})") from e
-        problem = _layout_problem(set(listing), lambda rel: fs.cat_file(f"{root.rstrip('/')}/{rel}"),
-                                  pipeline_class)
+        problem = (_pulling(set(listing), lambda: read_manifest(fs, root))
+                   or _layout_problem(set(listing), lambda rel: fs.cat_file(f"{root.rstrip('/')}/{rel}"),
+                                      pipeline_class))
     if problem:
         raise ConfigError(f"{where}: {problem}")
+
+
+def _pulling(names: set[str], read: Callable[[], PullManifest | None]) -> str | None:
+    """The pull writing the folder (or interrupted), when its manifest says one is: loading it could mix two
+    versions of the model."""
+    manifest = read() if PULL_MANIFEST in names else None
+    if manifest is None or manifest.state == COMPLETE:
+        return None
+    return (f"{manifest.describe()} is writing this folder, or was interrupted; wait for it to finish, or run "
+            f"it again to complete it")
 
 
 def _check_hub(where: str, repo: str, pipeline_class: str, revision: str | None) -> None:

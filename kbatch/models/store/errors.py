@@ -29,3 +29,8 @@ class NotEnoughSpace(OSError):
 
     def __reduce__(self):
         return (type(self), (self.strerror,))
+
+
+class PullInProgress(RuntimeError):
+    """A model folder's pull manifest says ``kbatch models pull`` is writing it (or was interrupted): staging
+    it now could mix two versions (permanent: the message names the pull)."""

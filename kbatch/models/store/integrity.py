@@ -25,7 +25,9 @@ def _signature(info: dict) -> str:
 
 
 def _source_md5(info: dict) -> str | None:
-    """The md5 a listing states, where it does: a single-part S3 ETag, GCS md5Hash."""
+    """The md5 a listing may state: an S3 ETag of 32 hex digits (a multipart ETag, ``<hex>-<parts>``, never is
+    one), GCS md5Hash. An S3 ETag of that form is the content's MD5 only for an object that is neither SSE-KMS
+    nor SSE-C encrypted, which a listing does not say: a mismatch is confirmed by :func:`etag_not_md5`."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
     if _MD5.match(etag):
         return etag
@@ -36,6 +38,26 @@ def _source_md5(info: dict) -> str | None:
             return None
     return None
 
+
+def etag_not_md5(fs, path: str) -> str | None:
+    """Why the ETag of the S3 object at ``path`` is not its content's MD5 (``"SSE-KMS (aws:kms)"``, ``"SSE-C"``),
+    asked of the store (HEAD, with the storage options' SSE-C key when given); None when it is an MD5 or the
+    store is not S3. Real S3 gives SSE-KMS and SSE-C objects ETags that are not MD5s (docs/models.md)."""
+    call = getattr(fs, "call_s3", None)
+    if call is None or not hasattr(fs, "split_path"):
+        return None  # GCS md5Hash is the content's MD5 whatever the key; other stores state none
+    bucket, key, _ = fs.split_path(path)
+    return sse_reason(call("head_object", Bucket=bucket, Key=key))
+
+
+def sse_reason(head: dict) -> str | None:
+    """The encryption of a HEAD answer under which its ETag is not an MD5, or None (none, or SSE-S3)."""
+    sse = str(head.get("ServerSideEncryption") or "")
+    if sse.startswith("aws:kms"):
+        return f"SSE-KMS ({sse})"
+    if head.get("SSECustomerAlgorithm"):
+        return "SSE-C"
+    return None
 
 
 def _download(fs, src: str, tmp: Path) -> tuple[int, str, str]:

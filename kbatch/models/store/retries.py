@@ -17,7 +17,7 @@ log = logging.getLogger("kbatch")
 _PERMANENT_NAMES = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "RemoteEntryNotFoundError",
                     "EntryNotFoundError", "DisabledRepoError", "HFValidationError", "OfflineModeIsEnabled",
                     "NotASafetensorsRepoError", "NoCredentialsError", "PartialCredentialsError", "ConfigError",
-                    "NotEnoughSpace"}
+                    "NotEnoughSpace", "PullInProgress"}
 _TRANSIENT_NAMES = {"TransportError", "TimeoutException", "EndpointConnectionError", "ConnectionClosedError",
                     "ReadTimeoutError", "ConnectTimeoutError", "HTTPClientError", "ClientConnectionError",
                     "ServerDisconnectedError", "ClientPayloadError", "IncompleteRead", "ChunkedEncodingError",
