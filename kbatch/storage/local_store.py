@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import stat
@@ -101,8 +102,10 @@ def network_mount(path: str, mounts_text: str) -> tuple[str, str] | None:
     return point, fstype
 
 
+@functools.lru_cache(maxsize=256)
 def mount_of(path: str) -> tuple[str, str] | None:
-    """This machine's :func:`network_mount` of ``path`` (None where ``/proc/mounts`` does not exist)."""
+    """This machine's :func:`network_mount` of ``path`` (None where ``/proc/mounts`` does not exist); read
+    once per folder and process (writers open a store per shard)."""
     try:
         with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
             text = fh.read()
