@@ -195,8 +195,11 @@ def wait_gone(run_id: str, address: str | None = None, timeout: float | None = N
 def _ask_job_server(address: str, args: list[str]):
     """Run ``python -m kbatch.cli ARGS --address auto --reply`` as a Ray job on the cluster behind the job
     server at ``address`` and return the JSON it replies (a dashboard address reaches no actor itself)."""
+    import logging
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    logging.getLogger("ray.dashboard").setLevel(logging.WARNING)  # "Uploading package ..." on every question
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
