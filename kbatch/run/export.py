@@ -222,13 +222,14 @@ class _Bar:
 
     def update(self, images: int, counts: _Counts, total_shards: int, planned: int):
         self.images += images
-        if self.bar is not None:
-            self.bar.total = max(planned, self.images)
-            self.bar.update(images)
+        if self.bar is not None:  # the total as estimated from the share of source shards planned so far
+            est = planned * total_shards / counts.source_shards if counts.source_shards else planned
+            self.bar.total = max(int(est), self.images)
             self.bar.set_postfix_str(f"source shards {counts.source_shards}/{total_shards}, matched "
                                      f"{counts.matched}/{counts.scanned}"
                                      + (f", {counts.duplicates} duplicates" if counts.duplicates else ""),
                                      refresh=False)
+            self.bar.update(images)
         elif self.mode == "log" and time.monotonic() - self.last >= 30:
             self.last = time.monotonic()
             print(f"kbatch export: {self.images} images written; source shards {counts.source_shards}/"
@@ -252,7 +253,8 @@ class _Runner:
         self.spec = spec
         self.ray = None
         self.futures: dict = {}
-        if use_ray or (use_ray is None and _ray_connected()):
+        in_memory = storage.process_local(spec.dest) or storage.process_local(spec.source)  # memory://: here only
+        if use_ray or (use_ray is None and _ray_connected() and not in_memory):
             import ray
 
             if not ray.is_initialized():
