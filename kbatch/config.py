@@ -68,7 +68,7 @@ class ModelsConfig:
     channels_last: bool = True
     revision: str | None = None
     cache_dir: str | None = None  # node-local copies of s3:// / gs:// model folders (None: KBATCH_MODEL_CACHE or
-    #                               ~/.cache/kbatch/models)
+    #                               /var/tmp/kbatch-<user>/models: docs/models.md#node-local-cache)
     sim: SimConfig = field(default_factory=SimConfig)
 
 

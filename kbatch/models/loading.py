@@ -159,7 +159,7 @@ def compiles(place: Placement, compile) -> bool:
 
 def inductor_cache(cache_dir: str | None) -> str:
     """A persistent inductor cache in the node's kbatch cache (``<models.cache_dir>/inductor``, default
-    ``~/.cache/kbatch/models/inductor``), so a replica started again on a node (a retry, the next job, a pool
+    ``/var/tmp/kbatch-<user>/models/inductor``), so a replica started again on a node (a retry, the next job, a pool
     that grows) loads the compiled kernels instead of compiling them again. Set before the first compile; a
     ``TORCHINDUCTOR_CACHE_DIR`` already in the environment wins."""
     from kbatch.models.store import default_cache_dir
