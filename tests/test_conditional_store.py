@@ -19,7 +19,7 @@ from moto_s3 import aws_env, moto_server  # noqa: E402
 from kbatch.config import ConfigError  # noqa: E402
 from kbatch.storage import (ConditionalWritesUnsupported, PreconditionFailed, Versioned,  # noqa: E402
                             conditional_store, get_fs, join, probe_conditional_writes, store_for,
-                            write_exclusive)
+                            sync_folders, write_bytes_atomic, write_exclusive)
 from kbatch.storage.local_store import (LocalStore, LockTimeout, NetworkFilesystemUnsupported,  # noqa: E402
                                         file_lock, network_mount)
 
@@ -237,6 +237,15 @@ def test_local_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
     store.delete("_commits/s1.json", store.read("_commits/s1.json").version)
     assert ("dir", folder) in synced
     assert os.listdir(folder) == []  # a deleted name leaves no lock file behind
+    # a shard's files (contents fsynced, names not yet): their folders are synced once, before its commit
+    fs, root = get_fs(str(tmp_path / "out"))
+    files = [join(root, f) for f in ("images/s1~a/x.png", "images/s1~a/y.png", "meta/s1~a.parquet")]
+    for f in files:
+        write_bytes_atomic(fs, f, b"data")
+    synced.clear()
+    assert sync_folders(fs, files) == 2
+    assert sorted(p for k, p in synced if k == "dir") == [str(tmp_path / "out" / "images" / "s1~a"),
+                                                          str(tmp_path / "out" / "meta")]
 
 
 def test_a_held_local_lock_times_out_instead_of_hanging(tmp_path):

@@ -17,7 +17,7 @@ Which stores work and what kbatch checks: docs/output.md.
 """
 from __future__ import annotations
 
-from kbatch.storage.atomic import write_bytes_atomic, write_exclusive, write_synced
+from kbatch.storage.atomic import sync_folders, write_bytes_atomic, write_exclusive, write_synced
 from kbatch.storage.conditional import ConditionalStore, PreconditionFailed, Versioned
 from kbatch.storage.json_files import (dumps_json, exists, read_bytes, read_json, remove, to_jsonable,
                                        write_json_atomic)
@@ -35,6 +35,6 @@ __all__ = [
     "TMP_MARK", "Unsupported", "Versioned", "absolute_if_exists", "absolute_local", "check_relative",
     "conditional_store", "display_path", "dumps_json", "exists", "get_fs", "is_local", "join",
     "list_names", "node_local", "probe_conditional_writes", "process_local", "protocol_problem", "read_bytes",
-    "read_json", "remove", "remove_tree", "renames_atomically", "s3_conflict", "s3_error", "store_for",
+    "read_json", "remove", "remove_tree", "renames_atomically", "s3_conflict", "s3_error", "store_for", "sync_folders",
     "to_jsonable", "write_bytes_atomic", "write_exclusive", "write_json_atomic", "write_synced",
 ]

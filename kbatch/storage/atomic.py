@@ -62,6 +62,22 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> int:
     return len(data)
 
 
+def sync_folders(fs, paths) -> int:
+    """On a local disk, fsync each distinct folder holding one of ``paths`` (files written with
+    :func:`write_bytes_atomic`, whose contents are fsynced but whose names are not yet): call it once before
+    the record that makes them visible (a shard's commit), so that a power cut never leaves a durable commit
+    naming files that are gone. No-op on object stores (a PUT is durable when answered). Returns the number
+    of folders synced."""
+    if not is_local(fs):
+        return 0
+    from kbatch.storage.local_store import fsync_dir
+
+    folders = sorted({os.path.dirname(p) for p in paths})
+    for folder in folders:
+        fsync_dir(folder)
+    return len(folders)
+
+
 def write_exclusive(fs, path: str, data: bytes) -> bool:
     """Create ``path`` holding ``data`` only if no object has that name: True if this call created it (or
     an earlier try of it whose answer was lost: ``conditional.py``), False if it existed. Complete or absent

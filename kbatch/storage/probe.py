@@ -6,7 +6,8 @@ creates ``_probe/<random>`` once, creates it again with other bytes (which must 
 a version it never had (which must fail too); a store where either goes through is refused with
 :class:`ConditionalWritesUnsupported` (a ``ConfigError``: exit 2) naming the server and the test. Then it
 replaces and deletes the object with its right version, so that a local folder on a network filesystem, or
-on one without locks, is refused here too (``local_store.py``), before the run writes anything. What each store does: docs/output.md.
+on one without locks, is refused here too (``local_store.py``), before the run writes anything. What each
+store does: docs/output.md.
 """
 from __future__ import annotations
 
