@@ -5,7 +5,7 @@ The package, by idea (every name is re-exported here, so ``from kbatch.storage i
 ``storage.X`` work for all of them):
 
 - ``paths.py``: URLs, protocols, joining and listing names below a root;
-- ``atomic.py``: atomic replace and exclusive create of whole files;
+- ``atomic.py``: atomic replace and exclusive create of whole files; their folders synced before a commit;
 - ``json_files.py``: small (JSON) files by name below an output root;
 - ``owned.py``: what kbatch owns at an output root, and ``--overwrite``'s removal of it;
 - ``conditional.py``: read with version, create-if-absent, replace-if-version, delete-if-version; the
