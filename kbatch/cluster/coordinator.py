@@ -2,8 +2,9 @@
 the cluster and answers each run's heartbeat with its allotment.
 
 * **Where:** the actor ``kbatch-coordinator`` in Ray namespace ``kbatch``, ``lifetime="detached"``,
-  ``num_cpus=0`` (it takes no CPU a job could use), on the head node (never keeping a worker from scaling down), created by the first run's heartbeat with
-  ``get_if_exists=True`` (:func:`coordinator`), so it outlives the runs and every later run finds it.
+  ``num_cpus=0`` (it takes no CPU a job could use), on the head node (never keeping a worker from scaling
+  down), created by the first run's heartbeat with ``get_if_exists=True`` (:func:`coordinator`), so it
+  outlives the runs and every later run finds it.
 * **What:** ``heartbeat(demand) -> Allotment`` (registers a run on its first call), ``deregister(run_id)``,
   ``jobs() -> [JobRow]``, ``cancel(run_id) -> JobRow | None``. Every answer divides the cluster again with
   ``kbatch.cluster.allotment`` (pure policy) over the capacity left after non-kbatch workloads.

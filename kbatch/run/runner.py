@@ -260,7 +260,11 @@ class Runner:
             self.share = Share(self.cfg, seat)
             for p in self.models:
                 p.queued = self.share.queued
-            self._schedule_tick(self.progress)
+            try:
+                self._schedule_tick(self.progress)
+            except BaseException:
+                self.share.close()
+                raise
         self.run_cfg = stages.cfg
         self.job["layout"] = stages.layout
         if stages.compile is not None:  # models.compile / decoder batch: the decision, its rule and inputs

@@ -108,7 +108,8 @@ class Share:
             waited = now - self.queued_since
             limit = self.cfg.schedule.queue_timeout
             if limit is not None and waited > limit:
-                raise StageFailed(f"waited queued for {waited:.0f} s behind {', '.join(a.ahead) or 'other kbatch runs'} "
+                behind = ", ".join(a.ahead) or "other kbatch runs"
+                raise StageFailed(f"waited queued for {waited:.0f} s behind {behind} "
                                   f"(schedule.queue_timeout = {limit:g} s)")
         elif self.queued_since is not None:
             self.queued_seconds += now - self.queued_since
