@@ -11,6 +11,11 @@ The target: peak RSS at 200k within ~15% of 20k's (memory bounded by a source sh
     python bench/export.py                        # 20k and 200k, --where 'clip_score > 25' (about half)
     python bench/export.py --sizes 20000 --format hf --where ''
     python bench/export.py --embeddings --dedup 0.99
+    python bench/export.py --dedup-scale 200000    # run/dedup.py alone: seconds and planted copies found
+
+``--dedup-scale N``: ``NearDuplicates(0.95)`` over N random float16 768-d embeddings in chunks of 256, 1% of
+them planted near-copies (cosine ~0.99) of an earlier one: seconds per 10k, whether the index went IVF, the
+planted copies dropped (all should be) and the others kept (random 768-d vectors have cosine ~0 +- 0.04).
 
 Source outputs are kept under ``--work`` (default /tmp/kbatch-bench-export) and reused by later runs.
 """
@@ -85,6 +90,44 @@ def run_export(src: str, dest: str, args) -> dict:
             "load": f"{load0:.1f}->{loadavg():.1f}"}
 
 
+def dedup_scale(n: int, chunk: int = 256, seed: int = 0) -> dict:
+    import numpy as np
+
+    from kbatch.run.dedup import NearDuplicates
+
+    rng = np.random.default_rng(seed)
+    near = NearDuplicates(0.95)
+    planted = set(rng.choice(np.arange(1000, n), size=n // 100, replace=False).tolist())
+    kept_wrong = dropped_right = 0
+    t0 = time.perf_counter()
+    marks = []
+    for a in range(0, n, chunk):
+        x = rng.standard_normal((min(chunk, n - a), 768)).astype(np.float32)
+        for j in range(len(x)):
+            if a + j in planted:  # a near-copy of a random earlier kept row (one of the first 1000)
+                src = np.random.default_rng(seed + 1 + a + j).integers(0, 1000)
+                x[j] = _row(seed, src) + 0.1 * rng.standard_normal(768)
+            elif a + j < 1000:
+                x[j] = _row(seed, a + j)
+        keep = near.keep(x.astype(np.float16))
+        for j, k in enumerate(keep):
+            if a + j in planted:
+                dropped_right += int(not k)
+            else:
+                kept_wrong += int(not k)
+        if (a + chunk) % 10000 < chunk:
+            marks.append((a + chunk, round(time.perf_counter() - t0, 1), near.exact))
+    return {"n": n, "seconds": round(time.perf_counter() - t0, 1), "planted": len(planted),
+            "planted_dropped": dropped_right, "others_dropped": kept_wrong, "exact_at_end": near.exact,
+            "progress": marks[::max(1, len(marks) // 10)]}
+
+
+def _row(seed: int, i: int):
+    import numpy as np
+
+    return np.random.default_rng([seed, i]).standard_normal(768).astype(np.float32)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[20000, 200000])
@@ -94,7 +137,12 @@ def main():
     p.add_argument("--dedup", type=float, default=None)
     p.add_argument("--embeddings", action="store_true", help="sources with quality.image_embeddings")
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--dedup-scale", type=int, default=None, metavar="N")
     args = p.parse_args()
+    if args.dedup_scale:
+        print(f"# {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {loadavg():.1f}")
+        print(json.dumps(dedup_scale(args.dedup_scale)), flush=True)
+        return
     os.makedirs(args.work, exist_ok=True)
     print(f"# {machine()}, {versions()}, kbatch at {ROOT}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# kbatch export --format {args.format} --where {args.where!r} --shard-size {args.shard_size}"

@@ -232,7 +232,9 @@ def test_near_duplicates_index_equals_the_sequential_rule():
             want.append(ok)
             if ok and np.isfinite(v[j]).all():
                 kept.append(j)
-        near = NearDuplicates(cos)
-        got = np.concatenate([near.keep(x16[a:a + 64]) for a in range(0, len(x16), 64)])
-        assert got.tolist() == want and near.unchecked == 1
+        # flat, and an IVF index past 100 kept (every list probed: exact, so the same answer)
+        for near in (NearDuplicates(cos), NearDuplicates(cos, flat_limit=100, nlist=4, nprobe=4)):
+            got = np.concatenate([near.keep(x16[a:a + 64]) for a in range(0, len(x16), 64)])
+            assert got.tolist() == want and near.unchecked == 1
+        assert near.exact == (sum(want) <= 100)  # the IVF index took over where more than 100 were kept
     assert sum(want) < 100  # at 0.2 most are dropped: the loop above is not trivially all True
