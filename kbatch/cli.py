@@ -361,6 +361,11 @@ def cmd_export(args) -> int:
 
     options = with_env_storage_options(load_config(args.config) if args.config else JobConfig()).storage_options
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):  # a job server: not a cluster to connect to
+        if args.address:
+            raise ConfigError(f"--address {address}: kbatch export connects to a Ray cluster (ray://head:10001 or "
+                              "head:6379), not to its job server")
+        address = None
     ray = None
     try:
         if address:
