@@ -236,3 +236,76 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
     with pytest.raises(ResumeError, match="quality.gate"):
         run_job(from_dict(tiny_config(sim_models(), out, manifest=man, output={"format": "webdataset"},
                                       quality={**q, "gate": {"head": "lin", "min": gate + 1}})))
+
+
+# ------------------------------------------------------- tiny models: stage prior -> gated stage decoder
+def test_tiny_split_stages_gate_embeddings_and_heads(tiny_models, ray_session, tmp_path):
+    """The embeddings output carries what the gate needs; the decoding job gates on it (filtered rows),
+    stores each image's embedding (transformers' CLIP of the file, cosine >= 0.9999) and its head score; the
+    tiny decoder, called directly with the same gate, is handed only the candidates that pass."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from kbatch.models.decoder import DecoderPredictor
+    from kbatch.models.heads import load_head
+    from kbatch.models.scoring import QualitySpec
+    from kbatch.output.embeddings import read_prior_outputs
+    from kbatch.run.runner import run_job
+    from kbatch.schema.rows import Row
+
+    ref = _save_mlp(tmp_path / "aes.safetensors", 32, 5, widths=(64, 16, 8, 4), fmt="safetensors")
+    head = load_head("aes", str(tmp_path / "aes.safetensors"))
+    rows = [{"id": f"t{i}", "prompt": f"a photo of thing {i}", "num_images": 1 + i % 2} for i in range(5)]
+    man = _manifest(tmp_path, rows)
+    heads = {"aes": str(tmp_path / "aes.safetensors")}
+    emb = tmp_path / "emb"
+    q = {"best_of": 2, "heads": heads, "gate": {"head": "aes", "min": 0.0}}
+    assert run_job(from_dict(tiny_config(tiny_models, emb, manifest=man, stage="prior", quality=q))).exit_code == 0
+    stored = pq.read_table(next((emb / "embeddings").glob("*.parquet"))).to_pylist()
+    stored += [r for f in sorted((emb / "embeddings").glob("*.parquet"))[1:] for r in pq.read_table(f).to_pylist()]
+    pred = {r["id"]: head(np.asarray(r["image_embeds"], np.float32).reshape(-1, r["embed_dim"])).reshape(
+        2, r["num_images"]) for r in stored}
+    gate = float(np.median(np.concatenate([p.ravel() for p in pred.values()])))
+    q = {**q, "gate": {"head": "aes", "min": gate}, "image_embeddings": True}
+    out = tmp_path / "dec"
+    assert run_job(from_dict(tiny_config(tiny_models, out, manifest=str(emb), stage="decoder", quality=q))
+                   ).exit_code == 0
+    res = kbatch.open_results(str(out))
+    df, embs = res.df, res.embeddings
+    assert set(df["status"]) == {"ok", "filtered"}
+    vision = CLIPVisionModelWithProjection.from_pretrained(tiny_models["prior"], subfolder="image_encoder").eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_models["prior"], subfolder="image_processor")
+    for k, rec in enumerate(df.to_dict("records")):
+        p = pred[rec["id"]][:, int(rec["image_index"])]
+        if rec["status"] == "filtered":  # no candidate of this image passes: never kept
+            assert (p < gate).all() and rec["predicted_score"] == pytest.approx(p.max(), abs=1e-9)
+            assert np.isnan(embs[k]).all()
+            continue
+        assert rec["predicted_score"] >= gate and rec["predicted_score"] in [pytest.approx(x, abs=1e-9) for x in p]
+        with torch.no_grad():
+            want = vision(**processor(images=res.image(rec["id"], int(rec["image_index"])).convert("RGB"),
+                                      return_tensors="pt")).image_embeds[0].numpy()
+        got = embs[k].astype(np.float32)
+        assert got @ want / np.linalg.norm(got) / np.linalg.norm(want) >= 0.9999
+        assert rec["score_aes"] == pytest.approx(float(_reference_score(ref, want[None])[0]), abs=1e-3)
+    # the decoder itself: handed only the candidates that have an image passing the gate
+    by_id = {r["id"]: r for r in stored}
+    locs = [(str(f), i, r["id"]) for f in sorted((emb / "embeddings").glob("*.parquet"))
+            for i, r in enumerate(pq.read_table(f, columns=["id"]).to_pylist())]
+    priors = read_prior_outputs(locs)
+    batch = [Row(id=pid, prompt=by_id[pid]["prompt"], seed=by_id[pid]["seed"], num_images=by_id[pid]["num_images"],
+                 height=64, width=64, num_inference_steps=4, guidance_scale=4.0, candidates=2) for _, _, pid in locs]
+    batch = [r for r in batch if r.num_images == 1]  # one decoder key: num_images is not part of it, but keep it small
+    priors = [p for p in priors if p.id in {r.id for r in batch}]
+    dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32", threads=1)
+    dec.quality = QualitySpec(heads={"aes": head}, gate_head="aes", gate_min=gate)
+    handed = []
+    real_call = dec._pipeline_call
+    dec._pipeline_call = lambda lane, rows, *a: handed.append(sum(r.renders for r in rows)) or real_call(lane, rows, *a)
+    outs = dec(batch, priors)
+    want = sum(int((pred[r.id] >= gate).any(axis=1).sum()) for r in batch)
+    assert handed == ([want] if want else []) and dec.decoded == want < 2 * len(batch)
+    for r, o in zip(batch, outs):
+        if o.images.shape[0]:  # the same pixels as the job's kept image
+            assert np.array_equal(o.images[0], np.asarray(res.image(r.id, 0).convert("RGB")))
+        else:
+            assert o.filtered == [(0, float(pred[r.id][:, 0].max()))]

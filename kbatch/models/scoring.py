@@ -308,7 +308,7 @@ def keep_best(rows: list[Row], priors: list[PriorOutput], images: np.ndarray, sc
         at += m * n
         block = images[sl] if m else np.zeros((0, r.height, r.width, 3), np.uint8)
         s = None if scores is None else np.asarray(scores[sl], np.float64).reshape(m, n)
-        if k > 1 and s is None:
+        if k > 1 and s is None and m:
             raise ValueError(f"quality: row {r.id!r} has {k} candidates and no scores to choose by")
         elig = plan.passes[dec] if plan is not None else np.ones((m, n), bool)
         choice = []  # per image index: the kept decoded candidate (its place among the decoded), or -1
@@ -328,7 +328,7 @@ def keep_best(rows: list[Row], priors: list[PriorOutput], images: np.ndarray, sc
             o.image_embeds = np.asarray(embeds[sl], np.float32)[pos]
         if heads is not None:
             o.head_scores = {name: [float(v[sl][q]) for q in pos] for name, v in heads.items()}
-        if s is not None:
+        if s is not None and m:
             seeds = list(p.candidate_seeds or candidate_seeds(r.seed, k))
             o.clip_scores = [float(s[choice[i], i]) for i in kept]
             o.seeds = [int(seeds[dec[choice[i]]]) for i in kept]
