@@ -10,7 +10,7 @@
 - ``_job.json`` writes are conditional (an old holder's first write cannot replace the new holder's), and
   readers trust ``_SUCCESS`` only with the run id of ``_job.json`` and status complete;
 - no hot object: writing shards does not write the lease object;
-- resume orders runs by ``_job.json``'s runs list, not by their ids' clocks.
+- resume (and readers' superseding) order runs by ``_job.json``'s runs list, not by their ids' clocks.
 """
 import json
 import os
@@ -323,6 +323,9 @@ def test_resume_orders_runs_by_the_job_files_list_not_by_clocks(tmp_path):
     source = ManifestSource.from_table(pa.table({"id": ["x"], "prompt": ["p"]}), str(tmp_path))
     s = scan(source, str(root))
     assert s.failed_examples == [{"id": "x", "error": "prompt: second run's error"}]
+    import kbatch
+
+    assert kbatch.open_results(str(root)).df.error.tolist() == ["prompt: second run's error"]  # readers too
     checked = []
     scan(source, str(root), trusted_since=second, check=lambda rows, pos, first_at: checked.append(1) or ["h"])
     assert checked == []  # the standing record is the second run's: trusted

@@ -70,6 +70,42 @@ def check_config(previous: dict | None, cfg: JobConfig) -> None:
             f"(changed: {', '.join(changed)}); use a new output path, or --overwrite to start over")
 
 
+class RunOrder:
+    """The order of an output's runs: their order in ``_job.json``'s ``runs`` list (each run adds itself
+    before it commits anything), never their ids' clocks (a run id starts with its machine's UTC time). A run
+    missing from the list (records older than the list, or a list that was lost) comes before every listed
+    run, ordered by id among the unlisted."""
+
+    def __init__(self, runs: list[str] | None):
+        self.rank = {r: i for i, r in enumerate(r for r in runs or [] if isinstance(r, str))}
+
+    def key(self, run) -> tuple[int, int, str]:
+        run = run or ""
+        i = self.rank.get(run)
+        return (0, -1, run) if i is None else (1, i, run)
+
+    def at_or_after(self, run, since) -> bool:
+        """``run`` ran no earlier than ``since`` (a listed run; without a list: by id, as outputs written
+        before the list did)."""
+        if since is None or not run:
+            return False
+        if since in self.rank:
+            return run in self.rank and self.rank[run] >= self.rank[since]
+        return not self.rank and run >= since
+
+
+def runs_of(root: str, storage_options: dict | None = None) -> list[str]:
+    """``_job.json``'s ``runs`` at ``root`` ([] when it has none, or no readable ``_job.json``)."""
+    from kbatch import storage
+
+    try:
+        job = storage.read_json(root, JOB_FILE, storage_options) or {}
+    except (ValueError, UnicodeDecodeError):
+        return []
+    runs = job.get("runs") if isinstance(job, dict) else None
+    return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
+
+
 def _diff(old, new, prefix="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []

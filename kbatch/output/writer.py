@@ -605,10 +605,14 @@ def read_records_table(root: str, columns: list[str] | None = None, storage_opti
     return pa.concat_tables(tables, promote_options="default")  # score_<NAME> columns: shards may differ
 
 
-def current(table: pa.Table) -> pa.Table:
+def current(table: pa.Table, order=None) -> pa.Table:
     """The records that stand: a row rendered again (``--retry-failed``, or a failed row that changed)
     supersedes its old error records. Per id: its ok (and ``filtered``: quality.gate) records if it has any,
-    else its latest error record (by run id, which starts with the run's UTC start time)."""
+    else its latest error record: of the latest run in ``order`` (``job_file.RunOrder``: ``_job.json``'s
+    runs list; None: by run id)."""
+    from kbatch.output.job_file import RunOrder
+
+    order = order or RunOrder([])
     if table.num_rows == 0 or "status" not in table.column_names or "id" not in table.column_names:
         return table
     ids = table.column("id").to_pylist()
@@ -618,7 +622,8 @@ def current(table: pa.Table) -> pa.Table:
     has_ok = {i for i, s in zip(ids, status) if s in stands}
     latest_error: dict = {}
     for k, (i, s, r) in enumerate(zip(ids, status, runs)):
-        if s not in stands and i not in has_ok and (i not in latest_error or (r or "") >= (runs[latest_error[i]] or "")):
+        if s not in stands and i not in has_ok and (i not in latest_error
+                                                    or order.key(r) >= order.key(runs[latest_error[i]])):
             latest_error[i] = k
     keep = [s in stands or latest_error.get(i) == k for k, (i, s) in enumerate(zip(ids, status))]
     return table if all(keep) else table.filter(pa.array(keep))
@@ -634,7 +639,9 @@ def read_records(root: str, columns: list[str] | None = None, storage_options: d
     cols = None if columns is None else list(dict.fromkeys(list(columns) + ["id", "status", "run_id"]))
     table = read_records_table(root, cols, storage_options)
     if not superseded:
-        table = current(table)
+        from kbatch.output.job_file import RunOrder, runs_of
+
+        table = current(table, RunOrder(runs_of(root, storage_options)))
     if columns is not None:
         table = table.select(list(columns))
     return table.to_pandas(types_mapper=pandas_types_mapper())

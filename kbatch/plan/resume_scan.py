@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kbatch.output.job_file import RunOrder, runs_of
 from kbatch.plan.manifest import ManifestSource
 from kbatch.schema.rows import ID_RE
 from kbatch.plan.spill_buckets import Buckets, SpillFolder, bucket_count, id_hash
@@ -134,7 +135,7 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
     (unchanged stamp), so their rows need no check. ``check(cells: list[dict], positions, first_at) -> list[str]``
     gives the fingerprint each row would have now (step 4); without it, rows with records are not compared
     (``kbatch status``)."""
-    order = RunOrder(runs if runs is not None or output is None else _runs_of(output, storage_options))
+    order = RunOrder(runs if runs is not None or output is None else runs_of(output, storage_options))
     total = source.total
     states = np.zeros(total, dtype=np.uint8)
     out = Scan(states)
@@ -181,42 +182,6 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
         if check is not None and check_later.rows:
             _compare(source, out, check_later, check)
     return out
-
-
-class RunOrder:
-    """The order of an output's runs: their order in ``_job.json``'s ``runs`` list (each run appends itself
-    before it commits anything), never their ids' clocks. A run missing from the list (records older than the
-    list, or a list that was lost) comes before every listed run, ordered by id among the unlisted."""
-
-    def __init__(self, runs: list[str] | None):
-        self.rank = {r: i for i, r in enumerate(r for r in runs or [] if isinstance(r, str))}
-
-    def key(self, run) -> tuple[int, int, str]:
-        run = run or ""
-        i = self.rank.get(run)
-        return (0, -1, run) if i is None else (1, i, run)
-
-    def at_or_after(self, run, since) -> bool:
-        """``run`` ran no earlier than ``since`` (a listed run; without a list: by id, as outputs written
-        before the list did)."""
-        if since is None or not run:
-            return False
-        if since in self.rank:
-            return run in self.rank and self.rank[run] >= self.rank[since]
-        return not self.rank and run >= since
-
-
-def _runs_of(output: str, storage_options) -> list[str]:
-    """``_job.json``'s ``runs`` of ``output`` ([] when it has none)."""
-    from kbatch import storage
-    from kbatch.output.job_file import JOB_FILE
-
-    try:
-        job = storage.read_json(output, JOB_FILE, storage_options) or {}
-    except (ValueError, UnicodeDecodeError):
-        return []
-    runs = job.get("runs") if isinstance(job, dict) else None
-    return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
 
 
 def _count_failure(out: Scan, rid: str, error) -> None:
