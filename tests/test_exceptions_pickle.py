@@ -99,3 +99,27 @@ def test_exception_round_trips_through_pickle(cls):
         assert _state(back) == _state(exc)
         if isinstance(exc, OSError):
             assert (back.errno, back.strerror) == (exc.errno, exc.strerror)
+
+
+#: The layers whose code runs in actors (staging, loading, writing); every class is checked by pickle above.
+ACTOR_LAYERS = ("kbatch.models", "kbatch.output")
+
+
+def test_exceptions_raised_in_ray_reach_the_driver_intact(ray_session):
+    """What the user sees: each exception of the layers that run in actors, raised in a Ray worker, comes back
+    as itself (type, message, fields), never as ``UnserializableException`` (a ChecksumMismatch did)."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=1)  # one or two workers, reused: kbatch is imported once per worker
+    def throw(exc):
+        raise exc
+
+    classes = [c for c in kbatch_exceptions() if c.__module__.startswith(ACTOR_LAYERS)]
+    refs = [throw.remote(_instance(cls)) for cls in classes]
+    for cls, ref in zip(classes, refs):
+        with pytest.raises(ray.exceptions.RayTaskError) as err:
+            ray.get(ref, timeout=120)
+        cause, want = err.value.cause, _instance(cls)
+        assert type(cause) is cls, (cls, type(cause))
+        assert str(cause) == str(want) and _state(cause) == _state(want)
+        assert isinstance(err.value, cls)  # `except ChecksumMismatch:` catches it on the driver
