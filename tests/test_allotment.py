@@ -123,6 +123,10 @@ def test_coordinator_counts_other_workloads_as_taken():
     c = Coordinator(resources=lambda: ({"GPU": 16.0}, {"GPU": 6.0}), clock=clock)
     a = c.heartbeat(job("a", 1, held=6.0))
     assert a.capacity == 12.0 and a.amount == 12.0
+    # replicas Ray has just placed, before the run knows: its pending ones are counted as its own
+    c = Coordinator(resources=lambda: ({"GPU": 16.0}, {"GPU": 6.0}), clock=clock)
+    a = c.heartbeat(job("a", 1, held=6.0, asked=10.0))
+    assert a.capacity == 16.0 and a.amount == 16.0
 
 
 def test_a_new_coordinator_keeps_allotments_until_it_heard_every_run():

@@ -139,7 +139,8 @@ class Coordinator:
                 self._totals = dict(totals)
                 held: dict[str, float] = {}
                 for j in self.demands.values():
-                    held[j.resource] = held.get(j.resource, 0.0) + j.held + j.overhead
+                    # pending replicas too: one Ray has just placed is not mistaken for a stranger's
+                    held[j.resource] = held.get(j.resource, 0.0) + max(j.held, j.asked) + j.overhead
                 used = {k: max(0.0, v - free.get(k, 0.0) - held.get(k, 0.0)) for k, v in totals.items()}
                 self._used.append((now, used))
         while self._used and now - self._used[0][0] > USED_WINDOW and len(self._used) > 1:

@@ -29,6 +29,7 @@ class JobDemand:
     unit: float = 1.0  # resource one replica asks: the smallest step of its allotment
     can_use: float = math.inf  # most it could use now (stage limits, fixed replicas, the tail)
     held: float = 0.0  # resource its placed replicas hold now
+    asked: float = 0.0  # resource all its replicas ask, pending ones too (an upper bound of what it holds)
     rows_total: int = 0
     rows_done: int = 0
     img_s: float | None = None

@@ -79,6 +79,8 @@ class Share:
         snap = progress.snapshot() if progress is not None else {}
         self.seat.update(held=sum(p.demand.get(self.resource, 0.0) for p in pools for r in p.all.values()
                                   if r.holds_room),
+                         asked=sum(p.demand.get(self.resource, 0.0) for p in pools for r in p.all.values()
+                                   if r.state != "dead"),
                          can_use=self._can_use(pools),
                          overhead=(0.0 if self.resource == "GPU" or writers is None else
                                    sum(writers.demand.get("CPU", 0.0) for r in writers.all.values() if r.holds_room)),
