@@ -87,6 +87,7 @@ class S3:
         self.upstream = f"http://{host}:{port}"
         self.front = FaultFront(self.upstream, faults, flavor="s3").start()
         self.env["AWS_ENDPOINT_URL"] = self.front.url
+        self.options = {}  # the environment carries the endpoint and credentials
         self.bucket = bucket
         self.raw = s3fs.S3FileSystem(key=KEY_ID, secret=SECRET, endpoint_url=self.upstream, use_listings_cache=False)
         self.raw.mkdir(bucket)
@@ -124,6 +125,7 @@ class GCS:
         self.upstream = server.url
         self.front = FaultFront(self.upstream, faults, flavor="gcs").start()
         self.env = {**fake_gcs.FakeGCS(self.front.url).env(), "GOOGLE_CLOUD_PROJECT": "kbatch-test"}
+        self.options = fake_gcs.FakeGCS(self.front.url).storage_options()  # in the config (token anon)
         self.bucket = bucket
         self.raw = GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, **server.storage_options())
         self.raw.mkdir(bucket)
@@ -143,7 +145,7 @@ class GCS:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def sim_config(manifest: str, out: str, s: Setup) -> dict:
+def sim_config(manifest: str, out: str, s: Setup, storage_options: dict | None = None) -> dict:
     from kbatch.config import deep_merge
 
     cfg = {"models": {"prior": "sim", "decoder": "sim",
@@ -152,6 +154,8 @@ def sim_config(manifest: str, out: str, s: Setup) -> dict:
            "output": {"path": out, "format": "parquet", "rows_per_shard": s.rows_per_shard, "gallery": False,
                       "lease_ttl": s.lease_ttl},
            "resources": {"writers": s.writers}}
+    if storage_options:
+        cfg["storage_options"] = storage_options
     return deep_merge(cfg, s.extra)
 
 
@@ -244,8 +248,10 @@ class Episode:
         self.out = store.url(f"out-{os.path.basename(work)}-{setup.seed}")
         from _common import write_yaml
 
-        self.config = write_yaml(os.path.join(work, "job.yaml"), sim_config(self.manifest, self.out, setup))
-        self.shards = -(-setup.rows // max(setup.rows_per_shard, 32))  # about: a shard takes whole batches (32)
+        self.config = write_yaml(os.path.join(work, "job.yaml"), sim_config(self.manifest, self.out, setup,
+                                                                                       store.options))
+        self.shards = -(-setup.rows // max(setup.rows_per_shard, 32))  # about: a shard takes whole batches
+        self._calibrated = False
         self.faults: Counter = Counter()
         self.runs: list[dict] = []
         self.frozen: list[Run] = []       # frozen drivers waiting to be thawed after a takeover
@@ -294,8 +300,24 @@ class Episode:
             return self.s.sequence[len(self.s.sequence) - left]
         return self.rng.choice(self.kinds)
 
+    def _calibrate(self) -> None:
+        """Shards hold whole batches (``--rows-per-shard`` or more): once a commit record is there, the number of
+        shards to expect is counted from its rows."""
+        if self._calibrated:
+            return
+        for name in self.commit_names():
+            try:
+                rec = json.loads(self.store.raw.cat_file(self._raw(f"_commits/{name}")))
+            except Exception:  # noqa: BLE001
+                continue
+            if not rec.get("aborted") and rec.get("rows"):
+                self.shards = max(1, -(-self.s.rows // int(rec["rows"])))
+                self._calibrated = True
+                return
+
     def _next_at(self, done: int, left: int) -> int:
         """A commit count to inject the next fault at: faults spread over what is left to commit."""
+        self._calibrate()
         remaining = max(1, self.shards - done)
         return done + self.rng.randint(1, max(1, remaining // (left + 1)))
 
@@ -473,11 +495,11 @@ class Episode:
 
         ids = set(self.ids)
         # 1. kbatch's own readers
-        df = kbatch.open_results(self.out).df
+        df = kbatch.open_results(self.out, storage_options=self.store.options).df
         ok = df[df.status == "ok"]
         reader_dups = int(len(ok) - ok["id"].nunique())
         reader_missing = len(ids - set(ok["id"]))
-        s = summarize(self.out)
+        s = summarize(self.out, storage_options=self.store.options)
         # 2. raw: every commit record, the metadata file each names
         seen: Counter = Counter()
         aborted = committed = 0

@@ -3,8 +3,9 @@
 An output on S3 (moto) behind ``tests/fault_front.py`` (latency, 503 SlowDown, connection resets, answers lost
 after the write landed, seeded), rendered by ``kbatch run`` subprocesses (simulated stages, each run on its own
 local Ray) while the harness kills a writer actor, SIGKILLs the driver (its whole process group: driver and
-its Ray) and freezes the next driver (SIGSTOP) until a third run takes its lease over; the frozen run is thawed
-and must exit 3 writing nothing more. The last run completes; every row then has exactly one ok record, read
+its Ray) and freezes the next driver (SIGSTOP; on S3 with its writers, wherever they are in a shard's write)
+until a third run takes its lease over; the frozen run is thawed and must exit 3 writing nothing more. The
+same on GCS (fake-gcs-server, ``tests/fake_gcs.py``) behind the front, with fewer faults. The last run completes; every row then has exactly one ok record, read
 through kbatch's readers and through a raw listing of the commit records and the metadata files they name.
 
 The front itself is checked first: each kind of fault is injected and counted, and a write whose answer was
@@ -57,15 +58,22 @@ def test_the_front_injects_and_counts_each_fault(monkeypatch):
             assert front.counts["requests"] == 7
 
 
-def test_chaos_runs_end_with_every_row_exactly_once(tmp_path, monkeypatch):
-    store = chaos.S3(Faults(latency=0.002, jitter=0.004, slowdown=0.03, reset=0.02, lost_answer=0.05, seed=11))
+# S3: a writer killed, the driver SIGKILLed, the next run frozen with its writers mid-write past a takeover;
+# GCS: the driver SIGKILLed, the next driver frozen past a takeover
+EPISODES = {"s3": (300, ("kill_writer", "kill_driver", "freeze_job")), "gcs": (200, ("kill_driver", "freeze_driver"))}
+
+
+@pytest.mark.parametrize("storage", EPISODES)
+def test_chaos_runs_end_with_every_row_exactly_once(tmp_path, monkeypatch, storage):
+    rows, sequence = EPISODES[storage]
+    faults = Faults(latency=0.002, jitter=0.004, slowdown=0.03, reset=0.02, lost_answer=0.05, seed=11)
+    store = chaos.S3(faults) if storage == "s3" else chaos.GCS(faults)
     try:
         for k, v in store.env.items():
             monkeypatch.setenv(k, v)
         for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
             monkeypatch.delenv(k, raising=False)
-        setup = chaos.Setup(rows=400, rows_per_shard=20, seed=3, lease_ttl=2.0, writers=1,
-                            sequence=("kill_writer", "kill_driver", "freeze_driver"),
+        setup = chaos.Setup(rows=rows, rows_per_shard=20, seed=3, lease_ttl=2.0, writers=1, sequence=sequence,
                             extra={"resources": {"prior": {"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 10},
                                                  "decoder": {"replicas": 1, "gpus": 0, "cpus": 0.25,
                                                              "batch_size": 10},
@@ -75,10 +83,11 @@ def test_chaos_runs_end_with_every_row_exactly_once(tmp_path, monkeypatch):
     finally:
         store.close()
     detail = {k: v for k, v in r.items() if k != "run_log"}, r["run_log"]
-    assert r["process_faults"] == {"kill_writer": 1, "kill_driver": 1, "freeze_driver": 1}, detail
+    assert r["process_faults"] == {k: 1 for k in sequence}, detail
     assert sum(v for k, v in r["store_faults"].items() if k != "latency") > 0, detail
     assert r["duplicates"] == 0 and r["missing"] == 0, detail
-    assert r["reader"]["rows_ok"] == 400 and r["raw"]["unexpected_ids"] == 0, detail
+    assert r["reader"]["rows_ok"] == rows and r["raw"]["unexpected_ids"] == 0, detail
+    assert r["raw"]["commit_records"] >= 2, detail
     assert r["job_status"] == "complete" and r["success_run_matches_job"], detail
     assert r["anomalies"] == [], detail  # the thawed run exited 3 saying it lost the lease
-    assert r["runs"] >= 3 and any(run.get("thawed") for run in r["run_log"]), detail
+    assert r["runs"] >= len(sequence) and any(run.get("thawed") for run in r["run_log"]), detail
