@@ -6,7 +6,9 @@ A :class:`ConditionalStore` is rooted at a URL and offers, for names relative to
 - ``create(name, data)``: create-if-absent, returns the new version;
 - ``replace(name, data, version)``: replace-if-version, returns the new version;
 - ``delete(name, version)``: delete-if-version (an absent object counts as deleted);
-- ``list(prefix)``: the names under a prefix, sorted.
+- ``list(prefix)``: the names that start with ``prefix`` (a plain string prefix: a folder ends with ``/``),
+  sorted, relative to the root with the prefix included (``list("_inflight/")`` -> ``["_inflight/a.json"]``);
+  ``[]`` for an absent prefix. Temp and lock files of the local backend are never listed.
 
 A condition that does not hold raises :class:`PreconditionFailed`. Backends: ``local_store.py`` (exclusive
 ``link()``, renames under a lock, fsync of the file and its folder), ``s3_store.py`` (``If-None-Match`` /
