@@ -16,6 +16,7 @@ from kbatch.storage.conditional import PreconditionFailed
 from kbatch.storage.paths import TMP_MARK, is_local, renames_atomically
 from kbatch.storage.stores import store_for
 
+
 def write_synced(path: str, data: bytes) -> None:
     """Write a local file and fsync it (the temp file that a rename or link then publishes)."""
     with open(path, "wb") as fh:

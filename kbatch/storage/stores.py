@@ -7,7 +7,11 @@ the backend: they get a ``ConditionalStore`` (``conditional.py``).
 from __future__ import annotations
 
 from kbatch.storage.conditional import ConditionalStore
+from kbatch.storage.gcs_store import GCSStore
+from kbatch.storage.local_store import LocalStore
+from kbatch.storage.memory_store import MemoryStore
 from kbatch.storage.paths import _protocols, display_path, get_fs, is_local
+from kbatch.storage.s3_store import S3Store
 
 
 class Unsupported(ValueError):
@@ -16,21 +20,14 @@ class Unsupported(ValueError):
 
 def store_for(fs, root: str) -> ConditionalStore:
     """The conditional-write store of folder ``root`` (a path of ``fs``, without protocol)."""
-    from kbatch.storage.local_store import LocalStore
-    from kbatch.storage.memory_store import MemoryStore
-
     protocols = _protocols(fs)
     if is_local(fs):
         return LocalStore(root)
     if "memory" in protocols:
         return MemoryStore(root)
     if protocols & {"s3", "s3a"} and hasattr(fs, "call_s3"):
-        from kbatch.storage.s3_store import S3Store
-
         return S3Store(fs, root)
     if protocols & {"gs", "gcs"}:
-        from kbatch.storage.gcs_store import GCSStore
-
         return GCSStore(fs, root)
     raise Unsupported(f"{display_path(fs, root)}: {'/'.join(sorted(protocols))} offers no conditional writes "
                       "kbatch can use (create-if-absent, replace-if-version); use a local disk, s3:// or gs://")
