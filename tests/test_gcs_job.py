@@ -1,7 +1,7 @@
 """A whole job on GCS (``gs://``), on fake-gcs-server: manifest read from the bucket, outputs written there by the
 ``kbatch`` command in a subprocess (simulated models, local Ray), with the same promises as on S3: the lease,
 one commit per shard, ``_job.json`` and ``_SUCCESS``; reading
-back with ``open_results`` and ``kbatch status``'s summary. The emulator is reached through ``storage_options`` in the
+back with ``open_results`` and ``kbatch status``'s summary. Models too: pulled to gs:// and staged from it. The emulator is reached through ``storage_options`` in the
 config (``endpoint_url``, ``token: anon``), which reach the driver and the workers."""
 import io
 import json
@@ -73,3 +73,27 @@ def test_a_job_runs_on_gcs(job, gcs):
     assert sorted(f"_commits/{s}.json" for s in set(ok.shard)) == commits  # one commit per shard
     s = summarize(OUT, storage_options=gcs.storage_options())
     assert s["complete"] and s["rows_ok"] == len(ROWS) and s["rows_missing"] == 0
+
+
+def test_models_pull_and_stage_on_gcs(gcs, tmp_path):
+    """``kbatch models pull`` to gs:// and staging from it: the staged copy holds the same bytes, and a second
+    pull of the same folder uploads nothing (GCS's md5Hash matches each local file)."""
+    import os
+
+    from kbatch.models.store import pull_model, stage_model
+
+    src = tmp_path / "model"
+    (src / "unet").mkdir(parents=True)
+    (src / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    (src / "unet" / "config.json").write_text("{}")
+    (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(200_000))
+    url = f"gs://{BUCKET}/models/m1"
+    first = pull_model(str(src), url, gcs.storage_options())
+    assert first["files"] == 3 and first["uploaded"] == 3
+    again = pull_model(str(src), url, gcs.storage_options())
+    assert again["uploaded"] == 0 and again["skipped"] == 3
+    staged = stage_model(url, gcs.storage_options(), cache_dir=str(tmp_path / "cache"))
+    assert str(staged).startswith(str(tmp_path / "cache"))
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
+        with open(os.path.join(str(staged), rel), "rb") as fh:
+            assert fh.read() == (src / rel).read_bytes(), rel
