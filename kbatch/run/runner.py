@@ -26,7 +26,7 @@ from kbatch.run.progress import Progress
 log = logging.getLogger("kbatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INCOMPLETE = 0, 1, 2, 3
-PROGRESS_EVERY = 5.0  # seconds between progress writes to _job.json (SPEC: at least every 30 s; status --watch)
+PROGRESS_EVERY = 5.0  # seconds between progress writes to _job.json (read by kbatch status --watch)
 
 
 @dataclass
@@ -536,7 +536,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False, retry_failed: bool = Fal
     except BaseException:
         runner.lease.release()
         raise
-    runner.shared = not started and on_shared_cluster()  # other kbatch jobs may run there (kbatch.run.share)
+    runner.shared = on_shared_cluster()  # connected by address: other kbatch jobs may run there (kbatch.run.share)
     try:
         return runner.run()
     finally:
