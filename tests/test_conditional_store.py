@@ -83,6 +83,34 @@ def test_conditions_hold(store):
         store.create("../escape", b"x")
 
 
+def test_concurrent_replaces_lose_no_update(store):
+    """A counter incremented by replace-if-version from 4 threads: every successful replace counts once."""
+    import json
+    import threading
+
+    store.create("n.json", json.dumps({"n": 0}).encode())
+    wins = []
+
+    def work():
+        done = 0
+        while done < 6:
+            seen = store.read("n.json")
+            n = json.loads(seen.data)["n"]
+            try:
+                store.replace("n.json", json.dumps({"n": n + 1, "by": uuid.uuid4().hex}).encode(), seen.version)
+            except PreconditionFailed:
+                continue
+            done += 1
+            wins.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(wins) == 24 and json.loads(store.read("n.json").data)["n"] == 24
+
+
 def _lose_first_answer(monkeypatch, store, method: str, write_instead: bytes | None = None):
     """The store's first ``method`` call lands (with ``write_instead`` if given: another writer's bytes),
     then raises as a reset connection would; later calls go through."""
