@@ -80,6 +80,9 @@ class S3:
         from moto_s3 import aws_env, free_port
         from moto import server as moto
 
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
         self.env = aws_env(KEY_ID, SECRET)
         self._moto = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         self._moto.start()

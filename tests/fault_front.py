@@ -191,7 +191,11 @@ class FaultFront:
         from aiohttp import web
 
         delay, fault = self._draw(request)
-        body = await request.read()
+        try:
+            body = await request.read()
+        except Exception:  # noqa: BLE001 - the client went away mid-body (a killed writer): nothing to answer
+            self._reset(request)
+            raise asyncio.CancelledError from None
         if delay > 0:
             await asyncio.sleep(delay)
         if fault == "slowdown":

@@ -74,6 +74,7 @@ def test_chaos_runs_end_with_every_row_exactly_once(tmp_path, monkeypatch, stora
         for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
             monkeypatch.delenv(k, raising=False)
         setup = chaos.Setup(rows=rows, rows_per_shard=20, seed=3, lease_ttl=2.0, writers=1, sequence=sequence,
+                            max_runs=10, run_timeout=300,
                             extra={"resources": {"prior": {"replicas": 1, "gpus": 0, "cpus": 0.25, "batch_size": 10},
                                                  "decoder": {"replicas": 1, "gpus": 0, "cpus": 0.25,
                                                              "batch_size": 10},
