@@ -52,9 +52,10 @@ class Seat:
         """Register (one heartbeat, waited for) and start the heartbeat thread. None: no coordinator
         answered; the run goes on alone (the whole cluster) and keeps trying."""
         note_registered(self.demand.run_id, True)
-        for _ in range(3):  # a coordinator that was just ending (idle) or starting: ask again
+        t0 = time.monotonic()
+        for _ in range(3):  # a coordinator that was just ending (idle): ask again, a while at most
             self.beat(timeout=FIRST_TIMEOUT)
-            if self.allotment is not None:
+            if self.allotment is not None or time.monotonic() - t0 > FIRST_TIMEOUT / 2:
                 break
             time.sleep(0.5)
         self._thread = threading.Thread(target=self._loop, name="kbatch-seat", daemon=True)
