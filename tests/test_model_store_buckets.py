@@ -122,8 +122,12 @@ def test_etag_counts_as_md5_only_on_unencrypted_objects(s3, tiny_models, tmp_pat
     """The same corrupted download (bytes whose md5 differs from the listing's ETag): refused on a plain
     bucket, where the ETag is the MD5; on an SSE-KMS bucket the ETag proves nothing and the pull manifest's
     sha256 decides: a pulled folder still refuses it."""
-    from kbatch.models.store.integrity import sse_reason
+    from kbatch.models.store.integrity import _source_md5, sse_reason
 
+    md5 = "0123456789abcdef0123456789abcdef"
+    assert _source_md5({"ETag": f'"{md5}"'}) == md5
+    assert _source_md5({"ETag": f'"{md5}-3"'}) is None  # multipart: never an MD5
+    assert _source_md5({"md5Hash": "ASNFZ4mrze8BI0VniavN7w=="}) == md5  # GCS, base64
     assert sse_reason({"ServerSideEncryption": "AES256"}) is None and sse_reason({}) is None
     assert sse_reason({"ServerSideEncryption": "aws:kms"}) == "SSE-KMS (aws:kms)"
     assert sse_reason({"ServerSideEncryption": "aws:kms:dsse"}).startswith("SSE-KMS")
