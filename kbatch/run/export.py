@@ -167,7 +167,7 @@ def plan(chunks: Iterator[tuple[pa.Table, np.ndarray | None]], where: str | None
         return unit
 
     for table, emb in chunks:
-        keep = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
+        keep = np.asarray(pc.fill_null(pc.equal(table.column("status"), "ok"), False), dtype=bool)
         if "shard" in table.column_names:  # shards committed after the export began are left out
             inside = np.array([s in shards for s in table.column("shard").to_pylist()], dtype=bool)
             keep &= inside
@@ -277,7 +277,9 @@ class _Runner:
         """Start ``unit``; returns the shards that finished meanwhile (waiting while ``limit`` are out)."""
         if self.ray is None:
             return [write_export_shard(self.spec, unit.index, unit.records, unit.embeddings)]
-        self.futures[self.task.remote(self.spec, unit.index, unit.records, unit.embeddings)] = unit.index
+        records = unit.records.take(pa.array(np.arange(unit.records.num_rows)))  # its own buffers: a pickled
+        # slice carries the whole buffers it points into
+        self.futures[self.task.remote(self.spec, unit.index, records, unit.embeddings)] = unit.index
         return self._collect(block=len(self.futures) >= self.limit)
 
     def _collect(self, block: bool) -> list[ShardWritten]:
