@@ -246,6 +246,20 @@ def test_same_size_repull_uploads_the_changed_file(s3, tiny_models, tmp_path):
     assert _wanted(ms.stage(dest, cache_dir=str(tmp_path / "cache")).path) == _wanted(tuned)
 
 
+def test_a_pulled_folder_changed_without_a_pull_is_refused(s3, tiny_models, tmp_path):
+    """A file of a pulled folder replaced by hand (another size): not one version any more; staging says which
+    file and what to do, instead of copying it beside the pulled rest."""
+    dest = f"s3://{PLAIN}/byhand/decoder"
+    ms.pull_model(tiny_models["decoder"], dest)
+    rel = "scheduler/scheduler_config.json"
+    s3.pipe_file(f"{PLAIN}/byhand/decoder/{rel}", Path(tiny_models["decoder"], rel).read_bytes() + b"\n")
+    with pytest.raises(ms.PullInProgress, match=f"{rel} has .* bytes, .kbatch-manifest.json says .*run kbatch "
+                                                "models pull again"):
+        ms.stage(dest, cache_dir=str(tmp_path / "cache"))
+    ms.pull_model(tiny_models["decoder"], dest)
+    assert _wanted(ms.stage(dest, cache_dir=str(tmp_path / "cache")).path) == _wanted(tiny_models["decoder"])
+
+
 def test_staging_during_a_pull(s3, tiny_models, tmp_path, monkeypatch, caplog):
     """A pull running while a node stages: refused by name while the pull writes; a copy that began before
     the pull and reads files the pull replaced starts again and ends as one version (the new one)."""

@@ -99,13 +99,22 @@ class _Changed(Exception):
 
 
 def _pull_shas(uri: str, manifest: PullManifest | None, listing: dict) -> dict[str, str]:
-    """{rel: sha256} from the folder's pull manifest, for the files whose size it matches; refuses a folder
-    a pull is writing (:class:`PullInProgress`)."""
+    """{rel: sha256} from the folder's pull manifest; refuses a folder a pull is writing
+    (:class:`PullInProgress`)."""
     if manifest is None:
         return {}
     refuse_if_pulling(uri, manifest)
-    return {rel: e["sha256"] for rel, e in manifest.files.items()
-            if rel in listing and listing[rel].get("size") == e.get("size") and e.get("sha256")}
+    return {rel: e["sha256"] for rel, e in manifest.files.items() if rel in listing and e.get("sha256")}
+
+
+def _disagreement(manifest: PullManifest, listing: dict) -> str | None:
+    """The first file where the listing and the complete manifest disagree (missing, or another size)."""
+    for rel, e in sorted(manifest.files.items()):
+        if rel not in listing:
+            return f"{rel} is missing, {PULL_MANIFEST} lists it"
+        if listing[rel].get("size") != e.get("size"):
+            return f"{rel} has {listing[rel].get('size')} bytes, {PULL_MANIFEST} says {e.get('size')}"
+    return None
 
 
 def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) -> Staged:
@@ -114,8 +123,9 @@ def _stage_url(uri: str, storage_options: dict | None, cache_dir: str | None) ->
             return _stage_url_once(uri, storage_options, cache_dir)
         except _Changed as e:
             if attempt == 3:
-                raise PullInProgress(f"{uri} changed three times while it was staged (last: {e}); is a pull "
-                                     f"writing it?") from e
+                raise PullInProgress(f"{uri} is not one version (three listings: {e}): a pull is writing it, or "
+                                     f"its files were changed without one; run kbatch models pull again to make "
+                                     f"it one version") from e
             log.warning("%s changed while it was staged (%s); staging it again", uri, e)
     raise AssertionError("unreachable")
 
@@ -142,6 +152,8 @@ def _stage_url_once(uri: str, storage_options: dict | None, cache_dir: str | Non
             raise FileNotFoundError(f"{uri}: no model_index.json there")
         manifest = read_manifest(fs, root, listing)
         shas = _pull_shas(uri, manifest, listing)
+        if manifest is not None and (off := _disagreement(manifest, listing)):
+            raise _Changed(off)  # listed before a pull changed it, or changed without a pull
         files = {rel: info for rel, info in listing.items() if wanted(rel)}
         if manifest is not None and (extra := sorted(set(files) - set(manifest.files))):
             # files the pull did not write (left from an earlier version, or added by hand): not part of it
