@@ -348,3 +348,29 @@ def test_cleanup_touches_only_its_own_temp_files(s3, tiny_models, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+_CHILD_STAGE = "import sys; from kbatch.models.store import stage; print(stage(sys.argv[1], cache_dir=sys.argv[2]).path)"
+
+
+@pytest.mark.parametrize("mount", [None, ("/mnt/models", "fuse.sshfs")])
+def test_old_versions_are_evicted_only_from_a_node_local_cache(s3, tiny_models, tmp_path, monkeypatch, caplog,
+                                                               mount):
+    """A version no process holds any more is evicted when a new one is staged, on a node-local cache; on a
+    cache whose locks are per node (a network mount) it is kept: a process of another node may load it."""
+    url = _upload(s3, tiny_models["prior"], f"s3://{PLAIN}/evict{bool(mount)}/prior")
+    cache = tmp_path / "cache"
+    child = subprocess.run([sys.executable, "-c", _CHILD_STAGE, url, str(cache)], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    old = Path(child.stdout.strip().splitlines()[-1])
+    assert old.is_dir()  # staged by a process that has exited: nobody holds it now
+    rel = "scheduler/scheduler_config.json"
+    s3.pipe_file(f"{url.removeprefix('s3://')}/{rel}", Path(tiny_models["prior"], rel).read_bytes() + b"\n")
+    s3.invalidate_cache()
+    monkeypatch.setattr(mcache.local_store, "mount_of", lambda path: mount)
+    caplog.set_level("WARNING", logger="kbatch")
+    new = ms.stage(url, cache_dir=str(cache))
+    assert Path(new.path) != old and new.files_copied == 1
+    assert old.is_dir() == bool(mount)
+    assert ("whose locks are per node" in caplog.text) == bool(mount)

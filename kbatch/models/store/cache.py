@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from kbatch.models.store.integrity import _signature, sha256_of
+from kbatch.storage import local_store
 from kbatch.models.store.sources import safe_name
 
 log = logging.getLogger("kbatch")
@@ -133,10 +134,23 @@ def _hold_shared(dest: Path) -> None:
     _IN_USE[key] = fh
 
 
+def shared_mount(cache: Path) -> tuple[str, str] | None:
+    """``(mount point, fstype)`` when the cache is on a network filesystem whose locks are per node (NFS with
+    local locks, sshfs, gcsfuse, ...): its node lock and in-use locks do not see other nodes' processes."""
+    return local_store.mount_of(str(cache))
+
+
 def _evict_old_versions(cache: Path, prefix: str, keep: Path) -> None:
-    """Remove the cached versions of a source other than ``keep`` that no living process uses."""
+    """Remove the cached versions of a source other than ``keep`` that no living process uses. Never on a
+    cache whose locks are per node (:func:`shared_mount`): a process of another node may be loading them."""
     import fcntl
 
+    if (mount := shared_mount(cache)) is not None:
+        log.warning("models.cache_dir %s is on %s (mounted at %s), whose locks are per node: older versions of "
+                    "a model are kept (another node may load them) and nodes may copy a model at the same "
+                    "time; a node-local disk is faster and safe (docs/models.md#node-local-cache)", cache,
+                    mount[1], mount[0])
+        return
     for old in cache.glob(f"{prefix}-*"):
         if old == keep or not old.is_dir():
             continue
