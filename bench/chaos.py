@@ -259,6 +259,7 @@ class Episode:
         self.runs: list[dict] = []
         self.frozen: list[Run] = []       # frozen drivers waiting to be thawed after a takeover
         self.anomalies: list[str] = []
+        self.unfaulted: list[dict] = []   # runs that ended incomplete without a process fault
         self.run_ids: set = set()         # the run ids seen holding the lease, in order of runs
         self.kinds = [k for k in setup.kinds if k != "remove_node" or cluster is not None]
 
@@ -477,6 +478,10 @@ class Episode:
                 raise RuntimeError(f"run {run.n} exit 2: {tail}")
             if code not in (3, -signal.SIGKILL):
                 self.anomalies.append(f"run {run.n}: exit {code}: {tail[-600:]!r}")
+            elif code == 3 and not info["faults"] and not any(f.frozen for f in self.frozen):
+                # no process fault in this run: the store's faults (or the machine) ended it; reported, not judged
+                self.unfaulted.append({"run": run.n, "status": info.get("status"), "error": info.get("error"),
+                                       "said": tail[-400:]})
         for f in list(self.frozen):  # a frozen run never taken over (should not happen): thaw and collect it
             self.frozen.remove(f)
             self._thaw(f)
@@ -486,6 +491,7 @@ class Episode:
         return {"rows": self.s.rows, "runs": len(self.runs), "seconds": round(seconds, 1),
                 "process_faults": dict(self.faults), "store_faults": self.store.front.injected(),
                 "requests": self.store.front.counts["requests"], **checks, "anomalies": self.anomalies,
+                "unfaulted_incomplete": self.unfaulted,
                 "run_log": self.runs}
 
     # -- the checks --
@@ -525,6 +531,14 @@ class Episode:
             metas = []
         raw_dups = sum(n - 1 for n in seen.values() if n > 1)
         raw_missing = len(ids - set(seen))
+        try:  # the protocol's leftovers, reported (not judged): writers' intents, the lease's state and epoch
+            inflight = len(self.store.raw.ls(self._raw("_inflight"), refresh=True))
+        except FileNotFoundError:
+            inflight = 0
+        try:
+            lease = json.loads(self.store.raw.cat_file(self._raw("_lease.json")))
+        except FileNotFoundError:
+            lease = {}
         job = json.loads(self.store.raw.cat_file(self._raw("_job.json")))
         try:
             success = json.loads(self.store.raw.cat_file(self._raw("_SUCCESS")))
@@ -535,7 +549,8 @@ class Episode:
                            "summarize_rows_done": s.get("rows_done"), "summarize_complete": s.get("complete")},
                 "raw": {"commit_records": committed, "abort_records": aborted, "duplicates": raw_dups,
                         "missing": raw_missing, "unexpected_ids": len(set(seen) - ids),
-                        "meta_files": len(metas), "meta_files_not_committed": len(set(metas) - named)},
+                        "meta_files": len(metas), "meta_files_not_committed": len(set(metas) - named),
+                        "inflight_left": inflight, "lease_state": lease.get("state"), "lease_epoch": lease.get("epoch")},
                 "job_status": job.get("status"), "success_run_matches_job": bool(success) and
                 success.get("run_id") == job.get("run_id")}
 
