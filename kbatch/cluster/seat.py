@@ -26,7 +26,6 @@ log = logging.getLogger("kbatch")
 
 EVERY = 2.0  # seconds between heartbeats
 CALL_TIMEOUT = 10.0  # seconds a heartbeat may take before the coordinator counts as gone
-TTL = 15.0  # seconds without a heartbeat before the coordinator drops a registration
 FIRST_TIMEOUT = 60.0  # seconds the registration may take (a new coordinator's process starts)
 
 
