@@ -1,4 +1,4 @@
-"""SPEC §6 "Fenced" and "one shard is committed at most once" (issue 19, items 1 and 2).
+"""docs/output.md: fenced writes and "one shard is committed at most once" (issue 19, items 1 and 2).
 
 - the double commit: with the real writer functions, an attempt that stalls after its data objects while its
   shard is resent (same rows) or its rows go to other shards (some payloads died) commits nothing when it

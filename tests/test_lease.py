@@ -1,4 +1,4 @@
-"""SPEC §6 "One run per output at a time": the output lease (``kbatch/output/lease.py``) on a local disk, on S3
+"""docs/output.md "One run per output at a time": the output lease (``kbatch/output/lease.py``) on a local disk, on S3
 (a moto server on loopback) and on ``memory://``.
 
 A second run on a held output gets LeaseHeld (a ConfigError: exit 2) naming the holder; a holder whose
@@ -440,7 +440,7 @@ def test_takeover_does_not_overwrite_a_lease_changed_meanwhile(any_root, monkeyp
     assert read_lease(any_root)["run_id"] == "quick"
 
 
-# ---------------------------------------------------------------------------------------- fencing (SPEC §6)
+# ---------------------------------------------------------------------------------------- fencing (docs/output.md)
 def _make_takeable(root, lease):
     """``lease`` stops renewing (frozen): wait until the storage's clock calls its object old, so that a
     contender watches it (for its ttl) and takes it over."""

@@ -57,7 +57,6 @@ class Markers:
 
     def write(self, name: str, data: bytes) -> None:
         name = self._name(name)
-        self.lease.check()
         self.lease.verify()
         if self._versions.get(name, _UNSEEN) is _UNSEEN:
             self._refresh(name)
@@ -76,7 +75,6 @@ class Markers:
 
     def remove(self, name: str) -> None:
         name = self._name(name)
-        self.lease.check()
         self.lease.verify()
         for _ in range(_ATTEMPTS):
             self._refresh(name)

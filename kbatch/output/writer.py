@@ -10,10 +10,10 @@ attempt (``kbatch.output.commits``)::
     stats/<stem>.json                 every format: ShardStats
     _commits/<shard>.json             every format, created LAST and exclusively: names the attempt's files
 
-Commit protocol: the attempt records itself in flight (an intent object, ``kbatch.output.fence``: refused
-once the run lost its lease), writes its data objects, then metadata and stats, then *creates* the shard's
-commit record (if absent, through the output's conditional store: one commit per shard, whatever attempts),
-after checking the lease once more. Every object
+Commit protocol (``kbatch.output.shard_commit``): the attempt records itself in flight (an intent object,
+``kbatch.output.fence``: refused once the run lost its lease), writes its data objects, then metadata and
+stats, then *creates* the shard's commit record (if absent, through the output's conditional store: one commit
+per shard, whatever attempts), after checking the lease once more. Every object
 is written atomically (temp name + rename on local disks, one PUT on object stores), so no partially written
 file is ever visible under a final name, and readers (:func:`read_records`, :mod:`kbatch.output.results`,
 :mod:`kbatch.run.status`) only read the files a commit record names. An attempt that finds the record taken
@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kbatch import storage
-from kbatch.output import commits
+from kbatch.output import commits, shard_commit
+from kbatch.output.shard_commit import ShardAborted  # noqa: F401 - callers import it from here
 from kbatch.schema.records import RECORD_FIELDS, RECORD_SCHEMA, is_score_column, record_key
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -363,17 +364,9 @@ def _stats_of(shard: str, rec: dict) -> ShardStats:
 
 def _refused(shard: str, rec: dict) -> ShardStats:
     """An attempt found the shard's commit record taken: the stats of the attempt that committed it, or
-    ShardAborted / Fenced for an abort."""
-    if commits.is_commit(rec):
-        return _stats_of(shard, rec)
-    by = rec.get("by") or {}
-    msg = (f"shard {shard} was aborted by run {by.get('run_id')!r} (lease epoch {by.get('epoch')}): "
-           f"{by.get('reason', 'unknown reason')}; this write commits nothing")
-    if "lease taken over" in str(by.get("reason", "")):
-        from kbatch.output.lease import Fenced
-
-        raise Fenced(msg)
-    raise ShardAborted(msg)
+    ShardAborted / Fenced for an abort (``kbatch.output.shard_commit``)."""
+    shard_commit.refuse_abort(shard, rec)
+    return _stats_of(shard, rec)
 
 
 def begin_shard(spec: OutputSpec, shard: str, attempt: str | None = None) -> ShardStats | None:
@@ -382,43 +375,8 @@ def begin_shard(spec: OutputSpec, shard: str, attempt: str | None = None) -> Sha
     ``kbatch.output.fence``; raises ``lease.Fenced`` when the run no longer holds the lease, ShardAborted when
     the name was aborted). A fenced spec needs the ``attempt``."""
     _check_shard(shard)
-    fs, root = storage.get_fs(spec.root, spec.storage_options)
-    rec = commits.read(fs, root, shard)
-    if rec is not None:
-        return _refused(shard, rec)
-    if spec.fence is not None:
-        if not attempt:
-            raise ValueError(f"shard {shard!r}: a fenced write needs its attempt id")
-        spec.fence.begin(shard, attempt)
-    return None
-
-
-def _commit_store(spec: OutputSpec):
-    """The output's conditional store (the fence's, cached per process, when the spec has one)."""
-    if spec.fence is not None:
-        return spec.fence.store()
-    return storage.conditional_store(spec.root, spec.storage_options)
-
-
-def _drop_attempt(fs, root: str, files: list[str]) -> None:
-    """Best effort: remove a refused attempt's objects (never named by a commit, so never read anyway)."""
-    for rel in files:
-        try:
-            fs.rm_file(storage.join(root, rel))
-        except Exception:  # noqa: BLE001
-            pass
-    if storage.is_local(fs):
-        import os
-
-        for rel in {posixpath_dirname(f) for f in files if f.startswith("images/")}:
-            try:
-                os.rmdir(storage.join(root, rel))
-            except OSError:
-                pass
-
-
-def posixpath_dirname(p: str) -> str:
-    return p.rsplit("/", 1)[0] if "/" in p else ""
+    rec = shard_commit.begin(spec, shard, attempt)
+    return None if rec is None else _refused(shard, rec)
 
 
 def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[str], nbytes: int, t0: float,
@@ -458,23 +416,8 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
               "stats": {k: v for k, v in stats.to_dict().items() if k in ("errors_by_reason", "seconds", "bytes",
                                                                            "writer")},
               "run_id": getattr(fence, "run_id", None), "epoch": getattr(fence, "epoch", None), "time": time.time()}
-    if fence is not None:
-        try:
-            fence.check()  # a run that lost its lease stops here (a takeover also aborts its shards in flight)
-        except BaseException:
-            _drop_attempt(fs, root, files)
-            fence.end(shard, attempt)  # this attempt never creates its record
-            raise
-    # (an error from the create itself keeps the objects and the intent: the record may have landed)
-    existing = commits.create(_commit_store(spec), shard, commit)
-    if existing is not None and existing.get("attempt") == attempt:  # ours, landed before a retried error
-        existing = None
-    if fence is not None:
-        fence.end(shard, attempt)  # committed, or refused: this attempt can no longer commit
-    if existing is not None:
-        _drop_attempt(fs, root, files)
-        return _refused(shard, existing)
-    return stats
+    existing = shard_commit.commit(spec, shard, attempt, commit, files)  # after a last lease check
+    return stats if existing is None else _refused(shard, existing)
 
 
 # ---------------------------------------------------------------------------------------------------------

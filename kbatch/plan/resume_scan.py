@@ -8,7 +8,7 @@ per row (``Scan.states``):
 2. the manifest's ids: the ``id`` column only, streamed and spilled into the same buckets with positions;
 3. bucket by bucket: duplicate ids (the first occurrence wins) and the join of ids with their records. An id
    with ok records is done; an id whose only records are errors is failed (the latest error counts). Records
-   of ids that are not in this manifest are left alone: they never count (SPEC §6);
+   of ids that are not in this manifest are left alone: they never count (docs/faults.md);
 4. rows that have records and may have changed since (the manifest files differ from the run that wrote
    them) are validated and compared with the ``row_hash`` of their records: an ok row that changed refuses
    the resume (exit 2, before any model loads); a failed row that changed, or any failed row with
@@ -136,6 +136,7 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
     gives the fingerprint each row would have now (step 4); without it, rows with records are not compared
     (``kbatch status``)."""
     order = RunOrder(runs if runs is not None or output is None else runs_of(output, storage_options))
+    order = RunOrder(runs if runs is not None or output is None else _runs_of(output, storage_options))
     total = source.total
     states = np.zeros(total, dtype=np.uint8)
     out = Scan(states)

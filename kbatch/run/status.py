@@ -1,6 +1,6 @@
 """Summary of an output location: rows done / failed (by reason) / missing, and whether the run is complete.
 
-Counts are for the ids of the manifest the last run was given (SPEC §6), when that manifest can still be
+Counts are for the ids of the manifest the last run was given (docs/faults.md), when that manifest can still be
 read: the same scan a run does before it starts (``kbatch.plan.resume_scan``), in bounded memory. Records of ids that
 are not in that manifest are left alone and reported apart. Without a readable manifest (an in-memory
 DataFrame, a deleted file) the records themselves are counted. Only committed shards count, and a row
