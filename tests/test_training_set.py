@@ -247,7 +247,7 @@ def test_tiny_split_stages_gate_embeddings_and_heads(tiny_models, ray_session, t
 
     from kbatch.models.decoder import DecoderPredictor
     from kbatch.models.heads import load_head
-    from kbatch.models.scoring import QualitySpec
+    from kbatch.models.scoring import ClipScorer, QualitySpec
     from kbatch.output.embeddings import read_prior_outputs
     from kbatch.run.runner import run_job
     from kbatch.schema.rows import Row
@@ -255,23 +255,28 @@ def test_tiny_split_stages_gate_embeddings_and_heads(tiny_models, ray_session, t
     ref = _save_mlp(tmp_path / "aes.safetensors", 32, 5, widths=(64, 16, 8, 4), fmt="safetensors")
     head = load_head("aes", str(tmp_path / "aes.safetensors"))
     rows = [{"id": f"t{i}", "prompt": f"a photo of thing {i}", "num_images": 1 + i % 2} for i in range(5)]
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    rows += [{"id": f"i{i}", "prompt": f"an oil painting {i}", "mode": "img2img", "init_image": "init.png",
+              "strength": 0.6, "num_images": 1} for i in range(2)]  # a mode with inputs: gated with them
     man = _manifest(tmp_path, rows)
     heads = {"aes": str(tmp_path / "aes.safetensors")}
     emb = tmp_path / "emb"
     q = {"best_of": 2, "heads": heads, "gate": {"head": "aes", "min": 0.0}}
     assert run_job(from_dict(tiny_config(tiny_models, emb, manifest=man, stage="prior", quality=q))).exit_code == 0
-    stored = pq.read_table(next((emb / "embeddings").glob("*.parquet"))).to_pylist()
-    stored += [r for f in sorted((emb / "embeddings").glob("*.parquet"))[1:] for r in pq.read_table(f).to_pylist()]
+    stored = [r for f in sorted((emb / "embeddings").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["id"] for r in stored) == sorted(r["id"] for r in rows)
     pred = {r["id"]: head(np.asarray(r["image_embeds"], np.float32).reshape(-1, r["embed_dim"])).reshape(
         2, r["num_images"]) for r in stored}
     gate = float(np.median(np.concatenate([p.ravel() for p in pred.values()])))
     q = {**q, "gate": {"head": "aes", "min": gate}, "image_embeddings": True}
     out = tmp_path / "dec"
-    assert run_job(from_dict(tiny_config(tiny_models, out, manifest=str(emb), stage="decoder", quality=q))
-                   ).exit_code == 0
+    assert run_job(from_dict(tiny_config(tiny_models, out, manifest=str(emb), stage="decoder", quality=q,
+                                         limits={"allowed_roots": [str(tmp_path)]}))).exit_code == 0
     res = kbatch.open_results(str(out))
     df, embs = res.df, res.embeddings
-    assert set(df["status"]) == {"ok", "filtered"}
+    assert set(df["status"]) == {"ok", "filtered"} and len(df) == sum(r["num_images"] for r in rows)
     vision = CLIPVisionModelWithProjection.from_pretrained(tiny_models["prior"], subfolder="image_encoder").eval()
     processor = CLIPImageProcessor.from_pretrained(tiny_models["prior"], subfolder="image_processor")
     for k, rec in enumerate(df.to_dict("records")):
@@ -294,16 +299,17 @@ def test_tiny_split_stages_gate_embeddings_and_heads(tiny_models, ray_session, t
     priors = read_prior_outputs(locs)
     batch = [Row(id=pid, prompt=by_id[pid]["prompt"], seed=by_id[pid]["seed"], num_images=by_id[pid]["num_images"],
                  height=64, width=64, num_inference_steps=4, guidance_scale=4.0, candidates=2) for _, _, pid in locs]
-    batch = [r for r in batch if r.num_images == 1]  # one decoder key: num_images is not part of it, but keep it small
+    batch = [r for r in batch if r.num_images == 1 and r.id.startswith("t")]  # text2img: one decoder key
     priors = [p for p in priors if p.id in {r.id for r in batch}]
     dec = DecoderPredictor(tiny_models["decoder"], device="cpu", dtype="float32", threads=1)
-    dec.quality = QualitySpec(heads={"aes": head}, gate_head="aes", gate_min=gate)
+    dec.scorer = ClipScorer(path=tiny_models["prior"])  # best_of 2: the kept candidate is chosen by clip_score
+    dec.quality = QualitySpec(clip=True, heads={"aes": head}, gate_head="aes", gate_min=gate)
     handed = []
     real_call = dec._pipeline_call
     dec._pipeline_call = lambda lane, rows, *a: handed.append(sum(r.renders for r in rows)) or real_call(lane, rows, *a)
     outs = dec(batch, priors)
     want = sum(int((pred[r.id] >= gate).any(axis=1).sum()) for r in batch)
-    assert handed == ([want] if want else []) and dec.decoded == want < 2 * len(batch)
+    assert handed == ([want] if want else []) and dec.decoded == want < 2 * len(batch) and want > 0
     for r, o in zip(batch, outs):
         if o.images.shape[0]:  # the same pixels as the job's kept image
             assert np.array_equal(o.images[0], np.asarray(res.image(r.id, 0).convert("RGB")))
