@@ -349,10 +349,6 @@ def write_shard(spec: OutputSpec, shard: str, records: list[dict], images: list[
 
     return commit_shard(spec, shard, records, files, nbytes, t0, n_ok=len(ok_idx), attempt=attempt)
 
-class ShardAborted(RuntimeError):
-    """The shard's name was aborted (a lease takeover, or its rows went to another shard): nothing commits."""
-
-
 def _stats_of(shard: str, rec: dict) -> ShardStats:
     """The stats of a committed shard, from its commit record."""
     s = rec.get("stats") if isinstance(rec.get("stats"), dict) else {}

@@ -136,7 +136,6 @@ def scan(source: ManifestSource, output: str | None = None, storage_options: dic
     gives the fingerprint each row would have now (step 4); without it, rows with records are not compared
     (``kbatch status``)."""
     order = RunOrder(runs if runs is not None or output is None else runs_of(output, storage_options))
-    order = RunOrder(runs if runs is not None or output is None else _runs_of(output, storage_options))
     total = source.total
     states = np.zeros(total, dtype=np.uint8)
     out = Scan(states)
