@@ -374,3 +374,36 @@ def test_old_versions_are_evicted_only_from_a_node_local_cache(s3, tiny_models, 
     assert Path(new.path) != old and new.files_copied == 1
     assert old.is_dir() == bool(mount)
     assert ("whose locks are per node" in caplog.text) == bool(mount)
+
+
+_CHILD_HOLDS_LOCK = """
+import fcntl, os, signal, sys
+fh = open(sys.argv[1], "a+")
+fcntl.flock(fh, fcntl.LOCK_EX)
+fh.write(f"somehost {os.getpid()}"); fh.flush()
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # a frozen stager: alive, holding the lock, making no progress
+"""
+
+
+def test_a_frozen_stager_does_not_hang_the_node(s3, tiny_models, tmp_path, monkeypatch):
+    """Another process of the node holds the staging lock and is stopped: a waiter gives up after the stall
+    time (no cache file changed), naming the holder, instead of waiting forever."""
+    import signal
+
+    url = _upload(s3, tiny_models["prior"], f"s3://{PLAIN}/frozen/prior")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / f"{mcache._cache_name(url)}.lock"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_HOLDS_LOCK, str(lock)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(mcache, "STALL_SECONDS", 1.0)
+        with pytest.raises(ms.StagingStalled, match=f"host and pid: somehost {child.pid}.*no progress for 1 s"):
+            ms.stage(url, cache_dir=str(cache))
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait()
+    assert ms.stage(url, cache_dir=str(cache)).files_copied == len(_wanted(tiny_models["prior"]))  # lock gone

@@ -20,7 +20,7 @@ re-exports the names callers use. Nothing here imports torch: the driver checks 
 """
 from kbatch.models.store.cache import JOURNAL, default_cache_dir, listing_signature
 from kbatch.models.store.checks import check_model
-from kbatch.models.store.errors import ChecksumMismatch, NotEnoughSpace, PullInProgress
+from kbatch.models.store.errors import ChecksumMismatch, NotEnoughSpace, PullInProgress, StagingStalled
 from kbatch.models.store.pull import pull_model
 from kbatch.models.store.retries import is_transient, with_retries
 from kbatch.models.store.same_weights import file_sha256, known_sha256, same_weights
@@ -32,4 +32,4 @@ from kbatch.models.store.staging import Staged, stage, stage_model
 __all__ = ["CONFIG_SUFFIXES", "HUB_PATTERNS", "HUB_TIMEOUT", "JOURNAL", "PULL_MANIFEST", "UNSAFE_WEIGHT_SUFFIXES",
            "ChecksumMismatch", "NotEnoughSpace", "PullInProgress", "Staged", "check_model", "default_cache_dir",
            "file_sha256", "is_sim", "is_transient", "known_sha256", "listing_signature", "model_kind", "pull_model",
-           "safe_name", "same_weights", "stage", "stage_model", "wanted", "with_retries"]
+           "safe_name", "same_weights", "stage", "stage_model", "StagingStalled", "wanted", "with_retries"]

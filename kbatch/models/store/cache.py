@@ -20,6 +20,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from kbatch.models.store.errors import StagingStalled
 from kbatch.models.store.integrity import _signature, sha256_of
 from kbatch.storage import local_store
 from kbatch.models.store.sources import safe_name
@@ -186,21 +187,72 @@ def _seed_from_previous(cache: Path, prefix: str, dest: Path, files: dict[str, d
             journal["files"][rel] = {**entry, **_stamp(final)}
 
 
+#: How long a process waits for the node's staging lock while the holder shows no progress (no file of the
+#: model's cache folders changes): a stopped or frozen holder must not hang every actor of the node for good.
+STALL_SECONDS = 900.0
+
+
 @contextlib.contextmanager
-def _node_lock(path: Path, what: str):
-    """Exclusive inter-process lock (``flock``; released by the OS when a holder dies)."""
+def _node_lock(path: Path, what: str, stall_seconds: float | None = None):
+    """Exclusive inter-process lock (``flock``; released by the OS when a holder dies). The holder writes its
+    host and pid into the lock file; a waiter gives up with :class:`StagingStalled` naming it when none of
+    the model's cache files (``<lock name>-*``, temp files included) changed for ``stall_seconds``: a copy
+    under way keeps writing, a stopped one does not."""
     import fcntl
 
+    stall = STALL_SECONDS if stall_seconds is None else stall_seconds
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process on this node that is staging %s", what)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            _wait_for(fh, path, what, stall)
         try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{HOST} {os.getpid()}\n")
+            fh.flush()
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _wait_for(fh, path: Path, what: str, stall: float) -> None:
+    import fcntl
+    import time
+
+    last, since, pause = _progress(path), time.monotonic(), 0.05
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        now = _progress(path)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall:
+            holder = path.read_text(errors="replace").strip() or "unknown"
+            raise StagingStalled(f"staging {what}: the process holding {path} (host and pid: {holder}) made no "
+                                 f"progress for {stall:g} s; it may be stopped or frozen. End or resume that "
+                                 f"process (its lock goes when it exits)")
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+
+
+def _progress(lock: Path) -> tuple:
+    """What a staging process changes as it copies: the newest mtime and total size of the model's cache
+    files (every version folder of the source, temp files included)."""
+    newest, total = 0, 0
+    prefix = lock.name[: -len(".lock")]
+    for folder in lock.parent.glob(f"{prefix}-*"):
+        for p in [folder, *folder.rglob("*")] if folder.is_dir() else [folder]:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            newest, total = max(newest, st.st_mtime_ns), total + st.st_size
+    return newest, total
 
 
 def _read_journal(dest: Path) -> dict:

@@ -34,3 +34,8 @@ class NotEnoughSpace(OSError):
 class PullInProgress(RuntimeError):
     """A model folder's pull manifest says ``kbatch models pull`` is writing it (or was interrupted): staging
     it now could mix two versions (permanent: the message names the pull)."""
+
+
+class StagingStalled(TimeoutError):
+    """Waited for the node's staging lock while its holder made no progress (stopped or frozen): the message
+    names the holder's host and pid."""
