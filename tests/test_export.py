@@ -27,11 +27,11 @@ ROWS = ([{"id": f"r{i}", "prompt": f"a picture of thing {i}", "seed": 100 + i, "
          for i in range(14)] + [{"id": f"dup-{c}", "prompt": "the same fox", "seed": 7, "num_images": 1} for c in "abc"])
 
 
-def _render(tmp, name, quality, fmt="webdataset"):
+def _render(tmp, name, quality, fmt="webdataset", rows=ROWS):
     from kbatch.run.runner import run_job
 
     manifest = tmp / f"{name}.parquet"
-    pq.write_table(pa.Table.from_pandas(pd.DataFrame(ROWS), preserve_index=False), manifest)
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), manifest)
     out = tmp / name
     cfg = tiny_config(sim_models(), out, manifest=str(manifest), quality=quality,
                       output={"format": fmt, "rows_per_shard": 4})
@@ -207,7 +207,7 @@ def test_dedup_drops_planted_duplicates(output, records, embeddings, tmp_path, t
     assert res.duplicates == 2 and res.images == len(t) == len(records) - 2
     assert t["id"].tolist() == [i for i in records["id"] if i not in dups["id"].tolist()[1:]]
     # an output without embeddings: --dedup is refused before anything is written (exit 2)
-    bare = _render(tmp_path_factory.mktemp("export-bare"), "bare", {"clip_score": True})
+    bare = _render(tmp_path_factory.mktemp("export-bare"), "bare", {"clip_score": True}, rows=ROWS[:2])
     assert main(["export", bare, str(tmp_path / "no"), "--dedup", "0.95", "--progress", "off"]) == 2
     assert "needs image embeddings" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
