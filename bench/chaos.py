@@ -16,7 +16,8 @@ injects ``--faults`` process faults, drawn from:
   late commits must find their shards aborted;
 - ``pause_driver``: SIGSTOP for a fraction of the ttl, then SIGCONT: the run carries on;
 - ``kill_writer``: SIGKILL of one writer actor's process (the driver resends its shards);
-- ``remove_node``: ``Cluster.remove_node`` of a fake-GPU node (its actors and objects die), a replacement added.
+- ``remove_node``: ``Cluster.remove_node`` of a fake-GPU node (its actors and objects die), a replacement added;
+- ``outage``: the store unreachable (every request reset) for 0.5-2 lease ttls, then back as it was.
 
 A run that ends incomplete is rerun (the same command) until one completes. Then the episode checks, twice,
 that every manifest row has exactly one ok record: through kbatch's own readers (``open_results``,
@@ -48,7 +49,7 @@ for p in (os.path.join(ROOT, "tests"), HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-KINDS = ("kill_driver", "freeze_driver", "freeze_job", "pause_driver", "kill_writer", "remove_node")
+KINDS = ("kill_driver", "freeze_driver", "freeze_job", "pause_driver", "kill_writer", "remove_node", "outage")
 KEY_ID, SECRET = "AKIACHAOSKEY0000", "chaos-secret-0123456789"
 
 
@@ -361,6 +362,13 @@ class Episode:
                 victim.kill()
             except Exception:  # noqa: BLE001 - gone already
                 pass
+            return "running"
+        if kind == "outage":
+            saved = dataclasses.asdict(self.store.front.faults)
+            saved.pop("seed")
+            self.store.front.set(reset=1.0, slowdown=0.0, lost_answer=0.0, match=None)
+            time.sleep(self.rng.uniform(0.5, 2.0) * self.s.lease_ttl)
+            self.store.front.set(**saved)
             return "running"
         if kind == "remove_node":
             nodes = list(self.cluster.worker_nodes)
