@@ -134,4 +134,4 @@ def test_second_run_on_a_held_output_exits_2_naming_the_holder(tmp_path):
     assert first.returncode == 0, stderr[-2000:]
     df = kbatch.open_results(str(out)).df
     assert len(df) == 300 and df.id.is_unique
-    assert not (out / "_lease.json").exists()  # released at the end
+    assert json.loads((out / "_lease.json").read_text())["state"] == "released"  # released at the end, kept

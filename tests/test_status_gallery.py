@@ -133,7 +133,12 @@ def test_status_counts(tmp_path):
     s = summarize(root)
     assert s["rows_missing"] == 0 and s["uncommitted_shards"] == 0 and s["complete"] is False
     assert "_SUCCESS" in format_summary(s)
-    storage.write_json_atomic(root, "_SUCCESS", {"finished": "t1"})
+    storage.write_json_atomic(root, "_SUCCESS", {"finished": "t1"})  # a marker that names no run: not trusted
+    assert summarize(root)["complete"] is False
+    storage.write_json_atomic(root, "_SUCCESS", {"run_id": "nightly-1", "finished": "t1"})
+    assert summarize(root)["complete"] is False  # _job.json does not say complete
+    storage.write_json_atomic(root, "_job.json", {"total_rows": 7, "run_id": "nightly-1", "started": "t0",
+                                                  "status": "complete"})
     s = summarize(root)
     assert s["complete"] is True and "COMPLETE" in format_summary(s)
 
