@@ -99,12 +99,14 @@ def test_overwrite_turns_commits_into_aborts_and_keeps_abort_records(tmp_path):
     write_shard(spec, "old-00000", *_records(["x"]))
     store = conditional_store(root)
     assert commits.abort(store, "old-00001", {"run_id": "taker", "reason": "lease taken over"}) is None
+    (tmp_path / "out" / "notes.txt").write_text("a user's file")
     with Lease.acquire(root, "run-a") as a:
         counts = overwrite(a)
         assert counts["aborted"] == 1 and counts["removed"] >= 3
         assert "overwriting" not in read_lease(root)
     fs_files = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
     assert not [f for f in fs_files if f.startswith(("meta/", "images/", "stats/"))]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "a user's file"  # not kbatch's: stays
     assert commits.read(*_fs(root), "old-00001")["by"]["run_id"] == "taker"  # kept as it was
     superseded = commits.read(*_fs(root), "old-00000")
     assert superseded["aborted"] and superseded["by"]["reason"] == "overwritten (--overwrite)"
