@@ -593,6 +593,7 @@ def main(argv=None) -> int:
 
     from _common import loadavg, ray_env
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SIGTERM stops the cluster and the store too
     work = a.work or tempfile.mkdtemp(prefix="kbchaos-", dir="/tmp")
     os.makedirs(work, exist_ok=True)
     ray_tmp = tempfile.mkdtemp(prefix="kbc-", dir="/tmp")  # short: Ray's socket paths

@@ -14,7 +14,8 @@ its own event loop), forwards every request to ``upstream`` and, per request, wi
 ``counts`` holds the requests seen and the faults injected by kind. Everything is bounded: the body size,
 the upstream's answer time (``upstream_timeout``), the start and the stop (``start()``/``stop()`` wait at most
 ``start_timeout`` seconds; the front is a context manager). ``set(**faults)`` changes the faults while it
-runs (e.g. ``set(latency=0.06)``); ``match`` limits faults (not latency) to paths matching a regex.
+runs (e.g. ``set(latency=0.06)``); ``match`` limits faults (not latency) to requests whose path and query
+(decoded: GCS names objects in the query of an upload) match a regex.
 
     with moto_server(env) as moto_url, FaultFront(moto_url, Faults(latency=0.06)) as front:
         os.environ["AWS_ENDPOINT_URL"] = front.url      # clients now go through the front
@@ -32,6 +33,7 @@ import re
 import socket
 import struct
 import threading
+import urllib.parse
 
 WRITES = frozenset({"PUT", "POST", "DELETE", "PATCH"})
 KINDS = ("latency", "slowdown", "reset", "lost_answer")
@@ -162,7 +164,7 @@ class FaultFront:
             delay = f.latency + (rng.uniform(0, f.jitter) if f.jitter else 0.0)
             if delay > 0:
                 self.counts["latency"] += 1
-            if f.match is not None and not re.search(f.match, request.path):
+            if f.match is not None and not re.search(f.match, urllib.parse.unquote(request.rel_url.raw_path_qs)):
                 return delay, None
             x = rng.random()
             for kind, p in (("slowdown", f.slowdown), ("reset", f.reset),
