@@ -54,8 +54,10 @@ def test_the_front_injects_and_counts_each_fault(monkeypatch):
             once.get_object(Bucket="front", Key="c")  # reads are answered: lost answers are for writes
             front.set(lost_answer=0.0, latency=0.05)
             once.get_object(Bucket="front", Key="c")
+            front.set(latency=0.0, slowdown=1.0, match="/front/only-this")  # faults only where the path matches
+            once.get_object(Bucket="front", Key="c")
             assert front.injected() == {"latency": 1, "slowdown": 1, "reset": 1, "lost_answer": 1}
-            assert front.counts["requests"] == 7
+            assert front.counts["requests"] == 8
 
 
 # S3: a writer killed, the driver SIGKILLed, the next run frozen with its writers mid-write past a takeover;
