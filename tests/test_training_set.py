@@ -197,7 +197,7 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
          "gate": {"head": "lin", "min": gate}}
     out = tmp_path / "out"
     cfg = tiny_config(sim_models(), out, manifest=man, quality=q, output={"format": "webdataset"})
-    run_job(from_dict(cfg))
+    first = run_job(from_dict(cfg))
     res = kbatch.open_results(str(out))
     df = res.df
     assert set(df["status"]) == {"ok", "filtered", "error"}
@@ -207,6 +207,7 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
     assert (fil["predicted_score"] < gate).all() and (fil["gate"] == f"lin>={gate!r}").all()
     ok = df[df["status"] == "ok"]
     assert (ok["predicted_score"] >= gate).all() and ok["score_lin"].notna().all() and ok["clip_score"].isna().all()
+    assert first.images == len(ok) and first.complete  # the run counts written images, not requested ones
     # embeddings: aligned with .df, the stand-in of each image as written; NaN rows elsewhere
     emb = res.embeddings
     assert emb.shape == (len(df), 768) and emb.dtype == np.float16

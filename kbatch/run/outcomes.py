@@ -149,7 +149,8 @@ class Outcomes:
         shard = call.shard
         self.rows_ok += shard.ok_rows
         self.rows_failed += len(shard.errors)
-        self.images += shard.images
+        images = getattr(stats, "images", None)  # the writer's count: images quality.gate filtered are not images
+        self.images += int(images) if isinstance(images, int) else shard.images
         self.stats["write_seconds"] += getattr(stats, "seconds", 0.0)
         self.committed.add(shard.seq)
 
