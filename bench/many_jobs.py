@@ -285,6 +285,9 @@ def summarize(res: dict, prior_s: float, decoder_s: float, ttl: float) -> dict:
         last = max(v["ended"] or 0 for v in jobs.values())
         union = sorted(c for v in jobs.values() for c in v["commits"])
         out["whole_fraction"] = round(images / ideal / (last - first), 3)
+        # the same from the union's first committed shard to its last: without the start (Ray connect, plan,
+        # actor processes: a minute on a loaded 2-core machine) and the finish
+        out["first_to_last_commit_fraction"] = round(images / ideal / (union[-1][0] - union[0][0]), 3)
         out["steady_fraction"] = round(_steady(union) / ideal, 3)
         second = jobs[names[1]]["spawned"]
         t = _first(samples, lambda s: all(abs(s["held"][n] - gpus / 2) <= 1 for n in names), after=second)
@@ -324,7 +327,7 @@ def summarize(res: dict, prior_s: float, decoder_s: float, ttl: float) -> dict:
         d1, killed = names[0], res["killed_at"]
         out["killed_at_s"] = killed
         if killed is not None:
-            before = [s for s in samples if s["t"] < killed][-1:]
+            before = [s for s in samples if s["t"] <= killed][-1:]  # the sample the kill was decided on
             out["held_before_kill"] = before[0]["held"] if before else None
             t_held = _first(samples, lambda s: s["held"][d1] >= gpus, after=killed)
             t_all = _first(samples, lambda s: (s["coordinator"].get(d1) or {}).get("allotted") == gpus, after=killed)
@@ -404,7 +407,8 @@ def main():
     for r in results:
         k = r["scenario"]
         if k == "a":
-            res = (f"union {r['whole_fraction']} of ideal (whole), {r['steady_fraction']} (steady 10-90%); "
+            res = (f"union {r['whole_fraction']} of ideal (first spawn to last exit), "
+                   f"{r['first_to_last_commit_fraction']} (first to last commit), {r['steady_fraction']} (10-90%); "
                    f"each holds 8 +- 1 GPUs {r['half_after_s']} s after the second's start")
             target = ">= 0.9; half within 60 s"
         elif k == "b":
