@@ -238,3 +238,30 @@ def test_near_duplicates_index_equals_the_sequential_rule():
             assert got.tolist() == want and near.unchecked == 1
         assert near.exact == (sum(want) <= 100)  # the IVF index took over where more than 100 were kept
     assert sum(want) < 100  # at 0.2 most are dropped: the loop above is not trivially all True
+
+
+def test_export_to_s3_resumes_and_reads_back(output, records, embeddings, tmp_path):
+    """DEST in a bucket (moto's S3 server): each file one upload, the progress record there, a rerun resumes."""
+    import s3fs
+
+    from moto_s3 import aws_env, moto_server
+
+    with moto_server(aws_env("testing", "testing")) as endpoint:
+        so = {"client_kwargs": {"endpoint_url": endpoint}}
+        fs = s3fs.S3FileSystem(**so)
+        fs.mkdir("train")
+        res = export(output, "s3://train/set1", "image_index == 0", shard_size=8, storage_options=so, ray=False,
+                     progress="off")
+        want = records[records["image_index"] == 0]
+        assert res.images == len(want) and res.shards == 3
+        names = sorted(p.split("/", 2)[2] for p in fs.find("train/set1"))
+        assert names == ["00000.tar", "00001.tar", "00002.tar", "_export.json"] + [
+            f"embeddings/img_emb/img_emb_{i}.npy" for i in range(3)] + [
+            f"embeddings/metadata/metadata_{i}.parquet" for i in range(3)]
+        local = tmp_path / "copy"
+        fs.get("train/set1/", str(local), recursive=True)
+        _, samples = _wds_samples(str(local))
+        assert [s["__key__"] for s in samples] == want["key"].tolist()
+        again = export(output, "s3://train/set1", "image_index == 0", shard_size=8, storage_options=so, ray=False,
+                       progress="off")
+        assert (again.written, again.resumed) == (0, 3)
