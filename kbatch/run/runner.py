@@ -87,7 +87,6 @@ class Runner:
     # ------------------------------------------------------------------------------------------ planning
     def plan(self) -> "Runner":
         """Lease, manifest, resume scan, model checks. Loads no model, starts no Ray. Raises ConfigError."""
-        from kbatch import storage
         from kbatch.plan.resume_scan import ChangedRows, scan
         from kbatch.output.job_file import ResumeError
         from kbatch.output.lease import Lease
