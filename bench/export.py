@@ -12,6 +12,7 @@ The target: peak RSS at 200k within ~15% of 20k's (memory bounded by a source sh
     python bench/export.py --sizes 20000 --format hf --where ''
     python bench/export.py --embeddings --dedup 0.99
     python bench/export.py --dedup-scale 200000    # run/dedup.py alone: seconds and planted copies found
+    python bench/export.py --sizes 20000 --ray 2   # the shards as Ray tasks on a local head of 2 CPUs
 
 ``--dedup-scale N``: ``NearDuplicates(0.95)`` over N random float16 768-d embeddings in chunks of 256, 1% of
 them planted near-copies (cosine ~0.99) of an earlier one: seconds per 10k, whether the index went IVF, the
@@ -62,10 +63,10 @@ def source(work: str, n: int, embeddings: bool) -> str:
     return out
 
 
-def run_export(src: str, dest: str, args) -> dict:
+def run_export(src: str, dest: str, args, address: str | None = None) -> dict:
     shutil.rmtree(dest, ignore_errors=True)
     cmd = [sys.executable, "-c", WRAP, "export", src, dest, "--format", args.format, "--progress", "off",
-           "--shard-size", str(args.shard_size)]
+           "--shard-size", str(args.shard_size)] + (["--address", address] if address else [])
     if args.where:
         cmd += ["--where", args.where]
     if args.dedup is not None:
@@ -138,6 +139,8 @@ def main():
     p.add_argument("--embeddings", action="store_true", help="sources with quality.image_embeddings")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--dedup-scale", type=int, default=None, metavar="N")
+    p.add_argument("--ray", type=int, default=None, metavar="CPUS",
+                   help="export shards as Ray tasks on a `ray start --head` of CPUS CPUs (--address)")
     args = p.parse_args()
     if args.dedup_scale:
         print(f"# {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {loadavg():.1f}")
@@ -148,11 +151,21 @@ def main():
     print(f"# kbatch export --format {args.format} --where {args.where!r} --shard-size {args.shard_size}"
           + (f" --dedup {args.dedup}" if args.dedup is not None else ""))
     rows = []
-    for n in args.sizes:
-        src = source(args.work, n, args.embeddings or args.dedup is not None)
-        r = {"source_images": n, **run_export(src, os.path.join(args.work, f"dest-{n}"), args)}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+    head = None
+    try:
+        for n in args.sizes:
+            src = source(args.work, n, args.embeddings or args.dedup is not None)
+            if args.ray and head is None:
+                from _common import RayHead
+
+                head = RayHead(args.ray)
+            r = {"source_images": n, **run_export(src, os.path.join(args.work, f"dest-{n}"), args,
+                                                  head.address if head else None)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        if head is not None:
+            head.stop()
     print("\n| source images | exported | wall s | exported img/s | scanned rec/s | peak RSS | DEST | load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
