@@ -275,6 +275,7 @@ def format_table(rows: list[JobRow], output_width: int = 40) -> str:
         rows_text = f"{r.rows_done:,}/{r.rows_total:,}" if r.rows_total else f"{r.rows_done or 0:,}/?"
         lines.append((r.run_id, _short(r.output, output_width), str(r.priority), _amount(r.weight), r.state,
                       f"{_amount(r.held)}/{_amount(r.allotted)} {r.resource}", rows_text,
-                      "-" if r.img_s is None else f"{r.img_s:.2f}", _duration(r.eta_s), queue_text(r)))
+                      "-" if r.img_s is None else f"{r.img_s:.2f}",
+                      _duration(None if r.state == QUEUED else r.eta_s), queue_text(r)))  # queued: no rate to go by
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
