@@ -645,3 +645,28 @@ def test_s3_job_file_write_of_an_old_holder_fails_after_a_takeover(s3, monkeypat
     b.write_json("_job.json", {"run_id": "run-b"})
     assert json.loads(fs.cat_file(join(path, "_job.json"))) == {"run_id": "run-b"}
     b.release()
+
+
+def test_s3_overwrite_supersedes_commits_and_removes_objects(s3):
+    """--overwrite on S3 (kbatch.output.overwrite): commit records become aborts (never deleted), the data
+    objects go in lease-checked batches, a file that is not kbatch's stays, and the run's lease is kept."""
+    import numpy as np
+
+    from kbatch.output import commits
+    from kbatch.output.overwrite import overwrite
+    from kbatch.output.writer import OutputSpec, list_committed_shards, write_shard
+
+    root = _s3_root()
+    for s in ("old-00000", "old-00001"):
+        write_shard(OutputSpec(root, "files", "png"), s, [{"id": s, "image_index": 0, "status": "ok"}],
+                    [np.zeros((8, 8, 3), np.uint8)])
+    fs, path = get_fs(root)
+    fs.pipe_file(join(path, "notes.txt"), b"a user's file")
+    with Lease.acquire(root, "run-a") as a:
+        counts = overwrite(a, batch=2)  # four objects per shard: several batches, each after a lease check
+        assert counts == {"aborted": 2, "removed": 6}
+        assert list_committed_shards(root) == [] and a.held
+    fs.invalidate_cache()
+    assert all(commits.read(fs, path, s)["aborted"] for s in ("old-00000", "old-00001"))
+    assert not fs.find(join(path, "images")) and not fs.find(join(path, "meta"))
+    assert fs.cat_file(join(path, "notes.txt")) == b"a user's file"
