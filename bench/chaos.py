@@ -65,6 +65,8 @@ class Setup:
     prior_s: float = 0.0005              # simulated seconds per image
     decoder_s: float = 0.002
     writers: int = 2
+    overwrite_latency: float = 0.1       # seconds per request while an --overwrite removes (overwrite_round)
+    fresh_readers: bool = True           # the checks read through new filesystem objects (no cached state)
     max_runs: int = 40
     run_timeout: float = 900.0           # seconds one run may take before the harness gives up
     extra: dict = dataclasses.field(default_factory=dict)   # merged into the config
@@ -196,11 +198,11 @@ def _descendants(name: str, root: int | None = None) -> list:
 class Run:
     """One ``kbatch run CONFIG`` subprocess, its log in a file."""
 
-    def __init__(self, n: int, config: str, env: dict, log_dir: str, own_session: bool):
+    def __init__(self, n: int, config: str, env: dict, log_dir: str, own_session: bool, args: tuple = ()):
         self.n, self.log = n, os.path.join(log_dir, f"run-{n:02d}.log")
         self.own_session = own_session
         self._fh = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kbatch.cli", "run", config], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kbatch.cli", "run", config, *args], env=env,
                                      stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=log_dir)  # not the repo: `python -m` puts the cwd first on sys.path
         self.t0 = time.monotonic()
@@ -261,6 +263,7 @@ class Episode:
         self.frozen: list[Run] = []       # frozen drivers waiting to be thawed after a takeover
         self.anomalies: list[str] = []
         self.unfaulted: list[dict] = []   # runs that ended incomplete without a process fault
+        self.store_faults = {k: v for k, v in dataclasses.asdict(store.front.faults).items() if k != "seed"}
         self.run_ids: set = set()         # the run ids seen holding the lease, in order of runs
         self.kinds = [k for k in setup.kinds if k != "remove_node" or cluster is not None]
 
@@ -502,6 +505,62 @@ class Episode:
                 "unfaulted_incomplete": self.unfaulted,
                 "run_log": self.runs}
 
+    def overwrite_round(self) -> dict:
+        """On the complete output: run A, ``kbatch run CONFIG --overwrite``, is frozen (SIGSTOP) as soon as its
+        removal of the old output shows (a commit record replaced or gone, a metadata file gone), with the
+        store's latency raised to ``overwrite_latency`` while it removes (a long delete); the same command
+        without ``--overwrite`` is then rerun until it completes: it takes A's lease over (and finishes or
+        discards A's removal). A is thawed after the takeover and must exit 3 removing nothing more: every
+        row once, every file a commit record names present. Returns play()'s counts, with ``froze_mid_removal``."""
+        def state():
+            try:
+                commits = {p["name"]: p.get("ETag") or p.get("etag") or p.get("md5Hash") or p.get("generation")
+                           for p in self.store.raw.ls(self._raw("_commits"), detail=True, refresh=True)}
+            except FileNotFoundError:
+                commits = {}
+            try:
+                metas = len(self.store.raw.ls(self._raw("meta"), refresh=True))
+            except FileNotFoundError:
+                metas = 0
+            return commits, metas
+
+        self.store.front.set(**self.store_faults)  # play() turned them off for its checks
+        self.anomalies, self.unfaulted = [], []
+        commits0, metas0 = state()
+        saved = self.store.front.faults.latency
+        self.store.front.set(latency=self.s.overwrite_latency)
+        env = self.env() if callable(self.env) else self.env
+        a = Run(len(self.runs), self.config, env, self.work, own_session=self.cluster is None, args=("--overwrite",))
+        info = {"run": a.n, "faults": ["freeze_overwrite"], "exit": None, "overwrite": True}
+        self.runs.append(info)
+        froze = False
+        deadline = time.monotonic() + self.s.run_timeout
+        while a.poll() is None and time.monotonic() < deadline:
+            commits, metas = state()
+            if commits != commits0 or metas < metas0:
+                a.signal(signal.SIGSTOP)
+                froze = True
+                break
+            time.sleep(0.05)
+        self.store.front.set(latency=saved)
+        if not froze:
+            info["exit"] = a.wait()
+            self.anomalies.append(f"run {a.n}: --overwrite ended ({info['exit']}) before its removal showed")
+        else:
+            self.faults["freeze_overwrite"] += 1
+            holder = self.lease_run()
+            a.run_id = holder
+            self.run_ids.add(holder)
+            info["run_id"] = holder
+            a.frozen, a.t_frozen = True, time.monotonic()
+            self.frozen.append(a)
+            self.log(f"  run {a.n}: --overwrite frozen mid-removal ({len(commits0)} commit records before)")
+            self._wait_lease_quiet()
+        self.s = dataclasses.replace(self.s, faults=0, sequence=())
+        out = self.play()
+        out["froze_mid_removal"] = froze
+        return out
+
     # -- the checks --
     def check(self) -> dict:
         """Exactly once, read two ways. Returns the counts of both and the job's final state."""
@@ -511,24 +570,54 @@ class Episode:
         from kbatch.run.status import summarize
 
         ids = set(self.ids)
-        # 1. kbatch's own readers
-        df = kbatch.open_results(self.out, storage_options=self.store.options).df
-        ok = df[df.status == "ok"]
-        reader_dups = int(len(ok) - ok["id"].nunique())
-        reader_missing = len(ids - set(ok["id"]))
-        s = summarize(self.out, storage_options=self.store.options)
+        # 1. kbatch's own readers, on fresh filesystem objects: a reader in a process that read this output before
+        #    an --overwrite rewrote it can fail on the old output's files (bench/RESULTS.md, chaos runs)
+        if self.s.fresh_readers:
+            import fsspec
+
+            fsspec.get_filesystem_class(self.store.scheme).clear_instance_cache()
+        try:
+            df = kbatch.open_results(self.out, storage_options=self.store.options).df
+            ok = df[df.status == "ok"]
+            reader_dups = int(len(ok) - ok["id"].nunique())
+            reader_missing = len(ids - set(ok["id"]))
+            reader_ok = int(ok["id"].nunique())
+        except Exception as e:  # noqa: BLE001 - e.g. a committed shard's files deleted under it
+            self.anomalies.append(f"kbatch's readers failed: {e!r}"[:600])
+            reader_dups, reader_missing, reader_ok = -1, len(ids), 0
+            try:  # again with fresh filesystem objects (no listing cached in this process)
+                import fsspec
+
+                for cls in (fsspec.get_filesystem_class(self.store.scheme),):
+                    cls.clear_instance_cache()
+                df = kbatch.open_results(self.out, storage_options=self.store.options).df
+                ok = df[df.status == "ok"]
+                self.anomalies.append(f"... and read fine with fresh filesystem objects: {int(ok['id'].nunique())} "
+                                      f"ids ok, {int(len(ok) - ok['id'].nunique())} duplicates")
+            except Exception as e2:  # noqa: BLE001
+                self.anomalies.append(f"... and again with fresh filesystem objects: {e2!r}"[:600])
+        try:
+            s = summarize(self.out, storage_options=self.store.options)
+        except Exception as e:  # noqa: BLE001
+            self.anomalies.append(f"summarize failed: {e!r}"[:600])
+            s = {}
         # 2. raw: every commit record, the metadata file each names
         seen: Counter = Counter()
-        aborted = committed = 0
+        aborted = committed = files_missing = 0
         named = set()
+        base = self._raw("")
+        present = {p[len(base):] for p in self.store.raw.find(base.rstrip("/"))}
         for name in self.commit_names():
             rec = json.loads(self.store.raw.cat_file(self._raw(f"_commits/{name}")))
             if rec.get("aborted"):
                 aborted += 1
                 continue
             committed += 1
+            files_missing += sum(f not in present for f in rec.get("files") or [])
             meta = rec.get("meta") or next(f for f in rec["files"] if f.startswith("meta/"))
             named.add(meta)
+            if meta not in present:
+                continue  # its rows count as missing
             with self.store.raw.open(self._raw(meta), "rb") as fh:
                 t = pq.read_table(fh, columns=["id", "status"])
             seen.update(i for i, st in zip(t.column("id").to_pylist(), t.column("status").to_pylist()) if st == "ok")
@@ -553,9 +642,10 @@ class Episode:
         except FileNotFoundError:
             success = None
         return {"duplicates": max(reader_dups, raw_dups), "missing": max(reader_missing, raw_missing),
-                "reader": {"rows_ok": int(ok["id"].nunique()), "duplicates": reader_dups, "missing": reader_missing,
+                "reader": {"rows_ok": reader_ok, "duplicates": reader_dups, "missing": reader_missing,
                            "summarize_rows_done": s.get("rows_done"), "summarize_complete": s.get("complete")},
-                "raw": {"commit_records": committed, "abort_records": aborted, "duplicates": raw_dups,
+                "raw": {"commit_records": committed, "abort_records": aborted, "files_missing": files_missing,
+                        "duplicates": raw_dups,
                         "missing": raw_missing, "unexpected_ids": len(set(seen) - ids),
                         "meta_files": len(metas), "meta_files_not_committed": len(set(metas) - named),
                         "inflight_left": inflight, "lease_state": lease.get("state"), "lease_epoch": lease.get("epoch")},
@@ -584,6 +674,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=3, help="fake-GPU worker nodes")
     ap.add_argument("--gpus-per-node", type=int, default=2)
     ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--overwrite-rounds", type=int, default=0,
+                    help="after each episode: rounds of `run --overwrite` frozen mid-removal, resumed by a rerun")
+    ap.add_argument("--cached-readers", action="store_true",
+                    help="the checks reuse this process's filesystem objects (as a notebook would)")
     ap.add_argument("--kbatch-path", help="a folder holding another kbatch package to run instead")
     ap.add_argument("--work", help="keep logs and manifests here (default: a temp dir, removed)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
@@ -627,17 +721,22 @@ def main(argv=None) -> int:
         for ep in range(a.episodes):
             setup = Setup(rows=a.rows, rows_per_shard=a.rows_per_shard, faults=a.faults,
                           kinds=tuple(a.kinds.split(",")), seed=a.seed + ep, lease_ttl=a.lease_ttl,
-                          writers=a.writers)
+                          writers=a.writers, fresh_readers=not a.cached_readers)
             store.front.set(latency=a.latency, jitter=a.jitter, slowdown=a.slowdown, reset=a.reset,
                             lost_answer=a.lost)
             before = store.front.injected()
             print(f"episode {ep}: {a.rows} rows, {a.faults} process faults, seed {setup.seed}", flush=True)
-            r = Episode(setup, store, os.path.join(work, f"ep{ep}"), env, cluster, node_args,
-                        log=lambda m: print(m, flush=True)).play()
-            r["store_faults"] = {k: v - before[k] for k, v in r["store_faults"].items()}
-            r["load_before"], r["load_after"] = round(load, 2), round(loadavg(), 2)
-            results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "run_log"}), flush=True)
+            episode = Episode(setup, store, os.path.join(work, f"ep{ep}"), env, cluster, node_args,
+                              log=lambda m: print(m, flush=True))
+            for k in range(1 + a.overwrite_rounds):
+                if k:
+                    print(f"episode {ep}: overwrite round {k}", flush=True)
+                    before = store.front.injected()
+                r = episode.play() if k == 0 else episode.overwrite_round()
+                r["store_faults"] = {k: v - before[k] for k, v in r["store_faults"].items()}
+                r["load_before"], r["load_after"] = round(load, 2), round(loadavg(), 2)
+                results.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "run_log"}), flush=True)
     finally:
         cluster.shutdown()
         store.close()
