@@ -220,26 +220,6 @@ def test_rewrite_and_no_partial_files(tmp_path, monkeypatch):
     assert os.listdir(os.path.join(root, "x")) == []
 
 
-@pytest.mark.parametrize("memory", [False, True])
-def test_remove_tree_only_owned(tmp_path, memory):
-    root = f"memory://kbatch-rt-{uuid.uuid4().hex}" if memory else str(tmp_path / "out")
-    fs, base = storage.get_fs(root)
-    for fmt in FORMATS:
-        write_shard(OutputSpec(root, fmt, "png"), f"s-{fmt}", *make_shard())
-    storage.write_json_atomic(root, "_job.json", {"total_rows": 3})
-    storage.write_json_atomic(root, "_SUCCESS", {})
-    fs.pipe_file(storage.join(base, "notes.txt"), b"user file")
-    removed = storage.remove_tree(root)
-    assert {"_SUCCESS", "_commits", "_job.json", "meta", "stats", "images", "tars", "data"} == set(removed)
-    assert fs.cat_file(storage.join(base, "notes.txt")) == b"user file"
-    assert list_committed_shards(root) == [] and len(read_records(root)) == 0
-    assert storage.remove_tree(root) == []
-    with pytest.raises(ValueError):
-        storage.remove_tree("/")
-    if memory:
-        fs.rm(base, recursive=True)
-
-
 def test_input_validation(tmp_path):
     root = str(tmp_path)
     records, images = make_shard()

@@ -7,7 +7,6 @@ The package, by idea (every name is re-exported here, so ``from kbatch.storage i
 - ``paths.py``: URLs, protocols, joining and listing names below a root;
 - ``atomic.py``: atomic replace and exclusive create of whole files; their folders synced before a commit;
 - ``json_files.py``: small (JSON) files by name below an output root;
-- ``owned.py``: what kbatch owns at an output root, and ``--overwrite``'s removal of it;
 - ``conditional.py``: read with version, create-if-absent, replace-if-version, delete-if-version; the
   lost-answer rule; backends ``local_store.py``, ``memory_store.py``, ``s3_store.py``, ``gcs_store.py``;
 - ``stores.py``: ``conditional_store(url)``, the backend of a location;
@@ -22,7 +21,6 @@ from kbatch.storage.conditional import ConditionalStore, PreconditionFailed, Ver
 from kbatch.storage.json_files import (dumps_json, exists, read_bytes, read_json, remove, to_jsonable,
                                        write_json_atomic)
 from kbatch.storage.memory_store import MEMORY_LOCK
-from kbatch.storage.owned import OWNED_ENTRIES, remove_tree
 from kbatch.storage.paths import (TMP_MARK, absolute_if_exists, absolute_local, check_relative, display_path,
                                   get_fs, is_local, join, list_names, node_local, process_local,
                                   protocol_problem, renames_atomically)
@@ -31,10 +29,10 @@ from kbatch.storage.s3_store import s3_conflict, s3_error
 from kbatch.storage.stores import Unsupported, conditional_store, store_for
 
 __all__ = [
-    "ConditionalStore", "ConditionalWritesUnsupported", "MEMORY_LOCK", "OWNED_ENTRIES", "PreconditionFailed",
+    "ConditionalStore", "ConditionalWritesUnsupported", "MEMORY_LOCK", "PreconditionFailed",
     "TMP_MARK", "Unsupported", "Versioned", "absolute_if_exists", "absolute_local", "check_relative",
     "conditional_store", "display_path", "dumps_json", "exists", "get_fs", "is_local", "join",
     "list_names", "node_local", "probe_conditional_writes", "process_local", "protocol_problem", "read_bytes",
-    "read_json", "remove", "remove_tree", "renames_atomically", "s3_conflict", "s3_error", "store_for", "sync_folders",
+    "read_json", "remove", "renames_atomically", "s3_conflict", "s3_error", "store_for", "sync_folders",
     "to_jsonable", "write_bytes_atomic", "write_exclusive", "write_json_atomic", "write_synced",
 ]
