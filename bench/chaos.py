@@ -402,6 +402,11 @@ class Episode:
         if key not in took_over_at and holder is not None and holder != getattr(run, "run_id", None) \
                 and getattr(run, "run_id", None) is not None:
             took_over_at[key] = time.monotonic() + self.rng.uniform(0, 1.5 * self.s.lease_ttl)
+        if getattr(run, "thaw_after_new_commits", None) is not None:  # an --overwrite: once the rerun committed
+            if key in took_over_at and len(set(self.commit_names()) - run.commits_at_freeze) >= \
+                    run.thaw_after_new_commits:
+                return True
+            return time.monotonic() - run.t_frozen > 120 + 10 * self.s.lease_ttl
         return (key in took_over_at and time.monotonic() >= took_over_at[key]) or \
             time.monotonic() - run.t_frozen > 120 + 10 * self.s.lease_ttl
 
@@ -510,7 +515,8 @@ class Episode:
         removal of the old output shows (a commit record replaced or gone, a metadata file gone), with the
         store's latency raised to ``overwrite_latency`` while it removes (a long delete); the same command
         without ``--overwrite`` is then rerun until it completes: it takes A's lease over (and finishes or
-        discards A's removal). A is thawed after the takeover and must exit 3 removing nothing more: every
+        discards A's removal). A is thawed once that run has committed 2 shards and must exit 3 removing nothing
+        more: every
         row once, every file a commit record names present. Returns play()'s counts, with ``froze_mid_removal``."""
         def state():
             try:
@@ -553,6 +559,8 @@ class Episode:
             self.run_ids.add(holder)
             info["run_id"] = holder
             a.frozen, a.t_frozen = True, time.monotonic()
+            # thawed once the rerun has committed shards of its own: a removal that carried on would take them
+            a.commits_at_freeze, a.thaw_after_new_commits = set(self.commit_names()), 2
             self.frozen.append(a)
             self.log(f"  run {a.n}: --overwrite frozen mid-removal ({len(commits0)} commit records before)")
             self._wait_lease_quiet()
@@ -732,8 +740,12 @@ def main(argv=None) -> int:
                 if k:
                     print(f"episode {ep}: overwrite round {k}", flush=True)
                     before = store.front.injected()
+                runs_before, faults_before = len(episode.runs), Counter(episode.faults)
                 r = episode.play() if k == 0 else episode.overwrite_round()
                 r["store_faults"] = {k: v - before[k] for k, v in r["store_faults"].items()}
+                r["runs"] -= runs_before
+                r["process_faults"] = dict(Counter(r["process_faults"]) - faults_before)
+                r["round"] = "episode" if k == 0 else f"overwrite {k}"
                 r["load_before"], r["load_after"] = round(load, 2), round(loadavg(), 2)
                 results.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "run_log"}), flush=True)
