@@ -349,3 +349,24 @@ def test_s3_moto_server(monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def test_local_commit_after_its_folders_are_durable(tmp_path, monkeypatch):
+    """On a local disk a shard's folders are fsynced before its commit record is created: a power cut never
+    leaves a durable commit naming files whose names were lost (docs/output.md)."""
+    import kbatch.output.commits as commits_mod
+    import kbatch.storage.local_store as local_store
+
+    events = []
+    real_fsync_dir, real_create = local_store.fsync_dir, commits_mod.create
+    monkeypatch.setattr(local_store, "fsync_dir", lambda folder: (events.append(("sync", folder)),
+                                                                  real_fsync_dir(folder))[1])
+    monkeypatch.setattr(commits_mod, "create", lambda *a, **k: (events.append(("commit", a[1])),
+                                                                real_create(*a, **k))[1])
+    root = str(tmp_path / "out")
+    write_shard(OutputSpec(root, "files", "png"), "s0", *make_shard())
+    rec = commit_of(root, "s0")
+    first_commit = events.index(("commit", "s0"))
+    synced = {os.path.normpath(f) for k, f in events[:first_commit] if k == "sync"}
+    named = {os.path.normpath(os.path.dirname(os.path.join(root, f))) for f in rec["files"]}
+    assert named and named <= synced, (named, synced)

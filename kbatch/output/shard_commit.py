@@ -57,6 +57,8 @@ def commit(spec, shard: str, attempt: str, record: dict, files: list[str]) -> di
             drop_attempt(fs, root, files)
             fence.end(shard, attempt)  # this attempt never creates its record
             raise
+    # on a local disk the folders naming the attempt's files are made durable before the record naming them
+    storage.sync_folders(fs, [storage.join(root, rel) for rel in files])
     # (an error from the create itself keeps the objects and the intent: the record may have landed)
     existing = commits.create(store_of(spec), shard, record)
     if existing is not None and existing.get("attempt") == attempt:  # ours, landed before a retried error
