@@ -226,6 +226,9 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
     assert s["rows_filtered"] == n_filtered_rows > 0 and s["rows_failed"] == 1
     assert s["rows_ok"] + s["rows_filtered"] + s["rows_failed"] == 17 and s["images"] == len(ok)
     assert s["gate"]["images"] == len(ok) and s["gate"]["correlation"] > 0.3
+    # and so does the run's own result
+    assert (first.rows_filtered, first.rows_failed, first.rows_ok) == (n_filtered_rows, 1, 16 - n_filtered_rows)
+    assert f"filtered {n_filtered_rows}," in first.summary_line() and first.rows_missing == 0
     text = format_summary(s)
     assert f"filtered: {n_filtered_rows}" in text and "correlation" in text
     # --retry-failed renders the error row again, never a filtered one; a changed gate is refused

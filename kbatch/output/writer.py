@@ -91,6 +91,7 @@ class ShardStats:
     bytes: int = 0  # bytes written (data, metadata, stats)
     writer: str = ""  # the process that wrote it ("node:<id8>/pid:<pid>")
     attempt: str = ""  # the write attempt whose objects the commit record names
+    filtered_rows: int = 0  # ids whose every record is ``filtered`` (quality.gate kept no candidate)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -396,8 +397,12 @@ def commit_shard(spec: OutputSpec, shard: str, records: list[dict], files: list[
                                          _parquet_bytes(records_table(records), compression="zstd"))
     files.append(meta_rel)
     n_err = sum(1 for r in records if r["status"] == "error")  # filtered records are neither
-    stats = ShardStats(shard=shard, rows=len({str(r["id"]) for r in records}), images=n_ok, errors=n_err,
-                       errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer, attempt=attempt)
+    statuses: dict[str, set] = {}
+    for r in records:
+        statuses.setdefault(str(r["id"]), set()).add(r["status"])
+    stats = ShardStats(shard=shard, rows=len(statuses), images=n_ok, errors=n_err,
+                       errors_by_reason=by_reason, seconds=0.0, bytes=0, writer=spec.writer, attempt=attempt,
+                       filtered_rows=sum(1 for s in statuses.values() if s == {"filtered"}))
     stats_rel = f"stats/{stem}.json"
     stats_blob = storage.dumps_json(stats.to_dict())  # size estimate for the bytes count
     stats.bytes = nbytes + len(stats_blob)

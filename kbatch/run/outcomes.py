@@ -50,7 +50,7 @@ class Outcomes:
         self.pools = pools  # () -> the run's stage pools
         self.t0 = time.monotonic()
         # results
-        self.rows_ok = self.rows_failed = self.images = 0
+        self.rows_ok = self.rows_failed = self.rows_filtered = self.images = 0
         self.failed_by_reason: dict[str, int] = defaultdict(int)
         self.stats: dict[str, float] = defaultdict(float)
         self.memory: dict[str, float] = {}
@@ -147,7 +147,10 @@ class Outcomes:
 
     def _done_write(self, call: Call, stats) -> None:
         shard = call.shard
-        self.rows_ok += shard.ok_rows
+        filtered = getattr(stats, "filtered_rows", 0)  # rows quality.gate filtered whole: done, but not rendered
+        filtered = filtered if isinstance(filtered, int) else 0
+        self.rows_ok += shard.ok_rows - filtered
+        self.rows_filtered += filtered
         self.rows_failed += len(shard.errors)
         images = getattr(stats, "images", None)  # the writer's count: images quality.gate filtered are not images
         self.images += int(images) if isinstance(images, int) else shard.images

@@ -48,13 +48,15 @@ class RunResult:
     memory: dict = field(default_factory=dict)  # per stage: peak worker RSS, peak GPU memory (GiB)
     rows_failed_before: int = 0  # of the skipped rows: those whose only records are errors
     error: str | None = None  # why the run stopped early (a stage that cannot go on, an unexpected error)
+    rows_filtered: int = 0  # ended by this run as ``filtered``: quality.gate kept no candidate (docs/quality.md)
 
     def summary_line(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed_by_reason.items()))
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         before = f", {self.rows_failed_before} failed before" if self.rows_failed_before else ""
         return (f"kbatch: {'complete' if self.complete else 'INCOMPLETE'} | rows {self.rows_total} "
-                f"(ok {self.rows_ok}, failed {self.rows_failed}, missing {self.rows_missing}, "
+                f"(ok {self.rows_ok}, " + (f"filtered {self.rows_filtered}, " if self.rows_filtered else "")
+                + f"failed {self.rows_failed}, missing {self.rows_missing}, "
                 f"skipped {self.rows_skipped}{before}) | images {self.images} | {self.images_per_second:.2f} img/s | "
                 f"{self.seconds:.1f}s | stages: {stages}" + (f" | failures: {reasons}" if reasons else "")
                 + (f" | stopped: {self.error}" if self.error else ""))
@@ -225,15 +227,15 @@ class Runner:
         ends with exit 3, naming the run that holds the output now."""
         d = self.driver.outcomes if getattr(self, "driver", None) is not None else None
         scan = self.scan
-        rows_ok, rows_failed = (d.rows_ok, d.rows_failed) if d else (0, 0)
+        rows_ok, rows_failed, filtered = (d.rows_ok, d.rows_failed, d.rows_filtered) if d else (0, 0, 0)
         skipped = scan.skipped_ok + scan.skipped_failed
         seconds = time.perf_counter() - t_start
         message = f"stopped, writing nothing more: {e}"
         log.error("kbatch: %s", message)
         return RunResult(self.output, self.run_id, EXIT_INCOMPLETE, False, scan.total, skipped, rows_ok, rows_failed,
-                         max(0, scan.total - skipped - rows_ok - rows_failed), d.images if d else 0, seconds,
-                         (d.images if d else 0) / seconds if seconds else 0.0, error=message,
-                         rows_failed_before=scan.skipped_failed)
+                         max(0, scan.total - skipped - rows_ok - rows_failed - filtered), d.images if d else 0,
+                         seconds, (d.images if d else 0) / seconds if seconds else 0.0, error=message,
+                         rows_failed_before=scan.skipped_failed, rows_filtered=filtered)
 
     def _drive(self):
         import ray
@@ -306,7 +308,7 @@ class Runner:
         from kbatch import storage
 
         res = driver.outcomes
-        self.progress.set(res.rows_ok + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
+        self.progress.set(res.rows_ok + res.rows_filtered + res.rows_failed, res.images, res.rows_failed, queues=driver.queues)
         moved = self._schedule_tick(self.progress) if self.share is not None else False
         self.metrics.tick(self.progress, driver.queues)
         self.lease.check()  # the renewer found the lease lost: LeaseLost stops the driver (and its writers)
@@ -336,9 +338,10 @@ class Runner:
         d = self.driver.outcomes if self.driver is not None else None  # the run's results
         rows_ok = d.rows_ok if d else 0
         rows_failed = d.rows_failed if d else 0
+        filtered = d.rows_filtered if d else 0
         n_images = d.images if d else 0
         skipped = scan.skipped_ok + scan.skipped_failed
-        missing = scan.total - skipped - rows_ok - rows_failed
+        missing = scan.total - skipped - rows_ok - rows_failed - filtered
         if missing < 0:  # never: every row of this run is one of scan.to_render
             log.error("kbatch: accounting error: %d rows more than the manifest has", -missing)
             missing = 0
@@ -353,12 +356,12 @@ class Runner:
         result = RunResult(self.output, self.run_id, code, complete, scan.total, skipped, rows_ok, rows_failed,
                            missing, n_images, seconds, n_images / seconds if seconds else 0.0,
                            dict(d.stats) if d else {}, dict(d.failed_by_reason) if d else {},
-                           dict(d.memory) if d else {}, scan.skipped_failed, error)
+                           dict(d.memory) if d else {}, scan.skipped_failed, error, filtered)
         if self.cancelled and not error:
             error = result.error = self.cancelled
         status = ("complete" if complete else "cancelled" if self.cancelled else "interrupted" if interrupted
                   else "failed" if unexpected else "incomplete")
-        self.progress.set(rows_ok + rows_failed, n_images, rows_failed)
+        self.progress.set(rows_ok + filtered + rows_failed, n_images, rows_failed)
         job = self.job
         job.update(status=status, exit_code=code, finished=now_iso(), result=dataclasses.asdict(result),
                    worker_start_errors=dict(d.start_errors) if d else {}, unseen_shards=unseen, error=error,
@@ -392,7 +395,7 @@ class Runner:
                     # the header's numbers are this run's accounting (this manifest's ids; complete: every
                     # row has records), so the gallery reads only the newest shards (and, when rows failed,
                     # the id/status columns of every shard, a few at a time, to list the failures)
-                    counts = {"rows": skipped + rows_ok + rows_failed, "images": scan.images + n_images,
+                    counts = {"rows": skipped + rows_ok + filtered + rows_failed, "images": scan.images + n_images,
                               "errors": scan.skipped_failed + rows_failed}
                     write_gallery(self.output, max_images=cfg.output.gallery_max_images, storage_options=self.so,
                                   counts=counts)
