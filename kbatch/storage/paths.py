@@ -126,6 +126,11 @@ def list_names(fs, dir_path: str, suffix: str = "", dirs: bool = False) -> list[
         entries = fs.ls(dir_path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    finally:  # and leave no listing behind: s3fs answers later reads of this folder from a cached listing,
+        try:  # so an object created after it (the next shard's meta) would read as missing in this process
+            fs.invalidate_cache(dir_path)
+        except Exception:  # noqa: BLE001
+            pass
     out = []
     for e in entries:
         name = posixpath.basename(str(e["name"]).rstrip("/"))
