@@ -1,4 +1,4 @@
-"""Scale benchmarks of the driver with the simulated models (SPEC §7): no weights, no torch.
+"""Scale benchmarks of the driver with the simulated models (docs/clusters.md, simulated models): no weights, no torch.
 
 Two parts (``python bench/scale.py rows`` / ``python bench/scale.py cluster``; both by default):
 

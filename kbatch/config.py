@@ -40,7 +40,7 @@ class ConfigError(ValueError):
     """A configuration problem found before any model is loaded."""
 
 
-SIM = "sim"  # models.*: simulated stage bodies (SPEC §7), for capacity planning and scale tests
+SIM = "sim"  # models.*: simulated stage bodies (docs/clusters.md, simulated models), for capacity planning and scale tests
 
 
 @dataclass
@@ -194,7 +194,7 @@ class FaultsConfig:
 
 @dataclass
 class QualityConfig:
-    """Quality scores (SPEC §10, docs/quality.md): the CLIP score of every image, best-of-k candidates."""
+    """Quality scores (docs/quality.md): the CLIP score of every image, best-of-k candidates."""
 
     clip_score: bool = False  # each image's record gets clip_score (100 x CLIP cosine with its prompt)
     best_of: int = 1  # k candidates of every image, the best by clip_score kept (1..16; > 1 scores too)

@@ -33,7 +33,7 @@ def ray_session():
 
 
 def sim_models(decoder_seconds=0.0, prior_seconds=0.0):
-    """``models`` for tiny_config with the simulated models (SPEC §7): for tests of the driver's mechanics
+    """``models`` for tiny_config with the simulated models (docs/clusters.md, simulated models): for tests of the driver's mechanics
     (faults, placement, accounting), where the pixels do not matter and loading torch per actor is waste."""
     return {"prior": "sim", "decoder": "sim",
             "sim": {"decoder_seconds_per_image": decoder_seconds, "prior_seconds_per_image": prior_seconds}}
@@ -60,7 +60,7 @@ def tiny_config(model_dirs, out_path, **over):
 
 
 def assert_pixels_close(a, b, what=""):
-    """SPEC §4: each channel within 2/255 and at most 1% of values differing."""
+    """docs/manifest.md, reproducing an image: each channel within 2/255 and at most 1% of values differing."""
     a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
     assert a.shape == b.shape, f"{what}: shapes {a.shape} != {b.shape}"
     d = np.abs(a - b)

@@ -1,4 +1,4 @@
-"""Plain diffusers, one row at a time: what SPEC §4 promises kbatch images equal."""
+"""Plain diffusers, one row at a time: what docs/manifest.md, reproducing an image promises kbatch images equal."""
 import functools
 
 import numpy as np
@@ -37,7 +37,7 @@ def to_uint8(images):
 
 @torch.inference_mode()
 def render_row(models, row: dict, scheduler="ddim", init_image=None, mask=None, mix_images=None):
-    """Images (n, H, W, 3) uint8 of one row dict (all params present), as SPEC §4 spells the call."""
+    """Images (n, H, W, 3) uint8 of one row dict (all params present), as docs/manifest.md, reproducing an image spells the call."""
     ps = pipes(models["prior"], models["decoder"], models["inpaint"], scheduler)
     g = torch.Generator("cpu").manual_seed(row["seed"])
     common = dict(height=row["height"], width=row["width"], num_inference_steps=row["num_inference_steps"],

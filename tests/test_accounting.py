@@ -1,5 +1,5 @@
 """Issue "Real clusters": honest accounting, rendering failed rows again, one run per output, and faults of
-the stages around the models (writers, placement). Simulated models (SPEC §7) keep these fast."""
+the stages around the models (writers, placement). Simulated models (docs/clusters.md, simulated models) keep these fast."""
 import json
 import os
 import subprocess

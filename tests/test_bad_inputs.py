@@ -15,7 +15,7 @@ from kbatch.run.runner import run_job
 
 from conftest import sim_models, tiny_config
 
-# Bad rows are the validator's and the loaders' business: the simulated models (SPEC §7) render the good ones.
+# Bad rows are the validator's and the loaders' business: the simulated models (docs/clusters.md, simulated models) render the good ones.
 SIM = sim_models()
 
 

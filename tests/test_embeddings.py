@@ -41,7 +41,7 @@ def test_embeddings_round_trip(tiny_models, ray_session, tmp_path):
     assert (emb.df.image_format == "embeddings").all() and sorted(emb.df.id.unique()) == list("abcd")
     assert (tmp_path / "emb" / "_SUCCESS").exists()
     # the init image lives beside the prior job's manifest, outside the embeddings output: the decoding job
-    # reads it only because its own limits allow that folder (SPEC §6)
+    # reads it only because its own limits allow that folder (docs/faults.md)
     dec = job("dec", stage="decoder", manifest=str(tmp_path / "emb"), limits={"allowed_roots": [str(tmp_path)]})
     assert sorted(dec.df.id.unique()) == list("abcd") and len(dec.df) == len(both.df) == 5
     assert set(dec.df[dec.df.id == "d"]["mode"]) == {"interpolate"}

@@ -15,7 +15,7 @@ from kbatch.run.status import summarize
 from cli_helpers import env, write_job
 from conftest import sim_models, tiny_config
 
-# The driver's fault handling does not depend on what a stage computes: the simulated models (SPEC §7), with
+# The driver's fault handling does not depend on what a stage computes: the simulated models (docs/clusters.md, simulated models), with
 # a decoder slow enough that batches overlap and a run can be interrupted midway.
 SIM = sim_models(decoder_seconds=0.1)
 

@@ -1,7 +1,7 @@
 """Issue "Outputs and the people who use them": whole jobs in every output format / image encoding.
 
 The same manifest is rendered as files+png (the reference), webdataset+png and parquet+jpeg with the
-simulated models (SPEC §7: the real actors, writers and commit protocol; stand-in pixels, a smooth gradient
+simulated models (docs/clusters.md, simulated models: the real actors, writers and commit protocol; stand-in pixels, a smooth gradient
 per image; loading torch in every job's actor would triple this file's time). ``open_results``
 reads each back: the same pixels for png (exactly), close for jpeg; webdataset tars hold ``KEY.png`` +
 ``KEY.json`` with dot-free keys; every committed shard has ``stats/<shard>.json`` whose counts add up to the

@@ -1,4 +1,4 @@
-"""SPEC §6: the decoded pixels of one row and of one loading batch have a budget, checked from the image
+"""docs/faults.md: the decoded pixels of one row and of one loading batch have a budget, checked from the image
 headers before anything is decoded; prompts have a length limit. Nothing is lost: a row over its own budget
 gets an error record naming the key, a row that does not fit a loading batch is loaded by another task."""
 import io

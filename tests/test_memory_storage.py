@@ -14,7 +14,7 @@ from kbatch.storage import process_local
 
 from conftest import sim_models, tiny_config
 
-# Where the pixels do not matter, the simulated models (SPEC §7); the sim decoder checks it got the sim prior's
+# Where the pixels do not matter, the simulated models (docs/clusters.md, simulated models); the sim decoder checks it got the sim prior's
 # embeddings for each row, so the stage-to-stage plumbing through memory:// is still checked.
 SIM = sim_models()
 

@@ -1,5 +1,5 @@
 """Issue 20 "See it run": kbatch's metrics in Ray's Prometheus endpoint, and the Grafana dashboard that reads
-them (SPEC §9).
+them (docs/metrics.md).
 
 The Ray test runs a simulated job in a subprocess whose Ray has a metrics export port (its own temp dir and
 ports; stopped by its own ``ray.shutdown()``, never ``ray stop``) and scrapes the endpoint while the job

@@ -1,9 +1,9 @@
-"""Issue 21 (SPEC §10): clip_score of every image, best-of-k candidates, and the readers that show them.
+"""Issue 21 (docs/quality.md): clip_score of every image, best-of-k candidates, and the readers that show them.
 
 The scores are recomputed here the way a user would, with transformers alone: the prior folder's
 ``image_encoder`` / ``image_processor`` on the image file as read back, and its ``text_encoder`` /
 ``tokenizer`` on the prompt. Kept best-of images are rendered again with plain diffusers from their record's
-seed (SPEC §4).
+seed (docs/manifest.md, reproducing an image).
 """
 import io
 

@@ -26,7 +26,7 @@ from cli_helpers import env as cli_env
 from conftest import assert_pixels_close, sim_models, tiny_config
 from reference import render_row
 
-# Credentials reach the driver, the loaders and the writers whatever the models: simulated ones (SPEC §7) there.
+# Credentials reach the driver, the loaders and the writers whatever the models: simulated ones (docs/clusters.md, simulated models) there.
 SIM = sim_models()
 
 s3fs = pytest.importorskip("s3fs")

@@ -1,4 +1,4 @@
-"""Issue "Ten million rows": the streaming driver on the simulated models (SPEC §7).
+"""Issue "Ten million rows": the streaming driver on the simulated models (docs/clusters.md, simulated models).
 
 Fast checks of the properties that make a large job possible: the driver's memory does not grow with the
 manifest, every queue between stages stays within its bound (the prior stops when the decoders' backlog is

@@ -1,4 +1,4 @@
-"""SPEC §8 "Autoscaling clusters" on Ray's own autoscaler (the fake multi-node provider Ray's tests use).
+"""docs/clusters.md "Autoscaling" on Ray's own autoscaler (the fake multi-node provider Ray's tests use).
 
 A head of 2 CPUs and no GPU; one node type of 2 GPUs, min 0, max 3, idle timeout 30 s. The default config
 (no ``resources:``) with simulated models slow enough that GPU nodes are worth adding. Before: the job took

@@ -1,4 +1,4 @@
-"""Quality scores (SPEC §10): the CLIP score of every image, and best-of-k selection.
+"""Quality scores (docs/quality.md): the CLIP score of every image, and best-of-k selection.
 
 ``clip_score`` = 100 x cosine(CLIP image embedding of the image as written, CLIP text embedding of the row's
 ``prompt``), with the prior model folder's own ``image_encoder`` / ``image_processor`` and ``text_encoder`` /
@@ -25,7 +25,7 @@ Where each half runs (docs/quality.md has the measurements):
 best_of: the k candidates of a row are rendered in the same calls (the prior and the decoder expand a row to
 k seeds: ``schema.rows.candidate_seeds``); per image index i the candidate with the highest score is kept
 (the first on ties). Its image is image i of plain diffusers' call with that candidate's seed and the row's
-``num_images``, so the record's ``seed`` is that seed (SPEC §4).
+``num_images``, so the record's ``seed`` is that seed (docs/manifest.md, reproducing an image).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Simulated models (SPEC §7): ``models.prior: sim``, ``models.decoder: sim`` (inpaint rows included).
+"""Simulated models (docs/clusters.md, simulated models): ``models.prior: sim``, ``models.decoder: sim`` (inpaint rows included).
 
 For capacity planning and scale tests. Everything around the stage bodies is the real code path: Ray actors
 and their placement, batching, backpressure, retries, the object store between the stages, writers, the

@@ -1,4 +1,4 @@
-"""The run's metrics in Ray's metrics system (SPEC §9), published by the driver: rows, images, queues,
+"""The run's metrics in Ray's metrics system (docs/metrics.md), published by the driver: rows, images, queues,
 replicas, speed and what is left; on a cluster shared by kbatch jobs, its GPUs allotted and held and its queue
 position. Ray's Prometheus endpoint on each node exports them with the ``ray_``
 prefix (``ray_kbatch_rows_total``, ``ray_kbatch_queue``, ...); ``dashboards/kbatch_grafana.json`` shows them
@@ -21,7 +21,7 @@ import time
 
 from kbatch.models.ray_metrics import BATCH_SECONDS, Metric, Spec, disabled
 
-EVERY = 4.0  # seconds between refreshes (SPEC §9: at least every 5 s; the driver ticks every second)
+EVERY = 4.0  # seconds between refreshes (docs/metrics.md: at least every 5 s; the driver ticks every second)
 
 ROWS = Spec("counter", "kbatch_rows", "Rows given their records by this run, by status: ok (images) or failed "
             "(error records)", ("run", "status"))

@@ -84,7 +84,7 @@ RECORD_SCHEMA = pa.schema([
     ("row_hash", pa.string()),
     ("run_id", pa.string()),
     ("seconds", pa.float64()),  # decoder seconds of the batch, per image
-    # quality scores (SPEC §10); null when off. clip_score: 100 x CLIP cosine(image as written, prompt)
+    # quality scores (docs/quality.md); null when off. clip_score: 100 x CLIP cosine(image as written, prompt)
     ("clip_score", pa.float64()),
     ("candidate_seeds", pa.list_(pa.int64())),  # quality.best_of: every candidate's seed, candidate order
     ("candidate_scores", pa.list_(pa.float64())),  # ... and this image index's clip_score of each
