@@ -226,6 +226,13 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
     assert s["rows_filtered"] == n_filtered_rows > 0 and s["rows_failed"] == 1
     assert s["rows_ok"] + s["rows_filtered"] + s["rows_failed"] == 17 and s["images"] == len(ok)
     assert s["gate"]["images"] == len(ok) and s["gate"]["correlation"] > 0.3
+    # the notebook gallery sorted by a head's score: the best three by score_lin, with its sort buttons
+    inline = res.gallery(max_images=3, sort="best", by="score_lin").html
+    best3 = ok.sort_values("score_lin", ascending=False)["score_lin"].head(3)
+    assert all(f'data-score="{v:.4f}"' in inline for v in best3) and inline.count('class="card') == 3
+    assert "lin, best first" in inline and f"lin {best3.iloc[0]:.2f}" in inline
+    with pytest.raises(ValueError, match="score_nope.*score_lin"):
+        res.gallery(sort="best", by="score_nope")
     # and so does the run's own result
     assert (first.rows_filtered, first.rows_failed, first.rows_ok) == (n_filtered_rows, 1, 16 - n_filtered_rows)
     assert f"filtered {n_filtered_rows}," in first.summary_line() and first.rows_missing == 0

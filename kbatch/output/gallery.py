@@ -113,6 +113,10 @@ def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
         best_of = "" if _isnull_list(seeds) else f' <span class="k">best of {len(seeds)}</span>'
         parts.append(f'<div class="score" title="clip_score: 100 x CLIP cosine(image, prompt)">'
                      f'clip {float(score):.2f}{best_of}</div>')
+    heads = [(k[len("score_"):], v) for k, v in rec.items() if k.startswith("score_") and not _isnull(v)]
+    if heads:  # quality.heads: each head's score of the image as written (docs/quality.md)
+        parts.append('<div class="score" title="quality.heads">'
+                     + " &middot; ".join(f"{_esc(name)} {float(v):.2f}" for name, v in sorted(heads)) + "</div>")
     parts.append(
         f'<div class="k">seed {_esc(_fmt(rec.get("seed")))} &middot; {_esc(_fmt(rec.get("mode")))} &middot; '
         f'{_esc(_fmt(w))}&times;{_esc(_fmt(h))} &middot; steps {_esc(_fmt(rec.get("num_inference_steps")))} '
@@ -120,16 +124,27 @@ def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
     return "".join(parts)
 
 
-def _ok_records(df, max_images: int, sort: str | None = None) -> list[dict]:
-    """The first ``max_images`` ok records; ``sort``: "best" / "worst" first by clip_score (unscored last)."""
+def check_by(df, by: str) -> None:
+    """``by`` names a score column of the records: clip_score, or score_<NAME> of a quality.heads head."""
+    if not (by == "clip_score" or by.startswith("score_")):
+        raise ValueError(f"by must be 'clip_score' or a head's 'score_<NAME>' column, got {by!r}")
+    if df is not None and len(df) and by not in df:
+        have = sorted(c for c in df.columns if c == "clip_score" or c.startswith("score_"))
+        raise ValueError(f"by={by!r}: the output's records have no such column (score columns: {have})")
+
+
+def _ok_records(df, max_images: int, sort: str | None = None, by: str = "clip_score") -> list[dict]:
+    """The first ``max_images`` ok records; ``sort``: "best" / "worst" first by the score column ``by``
+    (clip_score, or a head's score_<NAME>; unscored last)."""
     if df is None or not len(df):
         return []
     ok = df[df["status"] == "ok"]
     if sort is not None:
         if sort not in ("best", "worst"):
             raise ValueError(f"sort must be 'best', 'worst' or None, got {sort!r}")
-        if "clip_score" in ok:
-            ok = ok.sort_values("clip_score", ascending=sort == "worst", na_position="last", kind="stable")
+        check_by(df, by)
+        if by in ok:
+            ok = ok.sort_values(by, ascending=sort == "worst", na_position="last", kind="stable")
     return ok.head(max(0, int(max_images))).to_dict("records")
 
 
@@ -210,9 +225,9 @@ def _load_items(reader, recs: list[dict], thumb: int, copy_full: bool) -> list[_
     return [one(r) for r in recs]
 
 
-def _score_ranks(items: list[_Item]) -> tuple[list[int], list[int]]:
-    """Each card's place when sorted by clip_score, best first and worst first (unscored cards last)."""
-    scores = [it.rec.get("clip_score") for it in items]
+def _score_ranks(items: list[_Item], by: str = "clip_score") -> tuple[list[int], list[int]]:
+    """Each card's place when sorted by the score ``by``, best first and worst first (unscored cards last)."""
+    scores = [it.rec.get(by) for it in items]
     scored = [i for i, s in enumerate(scores) if not _isnull(s)]
     best, worst = [len(items) + i for i in range(len(items))], [len(items) + i for i in range(len(items))]
     for rank, i in enumerate(sorted(scored, key=lambda i: (-float(scores[i]), i))):
@@ -222,12 +237,13 @@ def _score_ranks(items: list[_Item]) -> tuple[list[int], list[int]]:
     return best, worst
 
 
-def _sort_controls(uid: str) -> str:
+def _sort_controls(uid: str, by: str = "clip_score") -> str:
     """Radio buttons that reorder the cards (CSS ``order`` from each card's ranks: no script, so it works
     in a notebook's output as in the page). Direct children of ``.kbatch-gallery``, before the grid."""
     out = ['<span class="sort">sort:</span>']
-    for key, label, checked in (("as", "as written", " checked"), ("best", "clip score, best first", ""),
-                                ("worst", "clip score, worst first", "")):
+    name = "clip score" if by == "clip_score" else by[len("score_"):]
+    for key, label, checked in (("as", "as written", " checked"), ("best", f"{name}, best first", ""),
+                                ("worst", f"{name}, worst first", "")):
         out.append(f'<input type="radio" class="kb-sort kb-{key}" name="kbs-{uid}" id="kbs-{uid}-{key}"{checked}>'
                    f'<label for="kbs-{uid}-{key}">{label}</label> ')
     return "".join(out)
@@ -244,17 +260,17 @@ def _inputs_html(inputs: list) -> str:
     return '<div class="inputs">' + "".join(parts) + "</div>"
 
 
-def _cards(items: list[_Item], thumb: int) -> str:
+def _cards(items: list[_Item], thumb: int, by: str = "clip_score") -> str:
     import uuid
 
     out = []
-    best, worst = _score_ranks(items)
+    best, worst = _score_ranks(items, by)
     for k, it in enumerate(items):
         img = (f'<img src="{_esc(_data_uri(it.thumb))}" width="{it.thumb.size[0]}" height="{it.thumb.size[1]}" '
                f'alt="{_esc(it.rec.get("id"))}" title="{_esc(it.rec.get("prompt"))}">')
         if it.href:
             img = f'<a href="{_esc(urllib.parse.quote(it.href, safe="/~-_."))}">{img}</a>'
-        score = it.rec.get("clip_score")
+        score = it.rec.get(by)
         attrs = f' style="--best:{best[k]};--worst:{worst[k]}"'
         if not _isnull(score):
             attrs += f' data-score="{float(score):.4f}"'
@@ -262,7 +278,7 @@ def _cards(items: list[_Item], thumb: int) -> str:
         if it.inputs:  # img2img / inpaint: the init image (and mask) beside the output
             cls, img = "card wide", f'<div class="pair">{img}{_inputs_html(it.inputs)}</div>'
         out.append(f'<div class="{cls}"{attrs}>{img}{_caption(it.rec, it.full_size)}</div>')
-    controls = _sort_controls(uuid.uuid4().hex[:8]) if any(s < len(items) for s in best) else ""
+    controls = _sort_controls(uuid.uuid4().hex[:8], by) if any(s < len(items) for s in best) else ""
     return controls + '<div class="grid">' + "\n".join(out) + "</div>"
 
 
@@ -363,10 +379,11 @@ class InlineGallery:
 
     @classmethod
     def from_records(cls, df, reader, root: str, max_images: int = 50, thumb: int = 160,
-                     sort: str | None = None) -> "InlineGallery":
-        """``sort``: "best" / "worst": the ``max_images`` best (worst) images of ``df`` by clip_score, in that
-        order (the view's sort buttons reorder what is shown)."""
-        recs = _ok_records(df, max_images, sort)
+                     sort: str | None = None, by: str = "clip_score") -> "InlineGallery":
+        """``sort``: "best" / "worst": the ``max_images`` best (worst) images of ``df`` by the score ``by``
+        (clip_score, or a head's score_<NAME>), in that order (the view's sort buttons reorder what is shown)."""
+        check_by(df, by)
+        recs = _ok_records(df, max_images, sort, by)
         items = _load_items(reader, recs, thumb, copy_full=False)
         for it in items:
             it.href = None  # inline view: no links to files the notebook cannot serve
@@ -374,7 +391,7 @@ class InlineGallery:
         header = (f"<div><b>{_esc(root)}</b>: {counts['rows']} rows, {counts['images']} images, "
                   f"{counts['errors']} failed rows; showing {len(items)}</div>")
         style = _grid_css(thumb)
-        return cls(f"<div class=\"kbatch-gallery\"><style>{style}</style>{header}{_cards(items, thumb)}</div>",
+        return cls(f"<div class=\"kbatch-gallery\"><style>{style}</style>{header}{_cards(items, thumb, by)}</div>",
                    len(items))
 
     def _repr_html_(self) -> str:

@@ -148,14 +148,16 @@ class Results:
             out.append(self.image(rec["id"], int(rec["image_index"])))
         return out
 
-    def gallery(self, max_images: int = 50, thumb: int = 160, sort: str | None = None) -> Any:
-        """An object that Jupyter shows as a grid of thumbnails with prompt and seed (and clip_score, with
-        buttons sorting by it). ``sort="worst"`` / ``"best"``: the worst (best) ``max_images`` of the whole
-        output by clip_score, e.g. to choose a filter threshold."""
+    def gallery(self, max_images: int = 50, thumb: int = 160, sort: str | None = None,
+                by: str = "clip_score") -> Any:
+        """An object that Jupyter shows as a grid of thumbnails with prompt and seed (and the scores, with
+        buttons sorting by ``by``). ``sort="worst"`` / ``"best"``: the worst (best) ``max_images`` of the whole
+        output by ``by`` (clip_score, or a quality.heads head's ``score_<NAME>``), e.g. to choose a filter
+        threshold."""
         from kbatch.output.gallery import InlineGallery
 
         return InlineGallery.from_records(self.df, self.reader, self.root, max_images=max_images, thumb=thumb,
-                                          sort=sort)
+                                          sort=sort, by=by)
 
     def _repr_html_(self) -> str:
         import html
