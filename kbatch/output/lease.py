@@ -112,13 +112,8 @@ def open_store(root: str, storage_options: dict | None = None):
 
 def parse(seen: Versioned | None) -> dict | None:
     """The lease record, or None for a missing / corrupt / half-written / foreign object."""
-    if seen is None:
-        return None
-    try:
-        obj = json.loads(seen.data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) and obj.get("token") else None
+    obj = None if seen is None else seen.json_object()
+    return obj if obj is not None and obj.get("token") else None
 
 
 def holds(record: dict | None, token: str) -> bool:

@@ -16,7 +16,6 @@ Promises (docs/output.md, "_job.json and _SUCCESS"):
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from kbatch import storage
@@ -43,13 +42,7 @@ class Markers:
         name = self._name(name)
         seen = self.store.read(name)
         self._versions[name] = None if seen is None else seen.version
-        if seen is None:
-            return None
-        try:
-            obj = json.loads(seen.data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        return obj if isinstance(obj, dict) else None
+        return None if seen is None else seen.json_object()
 
     def _refresh(self, name: str) -> None:
         seen = self.store.read(name)

@@ -41,6 +41,16 @@ class Versioned:
     version: str
     modified: float | None = None
 
+    def json_object(self) -> dict | None:
+        """The bytes as a JSON object; None for anything else (half-written, corrupt, foreign)."""
+        import json
+
+        try:
+            obj = json.loads(self.data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the name exists (create), or holds another version (replace, delete)."""
