@@ -230,7 +230,7 @@ def test_sim_job_filtered_rows_status_resume_and_embeddings(ray_session, tmp_pat
     inline = res.gallery(max_images=3, sort="best", by="score_lin").html
     best3 = ok.sort_values("score_lin", ascending=False)["score_lin"].head(3)
     assert all(f'data-score="{v:.4f}"' in inline for v in best3) and inline.count('class="card') == 3
-    assert "lin, best first" in inline and f"lin {best3.iloc[0]:.2f}" in inline
+    assert "lin, best first" in inline and f"lin {best3.iloc[0]:.3g}" in inline
     with pytest.raises(ValueError, match="score_nope.*score_lin"):
         res.gallery(sort="best", by="score_nope")
     # and so does the run's own result

@@ -116,7 +116,7 @@ def _caption(rec: dict, full_size: tuple[int, int] | None) -> str:
     heads = [(k[len("score_"):], v) for k, v in rec.items() if k.startswith("score_") and not _isnull(v)]
     if heads:  # quality.heads: each head's score of the image as written (docs/quality.md)
         parts.append('<div class="score" title="quality.heads">'
-                     + " &middot; ".join(f"{_esc(name)} {float(v):.2f}" for name, v in sorted(heads)) + "</div>")
+                     + " &middot; ".join(f"{_esc(name)} {float(v):.3g}" for name, v in sorted(heads)) + "</div>")
     parts.append(
         f'<div class="k">seed {_esc(_fmt(rec.get("seed")))} &middot; {_esc(_fmt(rec.get("mode")))} &middot; '
         f'{_esc(_fmt(w))}&times;{_esc(_fmt(h))} &middot; steps {_esc(_fmt(rec.get("num_inference_steps")))} '
