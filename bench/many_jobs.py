@@ -42,6 +42,7 @@ import tempfile
 import time
 
 from _common import ROOT, loadavg, machine, ray_env, versions, write_yaml
+from scale_cluster import steady
 
 PRIOR_S, DECODER_S = 0.032, 0.224  # s/img at --slow 1: the 1:7 cost of Kandinsky 2.1 on an H200 (bench/scale_cluster.py)
 GPU_STAGES = ("PriorWorker", "DecoderWorker", "StagesWorker")
@@ -255,16 +256,9 @@ def scenario(a: dict) -> dict:
 
 
 # ============================================================================================= reading
-def _steady(commits, lo=0.1, hi=0.9):
-    total = sum(k for _, k in commits)
-    done, t_lo, n_lo = 0, None, 0
-    for t, k in commits:
-        done += k
-        if t_lo is None and done >= lo * total:
-            t_lo, n_lo = t, done
-        if done >= hi * total:
-            return (done - n_lo) / (t - t_lo) if t > t_lo else float("nan")
-    return float("nan")
+def _steady(commits, lo=0.1, hi=0.9) -> float:
+    """img/s between the commits reaching ``lo`` and ``hi`` of the images (bench/scale_cluster.py's rule)."""
+    return steady(commits, lo, hi)[0] if commits else float("nan")
 
 
 def summarize(res: dict, prior_s: float, decoder_s: float, ttl: float) -> dict:
