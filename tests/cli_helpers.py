@@ -1,5 +1,6 @@
 """Running the ``kbatch`` command in a subprocess with its own local Ray (temp dir, no auth token)."""
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,9 +20,18 @@ def env():
     return e
 
 
-def kbatch(*args, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "kbatch.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env(), **kw)
+def kbatch(*args, timeout=600, env_update: dict | None = None, env_drop=(), **kw):
+    """``kbatch ARGS`` in a subprocess with its own Ray temp dir (removed after), this environment plus
+    ``env_update`` less ``env_drop``."""
+    e = env()
+    for k in env_drop:
+        e.pop(k, None)
+    e.update(env_update or {})
+    try:
+        return subprocess.run([sys.executable, "-m", "kbatch.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env=e, **kw)
+    finally:
+        shutil.rmtree(e["RAY_TMPDIR"], ignore_errors=True)
 
 
 def write_job(folder, cfg: dict, rows: list[dict]):

@@ -5,9 +5,6 @@ back with ``open_results`` and ``kbatch status``'s summary. Models too: pulled t
 config (``endpoint_url``, ``token: anon``), which reach the driver and the workers."""
 import io
 import json
-import shutil
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +13,7 @@ import yaml
 
 import kbatch
 from kbatch.run.status import summarize
-from cli_helpers import env as cli_env
+from cli_helpers import kbatch as run_kbatch
 from conftest import sim_models, tiny_config
 from fake_gcs import PLAIN_GCSFS, fake_gcs_server
 
@@ -34,13 +31,7 @@ def gcs():
 
 
 def _kbatch(gcs, *args, timeout=300):
-    e = cli_env()
-    e.update(PLAIN_GCSFS)
-    try:
-        return subprocess.run([sys.executable, "-m", "kbatch.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=timeout, env=e)
-    finally:
-        shutil.rmtree(e["RAY_TMPDIR"], ignore_errors=True)
+    return run_kbatch(*args, timeout=timeout, env_update=PLAIN_GCSFS)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from PIL import Image
 import kbatch
 from kbatch.run.status import summarize
 
-from cli_helpers import env as cli_env
+from cli_helpers import env as cli_env, kbatch as run_kbatch
 from conftest import assert_pixels_close, sim_models, tiny_config
 from reference import render_row
 
@@ -68,16 +68,8 @@ def s3():
 
 def _kbatch(endpoint, *args, timeout=300):
     """``kbatch ARGS`` in a subprocess with its own Ray temp dir and the S3 settings in its environment."""
-    e = cli_env()
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        e.pop(k, None)
-    e.update(AWS_ENV)
-    e["AWS_ENDPOINT_URL"] = endpoint
-    try:
-        return subprocess.run([sys.executable, "-m", "kbatch.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=timeout, env=e)
-    finally:
-        shutil.rmtree(e["RAY_TMPDIR"], ignore_errors=True)
+    return run_kbatch(*args, timeout=timeout, env_update={**AWS_ENV, "AWS_ENDPOINT_URL": endpoint},
+                      env_drop=("AWS_PROFILE", "AWS_SESSION_TOKEN"))
 
 
 @pytest.fixture(scope="module")
